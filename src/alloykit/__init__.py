@@ -1,0 +1,57 @@
+"""alloykit: merge the weights of models fine-tuned from one base.
+
+The public API is a handful of verbs:
+
+- :func:`merge` (config -> model folder) and :func:`merge_to_state_dict` (config -> tensors);
+- :func:`plan_merge` (what a merge will do, without reading tensors);
+- :func:`load_config` and :class:`MergeConfig` (MergeKit-compatible YAML), :func:`recipe_hash`;
+- :data:`METHODS` and :func:`get_method`, the method registry.
+
+Example:
+    >>> import alloykit
+    >>> alloykit.merge("examples/linear.yml", "merged")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = [
+    "METHODS",
+    "MergeConfig",
+    "MergeOptions",
+    "get_method",
+    "load_config",
+    "merge",
+    "merge_to_state_dict",
+    "plan_merge",
+    "recipe_hash",
+]
+
+# Names resolve on first use, so `import alloykit` (and `alloykit --help`) stays fast.
+_LAZY = {
+    "METHODS": "alloykit.methods",
+    "get_method": "alloykit.methods",
+    "MergeConfig": "alloykit.config",
+    "load_config": "alloykit.config",
+    "recipe_hash": "alloykit.config",
+    "MergeOptions": "alloykit.merge",
+    "merge": "alloykit.merge",
+    "merge_to_state_dict": "alloykit.merge",
+    "plan_merge": "alloykit.merge",
+}
+
+if TYPE_CHECKING:
+    from alloykit.config import MergeConfig, load_config, recipe_hash
+    from alloykit.merge import MergeOptions, merge, merge_to_state_dict, plan_merge
+    from alloykit.methods import METHODS, get_method
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'alloykit' has no attribute '{name}'")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,115 @@
+"""Tensor-name anatomy: which layer a tensor belongs to, and what kind of module it is.
+
+Architectures name their decoder layers differently (``model.layers.3.``, ``transformer.h.3.``,
+``bert.encoder.layer.3.``, ``model.language_model.layers.3.``); all share the shape
+``<stack prefix><index>.<rest>``. The stack with the most layers is the model's layer stack;
+every other tensor is a pre-layer tensor (embeddings) or a post-layer tensor (final norm,
+head), which is what MergeKit's slicing and layer fractions need.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks|block)\.)(?P<index>\d+)\.(?P<rest>.+)$")  # fmt: skip
+_EMBEDDING_WORDS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings", "shared.weight")
+# Keys under which configs give the number of layers, in the order they are tried.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# A model whose head is tied keeps only the embedding; these are the head's usual names.
+HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+
+
+@dataclass(frozen=True)
+class LayerName:
+    """A per-layer tensor name split into ``prefix``, layer ``index`` and ``rest``."""
+
+    prefix: str
+    index: int
+    rest: str
+
+    def renumber(self, index: int) -> str:
+        """The same tensor in layer ``index``."""
+        return f"{self.prefix}{index}.{self.rest}"
+
+
+def split_layer_name(name: str) -> LayerName | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> LayerName("model.layers.", 3, "mlp.up_proj.weight")."""
+    match = _LAYER.match(name)
+    if match is None:
+        return None
+    return LayerName(match["prefix"], int(match["index"]), match["rest"])
+
+
+def layer_stack_prefix(names: Iterable[str]) -> str | None:
+    """The prefix of the model's main layer stack (the one with the most layers), or None."""
+    layers_per_prefix: dict[str, set[int]] = {}
+    for name in names:
+        parts = split_layer_name(name)
+        if parts is not None:
+            layers_per_prefix.setdefault(parts.prefix, set()).add(parts.index)
+    if not layers_per_prefix:
+        return None
+    return max(layers_per_prefix, key=lambda p: (len(layers_per_prefix[p]), -len(p)))
+
+
+def tensor_position(name: str, stack_prefix: str | None) -> Literal["pre", "layer", "post"]:
+    """Where a tensor sits: before the layer stack (embeddings), in it, or after it (norm, head)."""
+    parts = split_layer_name(name)
+    if parts is not None and parts.prefix == stack_prefix:
+        return "layer"
+    lowered = name.lower()
+    if parts is not None or any(word in lowered for word in _EMBEDDING_WORDS):
+        return "pre"  # other stacks (vision towers) merge with the embeddings, at t = 0
+    return "post"
+
+
+def is_vocabulary_tensor(name: str) -> bool:
+    """True for tensors with one row per token (token embeddings and the LM head)."""
+    lowered = name.lower()
+    return name in HEAD_NAMES or any(
+        w in lowered for w in ("embed_tokens", "wte.", "word_embeddings", "tok_embeddings")
+    )
+
+
+def module_kind(name: str) -> Literal["embed", "attn", "mlp", "norm", "head", "other"]:
+    """Coarse module kind of a tensor, for reports and filters."""
+    lowered = name.lower()
+    if name in HEAD_NAMES:
+        return "head"
+    if is_vocabulary_tensor(name) or "embed" in lowered:
+        return "embed"
+    if any(w in lowered for w in ("norm", "ln_")):
+        return "norm"
+    if any(w in lowered for w in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")):
+        return "attn"
+    if any(w in lowered for w in ("mlp", "ffn", "feed_forward", "fc1", "fc2", "c_fc")):
+        return "mlp"
+    return "other"
+
+
+def layer_count(config: Mapping[str, Any] | None, names: Iterable[str]) -> tuple[int, str | None]:
+    """The number of layers and the config key that holds it (None when the config has none).
+
+    The count is read from the config when it has one of :data:`LAYER_COUNT_KEYS` (at the top
+    level or under ``text_config``), else counted from the tensor names.
+    """
+    for section in ("", "text_config"):
+        block = config.get(section) if section else config
+        if isinstance(block, Mapping):
+            for key in LAYER_COUNT_KEYS:
+                if isinstance(block.get(key), int):
+                    return block[key], f"{section}.{key}" if section else key
+    name_list = list(names)
+    prefix = layer_stack_prefix(name_list)
+    counts = Counter(p.index for n in name_list if (p := split_layer_name(n)) and p.prefix == prefix)
+    return (max(counts) + 1 if counts else 0), None
+
+
+def input_embedding_name(names: Iterable[str]) -> str | None:
+    """The token-embedding tensor among ``names`` (what a tied head falls back to)."""
+    candidates = [n for n in names if is_vocabulary_tensor(n) and n not in HEAD_NAMES]
+    return min(candidates, key=len) if candidates else None

@@ -1,0 +1,495 @@
+"""The merge config: MergeKit's YAML schema, its validation, and parameter resolution.
+
+Existing MergeKit files work unchanged: ``merge_method``, ``base_model``, ``models`` (with
+per-model ``parameters``) or ``slices`` (``sources`` with ``layer_range``), top-level
+``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer``, ``chat_template``.
+
+A parameter value is a scalar, a gradient (a list of numbers interpolated over the layers) or
+a list of ``{filter, value}`` entries whose first matching filter wins. :func:`load_config`
+checks the whole file before any tensor is read and reports every problem at once, each with
+its YAML path (``models[1].parameters.density: 1.4 is outside [0, 1]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alloykit.errors import ConfigError, did_you_mean
+
+log = logging.getLogger("alloykit")
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+                 "float": "float32", "double": "float64"}  # fmt: skip
+BUILTIN_CHAT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+class ModelRef(BaseModel):
+    """A model: a local folder or a Hugging Face repo id, with an optional revision.
+
+    Written as ``path_or_repo[@revision][+lora_path[@revision]]`` (MergeKit's syntax) or as an
+    object ``{model: {path, revision}, lora: ..., override_architecture: ...}``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    revision: str | None = None
+    lora: str | None = None
+    lora_revision: str | None = None
+    override_architecture: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_model_string(value)
+        if isinstance(value, dict) and "model" in value:  # MergeKit's object form
+            inner = value["model"]
+            parsed = dict(parse_model_string(inner) if isinstance(inner, str) else inner)
+            lora = value.get("lora")
+            if isinstance(lora, dict):
+                parsed["lora"], parsed["lora_revision"] = lora.get("path"), lora.get("revision")
+            elif isinstance(lora, str):
+                parsed["lora"] = lora
+            if value.get("override_architecture"):
+                parsed["override_architecture"] = value["override_architecture"]
+            return parsed
+        return value
+
+    def __str__(self) -> str:
+        text = self.path + (f"@{self.revision}" if self.revision else "")
+        if self.lora:
+            text += f"+{self.lora}" + (f"@{self.lora_revision}" if self.lora_revision else "")
+        return text
+
+
+def parse_model_string(text: str) -> dict[str, str | None]:
+    """Split ``path[@rev][+lora[@rev]]`` into its parts (ValueError on a malformed string)."""
+    parts = text.split("+")
+    if len(parts) > 2:
+        raise ValueError(f"'{text}' has more than one '+' (model+lora is the only form)")
+    fields: dict[str, str | None] = {}
+    for key, part in zip(("path", "lora"), parts, strict=False):
+        pieces = part.split("@")
+        if len(pieces) > 2 or not pieces[0]:
+            raise ValueError(f"'{text}' is not path[@revision][+lora[@revision]]")
+        fields[key] = pieces[0]
+        fields[f"{key}_revision" if key == "lora" else "revision"] = (
+            pieces[1] if len(pieces) == 2 else None
+        )
+    return fields
+
+
+class InputModel(BaseModel):
+    """One entry of ``models:``."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ModelRef
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceSource(BaseModel):
+    """One source of an output slice: a model and a half-open ``layer_range`` [start, end)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputSlice(BaseModel):
+    """One entry of ``slices:``: output layers made from the same layers of every source."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    base_model: ModelRef | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    residual_weight: float | None = None  # in MergeKit's schema, unused there and here
+
+
+class TokenizerConfig(BaseModel):
+    """The ``tokenizer:`` block (output vocabulary and per-token embedding sources)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
+class MergeConfig(BaseModel):
+    """A merge recipe, as written in YAML (MergeKit's schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: ModelRef | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    name: str | None = None
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML that :func:`load_config` reads back to an equal config."""
+        return yaml.safe_dump(_plain(self), sort_keys=False, default_flow_style=None)
+
+
+def _plain(config: MergeConfig) -> dict[str, Any]:
+    """The config as plain data, with model references in their string form."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, ModelRef):
+            if value.override_architecture:
+                return {"model": str(value), "override_architecture": value.override_architecture}
+            return str(value)
+        if isinstance(value, BaseModel):
+            return {
+                k: convert(getattr(value, k))
+                for k in type(value).model_fields
+                if k in value.model_fields_set and getattr(value, k) is not None
+            }
+        if isinstance(value, list | tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    plain: dict[str, Any] = convert(config)
+    return plain
+
+
+def recipe_hash(config: MergeConfig) -> str:
+    """A stable sha256 of the recipe: equal for configs that mean the same merge.
+
+    Key order, YAML formatting and comments do not change it; any value does.
+    """
+    text = json.dumps(_plain(config), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(source: str | Path | Mapping[str, Any] | MergeConfig, *, strict: bool = False) -> MergeConfig:  # fmt: skip
+    """Read and validate a merge config from a YAML file, YAML text, a dict or a MergeConfig.
+
+    Every problem is collected and raised as one :class:`ConfigError`; parameters the method
+    does not use are logged as warnings (errors with ``strict``).
+
+    Example:
+        >>> cfg = load_config({"merge_method": "linear", "models": [
+        ...     {"model": "a", "parameters": {"weight": 1}},
+        ...     {"model": "b", "parameters": {"weight": 1}}]})
+        >>> cfg.merge_method
+        'linear'
+    """
+    if isinstance(source, MergeConfig):
+        config = source
+    else:
+        config = parse_config(_read_yaml(source) if not isinstance(source, Mapping) else source)
+    for warning in check_config(config, strict=strict):
+        log.warning(warning)
+    return config
+
+
+def _read_yaml(source: str | Path) -> Any:
+    path = Path(source) if isinstance(source, Path) or "\n" not in str(source) else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file '{source}' does not exist")
+    text = path.read_text() if path is not None else str(source)
+    where = f"config file '{path}'" if path is not None else "config"
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
+    if len(documents) != 1:
+        raise ConfigError(f"{where} holds {len(documents)} YAML documents; expected one")
+    if not isinstance(documents[0], dict):
+        raise ConfigError(f"{where} must be a mapping with merge_method, models or slices")
+    return documents[0]
+
+
+def parse_config(data: Mapping[str, Any]) -> MergeConfig:
+    """Build a MergeConfig from plain data; schema problems are raised all at once."""
+    try:
+        return MergeConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError([_format_pydantic_error(err) for err in e.errors()]) from e
+
+
+def _format_pydantic_error(error: Mapping[str, Any]) -> str:
+    location = [str(p) for p in error["loc"] if p not in ("function-after[_parse(), ModelRef]",)]
+    path = yaml_path(*[int(p) if p.isdigit() else p for p in location])
+    if error["type"] == "extra_forbidden":
+        parent = location[-2] if len(location) > 1 else None
+        fields = _fields_at(parent)
+        hint = did_you_mean(location[-1], fields) if fields else ""
+        return f"{path}: unknown key{hint}"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{path}: {message}"
+
+
+def _fields_at(parent: str | None) -> list[str]:
+    owners: dict[str | None, type[BaseModel]] = {
+        None: MergeConfig,
+        "models": InputModel,
+        "slices": OutputSlice,
+        "sources": SliceSource,
+        "tokenizer": TokenizerConfig,
+    }
+    owner = owners.get(parent) if parent is None or not parent.isdigit() else None
+    return list(owner.model_fields) if owner else []
+
+
+def yaml_path(*parts: str | int) -> str:
+    """``("models", 1, "parameters", "density")`` -> ``models[1].parameters.density``."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + part
+    return text
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
+    """Validate what the schema cannot: method, parameters, dtypes, layer ranges, tokenizer.
+
+    Returns the warnings; raises one ConfigError listing every problem.
+    """
+    from alloykit.methods import METHODS, get_method
+
+    problems: list[str] = []
+    warnings: list[str] = []
+    if config.merge_method not in METHODS:
+        try:
+            get_method(config.merge_method)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if (config.models is None) == (config.slices is None):
+        problems.append("config: give exactly one of 'models' or 'slices'")
+    for key in ("dtype", "out_dtype"):
+        value = getattr(config, key)
+        if value is not None and normalize_dtype(value) is None:
+            problems.append(f"{key}: unknown dtype '{value}' (use one of {', '.join(DTYPES)})")
+    problems.extend(_check_inputs(config))
+    problems.extend(_check_tokenizer(config))
+    method = METHODS.get(config.merge_method)
+    if method is not None:
+        for path, name, value in _parameter_sites(config):
+            per_model_site = path[0] in ("models",) or "sources" in path
+            param = method.param(name)
+            where = yaml_path(*path)
+            if param is None:
+                names = ", ".join(p.name for p in method.params)
+                hint = did_you_mean(name, [p.name for p in method.params])
+                warnings.append(
+                    f"{where}: '{name}' is not a parameter of {method.name}{hint}; "
+                    f"its parameters are {names}"
+                )
+                continue
+            if per_model_site and not param.per_model:
+                warnings.append(
+                    f"{where}: '{name}' is a global parameter of {method.name} and is ignored "
+                    "per model; set it under the top-level or slice 'parameters'"
+                )
+            problems.extend(_check_setting(param, value, path))
+        if method.base == "required" and config.base_model is None and not _slice_bases(config):
+            problems.append(f"base_model: {method.name} needs a base_model")
+    if strict and warnings:
+        problems.extend(f"{w} (--strict)" for w in warnings)
+        warnings = []
+    if problems:
+        raise ConfigError(problems)
+    return warnings
+
+
+def _slice_bases(config: MergeConfig) -> bool:
+    return bool(config.slices) and all(s.base_model is not None for s in config.slices or [])
+
+
+def _parameter_sites(config: MergeConfig) -> list[tuple[tuple[str | int, ...], str, Any]]:
+    """Every (YAML path, parameter name, value) in the config."""
+    sites: list[tuple[tuple[str | int, ...], str, Any]] = []
+    sites += [(("parameters", k), k, v) for k, v in config.parameters.items()]
+    for i, entry in enumerate(config.models or []):
+        sites += [(("models", i, "parameters", k), k, v) for k, v in entry.parameters.items()]
+    for i, output_slice in enumerate(config.slices or []):
+        sites += [(("slices", i, "parameters", k), k, v) for k, v in output_slice.parameters.items()]  # fmt: skip
+        for j, source in enumerate(output_slice.sources):
+            prefix = ("slices", i, "sources", j, "parameters")
+            sites += [((*prefix, k), k, v) for k, v in source.parameters.items()]
+    return sites
+
+
+def _check_setting(param: Any, value: Any, path: tuple[str | int, ...]) -> list[str]:
+    """Problems with one parameter setting: scalar, gradient or list of {filter, value}."""
+    where = yaml_path(*path)
+    if isinstance(value, dict):
+        value = [value]  # MergeKit's schema accepts one bare {filter, value}; treat as a list
+    if isinstance(value, list):
+        if not value:
+            return [f"{where}: empty list"]
+        if all(isinstance(v, dict) for v in value):
+            problems = []
+            for i, entry in enumerate(value):
+                extra = set(entry) - {"filter", "value"}
+                if extra or "value" not in entry:
+                    problems.append(f"{yaml_path(*path, i)}: expected {{filter, value}}")
+                    continue
+                if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                    problems.append(f"{yaml_path(*path, i, 'filter')}: must be a string or null")
+                problems += _check_setting(param, entry["value"], (*path, i, "value"))
+            return problems
+        if any(isinstance(v, dict | list) for v in value):
+            return [f"{where}: mix of filters and values; use a list of {{filter, value}}"]
+        if param.kind == "bool":
+            return [f"{where}: {param.name} takes true or false, not a list"]
+        return [f"{yaml_path(*path, i)}: {p}" for i, v in enumerate(value) if (p := param.check(v))]
+    problem = param.check(value)
+    return [f"{where}: {problem}"] if problem else []
+
+
+def _check_inputs(config: MergeConfig) -> list[str]:
+    problems = []
+    refs: list[tuple[str, ModelRef]] = []
+    for i, entry in enumerate(config.models or []):
+        refs.append((yaml_path("models", i, "model"), entry.model))
+    for i, output_slice in enumerate(config.slices or []):
+        if not output_slice.sources:
+            problems.append(f"{yaml_path('slices', i, 'sources')}: a slice needs sources")
+        lengths = set()
+        for j, source in enumerate(output_slice.sources):
+            where = yaml_path("slices", i, "sources", j)
+            refs.append((f"{where}.model", source.model))
+            start, end = source.layer_range
+            if start < 0 or end <= start:
+                problems.append(f"{where}.layer_range: [{start}, {end}] is not [start, end) with 0 <= start < end")  # fmt: skip
+            lengths.add(end - start)
+        if len(lengths) > 1:
+            problems.append(
+                f"{yaml_path('slices', i, 'sources')}: layer ranges of one slice must have the "
+                f"same length (got {sorted(lengths)})"
+            )
+        if output_slice.base_model is not None:
+            refs.append((yaml_path("slices", i, "base_model"), output_slice.base_model))
+    if config.base_model is not None:
+        refs.append(("base_model", config.base_model))
+    for where, ref in refs:
+        if ref.lora:
+            problems.append(
+                f"{where}: '{ref}' names a LoRA adapter; adapters as merge inputs are not "
+                "supported yet: merge the adapter into its base with peft first"
+            )
+    if config.models is not None and not config.models:
+        problems.append("models: the list is empty")
+    return problems
+
+
+def _check_tokenizer(config: MergeConfig) -> list[str]:
+    problems = []
+    if config.tokenizer_source is not None and config.tokenizer is not None:
+        problems.append("tokenizer_source: give either tokenizer_source or tokenizer, not both")
+    if config.chat_template is not None:
+        template = config.chat_template
+        known = template == "auto" or template in BUILTIN_CHAT_TEMPLATES
+        if not known and (len(template) < 20 or "{" not in template):
+            problems.append(
+                f"chat_template: '{template}' is neither 'auto', a built-in template "
+                f"({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor a Jinja template"
+            )
+    if config.tokenizer_source is not None or config.tokenizer is not None:
+        problems.append(
+            "tokenizer_source/tokenizer: building a merged vocabulary is not supported yet; "
+            "remove the key to copy the base model's tokenizer"
+        )
+    if config.chat_template is not None:
+        problems.append("chat_template: setting a chat template is not supported yet")
+    return problems
+
+
+def normalize_dtype(name: str) -> str | None:
+    """``"torch.bfloat16"``, ``"bf16"`` -> ``"bfloat16"``; None for an unknown name."""
+    key = name.removeprefix("torch.").lower()
+    return DTYPES.get(key) or DTYPE_ALIASES.get(key)
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """The value of one parameter setting for ``tensor_name`` at layer fraction ``t``.
+
+    - a scalar is itself;
+    - a list of numbers is a gradient, interpolated piecewise-linearly: ``s = t·(n−1)``,
+      value ``(1−f)·v[floor(s)] + f·v[floor(s)+1]`` with ``f = s − floor(s)``;
+    - a list of other scalars picks ``v[int(t·(n−1))]``;
+    - a list of ``{filter, value}`` entries: the first whose filter is null, ``"*"`` or a
+      substring of ``tensor_name`` gives the value; no match gives None (the caller falls
+      through to the next level).
+
+    Example:
+        >>> evaluate_setting([0.0, 1.0, 0.0], "model.layers.1.mlp.up_proj.weight", 0.25)
+        0.5
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if setting and all(isinstance(entry, dict) for entry in setting):
+        for entry in setting:
+            pattern = entry.get("filter")
+            if pattern is None or pattern == "*" or pattern in tensor_name:
+                return evaluate_setting(entry["value"], tensor_name, t)
+        return None
+    if all(isinstance(v, int | float) for v in setting):
+        position = t * (len(setting) - 1)
+        low = min(int(math.floor(position)), len(setting) - 1)
+        high = min(len(setting) - 1, low + 1)
+        fraction = position - low
+        return (1 - fraction) * setting[low] + fraction * setting[high]
+    return setting[int(t * (len(setting) - 1))]
+
+
+def resolve_parameter(
+    name: str,
+    *,
+    per_model: bool,
+    levels: list[Mapping[str, Any] | None],
+    input_name: str,
+    output_name: str,
+    t: float,
+) -> Any:
+    """MergeKit's precedence: the first level whose setting matches gives the value.
+
+    ``levels`` is, highest first: the source's own parameters (per-model parameters only),
+    the slice's, the top-level ones. Per-model parameters match filters against the input
+    model's tensor name, global parameters against the output tensor name. Returns None when
+    no level gives a value (the caller applies the default or reports a missing parameter).
+    """
+    tensor_name = input_name if per_model else output_name
+    for level in levels if per_model else levels[1:]:
+        if level and name in level:
+            value = evaluate_setting(level[name], tensor_name, t)
+            if value is not None:
+                return value
+    return None
+

@@ -1,0 +1,207 @@
+"""Lazy access to a model's weights: names, shapes and dtypes without reading tensor data.
+
+A :class:`Checkpoint` indexes a model folder (single or sharded safetensors with their index,
+or ``pytorch_model*.bin`` through ``torch.load(weights_only=True, mmap=True)``) by reading
+only the safetensors headers, checks that every file is complete, and reads a tensor when
+asked for it, through memory maps.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alloykit.errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _name):
+        SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
+DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a stored tensor before reading it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code: F32, BF16, ...
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=SAFETENSORS_DTYPES[self.dtype]).element_size()
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Index one safetensors file from its header, checking the file holds all its data."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"'{path}': truncated safetensors file ({size} bytes)")
+            (header_size,) = struct.unpack("<Q", head)
+            if header_size > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(
+                    f"'{path}': corrupted or truncated safetensors file "
+                    f"(header claims {header_size} bytes, file has {size}); download it again"
+                )
+            header = json.loads(f.read(header_size))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"'{path}': cannot read the safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"'{path}': corrupted safetensors header")
+    header.pop("__metadata__", None)
+    tensors = {}
+    data_end = 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"'{path}': corrupted header entry for tensor '{name}'") from e
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"'{path}': tensor '{name}' has unsupported dtype {dtype}")
+        info = TensorInfo(name, shape, dtype, path)
+        if end - begin != info.nbytes:
+            raise CheckpointError(f"'{path}': tensor '{name}' has inconsistent offsets")
+        data_end = max(data_end, end)
+        tensors[name] = info
+    if 8 + header_size + data_end > size:
+        raise CheckpointError(
+            f"'{path}': truncated safetensors file (needs {8 + header_size + data_end} bytes, "
+            f"has {size}); download or copy it again"
+        )
+    return tensors
+
+
+class Checkpoint:
+    """A model folder opened for reading: its ``config.json`` and an index of its tensors.
+
+    Tensors are read on demand with :meth:`read`; nothing is loaded when the checkpoint is
+    opened. A checkpoint holds open file handles, so close it (or use it as a context manager).
+
+    Example:
+        >>> with Checkpoint(Path("models/base")) as ckpt:  # doctest: +SKIP
+        ...     w = ckpt.read("model.embed_tokens.weight")
+    """
+
+    def __init__(self, folder: Path, label: str | None = None) -> None:
+        self.folder = folder
+        self.label = label or str(folder)
+        self.config = _read_config(folder)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, Any] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        for file in _weight_files(folder, self.label):
+            infos = read_safetensors_header(file) if file.suffix == ".safetensors" else self._index_pickle(file)  # fmt: skip
+            self.tensors.update(infos)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the open files and memory maps."""
+        self._handles.clear()
+        self._pickles.clear()
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored (dtype and shape), on the CPU."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"model '{self.label}' has no tensor '{name}'")
+        if info.file.suffix != ".safetensors":
+            return self._pickles[info.file][name]
+        handle = self._handles.get(info.file)
+        try:
+            if handle is None:
+                from safetensors import safe_open
+
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            return handle.get_tensor(name)  # type: ignore[no-any-return]
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"'{info.file}': cannot read tensor '{name}' ({e})") from e
+
+    def _index_pickle(self, file: Path) -> dict[str, TensorInfo]:
+        if not zipfile.is_zipfile(file):
+            raise CheckpointError(
+                f"'{file}': an old (pre-zip) PyTorch pickle, which cannot be read safely; "
+                "re-save the model as safetensors (model.save_pretrained(path))"
+            )
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"'{file}': cannot load safely ({e}); re-save it as safetensors") from e  # fmt: skip
+        if not isinstance(state, dict):
+            raise CheckpointError(f"'{file}': holds a {type(state).__name__}, not a state dict")
+        self._pickles[file] = state
+        infos = {}
+        for name, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in DTYPE_CODES:
+                raise CheckpointError(f"'{file}': entry '{name}' is not a supported tensor")
+            infos[name] = TensorInfo(name, tuple(tensor.shape), DTYPE_CODES[tensor.dtype], file)
+        return infos
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"'{path}': not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"'{path}': not a JSON object")
+    return config
+
+
+def _weight_files(folder: Path, label: str) -> list[Path]:
+    """The weight files of a folder, safetensors preferred, checked against their index."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"'{index}': not a valid shard index ({e})") from e
+            files = sorted({folder / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"'{index}' lists shard '{missing[0]}', which is missing from '{folder}'")  # fmt: skip
+            return files
+        if (folder / single).is_file():
+            return [folder / single]
+    loose = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    if loose:
+        return loose
+    raise CheckpointError(
+        f"model '{label}': no weights in '{folder}' (expected model.safetensors, "
+        "model.safetensors.index.json or pytorch_model.bin)"
+    )

@@ -1,0 +1,105 @@
+"""Declarations shared by every merge method: parameters, inputs and the registry row.
+
+A method is a pure kernel function plus one :class:`Method` row that says what it is called,
+which parameters it takes (name, default, scope, range), how it treats the base model and
+which paper it comes from. The config validator, ``alloykit methods``, the plan table and
+the docs all read these rows; no default appears anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Scalar = float | int | bool | str
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method.
+
+    Args:
+        name: the YAML key (MergeKit's name where MergeKit has the method).
+        default: value when the config gives none; ``None`` makes the parameter required.
+        per_model: True for per-model ("tensor") parameters such as ``weight``; False for
+            global ones such as ``normalize``.
+        kind: ``"float"``, ``"int"`` or ``"bool"``.
+        low, high: inclusive bounds, ``None`` for unbounded.
+        doc: one line for ``alloykit methods NAME`` and the docs.
+        effect: False for parameters accepted only so MergeKit configs validate unchanged.
+    """
+
+    name: str
+    default: Scalar | None = None
+    per_model: bool = False
+    kind: Literal["float", "int", "bool"] = "float"
+    low: float | None = None
+    high: float | None = None
+    doc: str = ""
+    effect: bool = True
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+    def check(self, value: Any) -> str | None:
+        """A problem with ``value`` (one scalar) for this parameter, or None when it is fine."""
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"{value!r} is not true or false"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{value!r} is not a number"
+        if self.kind == "int" and not float(value).is_integer():
+            return f"{value!r} is not an integer"
+        if value != value or value in (float("inf"), float("-inf")):
+            return f"{value!r} is not finite"
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        if (self.low is not None and value < self.low) or (
+            self.high is not None and value > self.high
+        ):
+            return f"{value!r} is outside [{low}, {high}]"
+        return None
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What a method kernel receives for one output tensor.
+
+    ``tensors`` holds the non-base inputs stacked on dim 0, ``(k, *shape)``; ``base`` is the
+    base model's tensor or None; ``per_model`` maps each per-model parameter to a ``(k,)``
+    float64 tensor aligned with ``tensors``; ``params`` holds the global parameters.
+    """
+
+    tensors: torch.Tensor
+    base: torch.Tensor | None
+    per_model: Mapping[str, torch.Tensor]
+    params: Mapping[str, Any]
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registry row: a kernel and everything the rest of alloykit needs to know about it.
+
+    ``base`` says how the method uses ``base_model``: ``"required"`` (task-vector methods,
+    slerp), ``"optional"``, or ``"input"`` (the base is one more ordinary input with its own
+    per-model parameters, as in MergeKit's linear).
+    """
+
+    name: str
+    run: Callable[[MethodInputs], torch.Tensor]
+    params: tuple[Param, ...]
+    base: Literal["required", "optional", "input"]
+    summary: str
+    formula: str
+    citation: str
+    min_models: int = 1
+    # A problem with one tensor's resolved parameters (per_model, params), found at plan time.
+    check: Callable[[Mapping[str, tuple[float, ...]], Mapping[str, Any]], str | None] | None = None
+
+    def param(self, name: str) -> Param | None:
+        """The declaration of parameter ``name``, or None."""
+        return next((p for p in self.params if p.name == name), None)

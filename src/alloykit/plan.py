@@ -1,0 +1,445 @@
+"""From a config and opened checkpoints to a MergePlan: a flat list of tensor jobs.
+
+Planning is pure: it reads names, shapes, dtypes and configs, never tensor data. Each
+:class:`TensorJob` says which tensors of which models go into one output tensor, with which
+method and fully resolved parameters, so ``--dry-run`` can print exactly what will happen and
+every problem (a missing tensor or parameter, a shape mismatch) is found before the first read.
+
+MergeKit's slice rules: the ``models:`` form is one slice spanning every layer of every model;
+output layers are numbered slice after slice; embeddings come from the first slice's sources
+and the final norm and head from the last slice's; layer ``k`` of a slice of ``L`` layers gets
+the layer fraction ``t = k/(L−1)`` (``t = 1`` when ``L = 1``), embeddings and head ``t = 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alloykit.architecture import (
+    HEAD_NAMES,
+    input_embedding_name,
+    layer_count,
+    layer_stack_prefix,
+    split_layer_name,
+    tensor_position,
+)
+from alloykit.config import MergeConfig, normalize_dtype, resolve_parameter, yaml_path
+from alloykit.errors import ConfigError, IncompatibleModels
+from alloykit.io.checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, TensorInfo
+from alloykit.methods import Method, get_method
+
+COPY = "copy"  # the job "method" for tensors that are not merged (integer buffers)
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """One input of a job: tensor ``tensor`` of model ``model`` (a model label)."""
+
+    model: str
+    tensor: str
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """How to make one output tensor.
+
+    ``inputs`` are the models the method combines, in config order; ``base`` is the base
+    model's tensor for methods that use one. ``per_model`` maps each per-model parameter to one
+    value per input; ``params`` holds the global parameters.
+    """
+
+    output: str
+    shape: tuple[int, ...]
+    dtype: str  # output safetensors dtype code
+    method: str
+    inputs: tuple[TensorInput, ...]
+    base: TensorInput | None
+    per_model: Mapping[str, tuple[float, ...]]
+    params: Mapping[str, Any]
+    input_bytes: int
+
+    @property
+    def output_bytes(self) -> int:
+        from alloykit.io.checkpoint import TensorInfo
+
+        return TensorInfo(self.output, self.shape, self.dtype, Path()).nbytes
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge will do, before it does it."""
+
+    method: str
+    jobs: list[TensorJob]
+    models: dict[str, Path]  # model label -> local folder
+    donor: str  # the model whose config, generation config and tokenizer are copied
+    config: dict[str, Any] | None  # output config.json without its dtype
+    output_dtype: str  # torch name written to config.json
+    load_dtype: str | None  # config `dtype`: inputs are rounded to it when read
+    layers: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(job.input_bytes for job in self.jobs)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(job.output_bytes for job in self.jobs)
+
+
+@dataclass(frozen=True)
+class _Source:
+    model: str
+    start: int
+    end: int
+    parameters: Mapping[str, Any]
+    where: str  # YAML path, for messages
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[_Source, ...]
+    base: str | None
+    parameters: Mapping[str, Any]
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].end - self.sources[0].start
+
+
+def build_plan(
+    config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, allow_crimes: bool = False
+) -> MergePlan:
+    """Plan the merge of ``config`` over opened ``checkpoints`` (keyed by model label).
+
+    Raises ConfigError for missing parameters or bad layer ranges and IncompatibleModels for
+    models that do not fit together (architecture, missing tensors, shapes), each naming the
+    model, tensor or key.
+    """
+    method = get_method(config.merge_method)
+    donor = str(config.base_model) if config.base_model else _first_model(config)
+    check_architectures(checkpoints, donor, allow_crimes=allow_crimes)
+    slices = _slices(config, checkpoints, method)
+    load_dtype = normalize_dtype(config.dtype) if config.dtype else None
+    out_dtype = normalize_dtype(config.out_dtype or config.dtype or "") or None
+    planner = _Planner(method, config, checkpoints, out_dtype)
+
+    jobs: list[TensorJob] = []
+    first, last = slices[0], slices[-1]
+    jobs += planner.non_layer_jobs(first, "pre")
+    offset = 0
+    for output_slice in slices:
+        for k in range(output_slice.length):
+            t = k / (output_slice.length - 1) if output_slice.length > 1 else 1.0
+            jobs += planner.layer_jobs(output_slice, k, offset + k, t)
+        offset += output_slice.length
+    jobs += planner.non_layer_jobs(last, "post")
+    planner.raise_problems()
+
+    donor_ckpt = checkpoints[donor]
+    output_config = _output_config(donor_ckpt, slices, offset, jobs)
+    if out_dtype is None:  # the donor's own dtype, as its config or its first tensor says
+        donor_config = donor_ckpt.config or {}
+        first_float = next((j.dtype for j in jobs if j.dtype in FLOAT_CODES), "F32")
+        named = donor_config.get("dtype") or donor_config.get("torch_dtype")
+        out_dtype = normalize_dtype(named) if isinstance(named, str) else None
+        out_dtype = out_dtype or _torch_name(first_float)
+    return MergePlan(
+        method=method.name,
+        jobs=jobs,
+        models={label: ckpt.folder for label, ckpt in checkpoints.items()},
+        donor=donor,
+        config=output_config,
+        output_dtype=out_dtype,
+        load_dtype=load_dtype,
+        layers=offset,
+        warnings=planner.warnings,
+    )
+
+
+def model_labels(config: MergeConfig) -> list[str]:
+    """Every model the config references, as labels, in first-mention order."""
+    labels: list[str] = []
+    refs = [m.model for m in config.models or []]
+    for output_slice in config.slices or []:
+        refs += [s.model for s in output_slice.sources]
+        refs += [output_slice.base_model] if output_slice.base_model else []
+    refs += [config.base_model] if config.base_model else []
+    for ref in refs:
+        if str(ref) not in labels:
+            labels.append(str(ref))
+    return labels
+
+
+def _first_model(config: MergeConfig) -> str:
+    if config.models:
+        return str(config.models[0].model)
+    assert config.slices  # the validator guarantees models or slices
+    return str(config.slices[0].sources[0].model)
+
+
+def check_architectures(
+    checkpoints: Mapping[str, Checkpoint], donor: str, *, allow_crimes: bool
+) -> None:
+    """Refuse models whose ``model_type`` or ``architectures`` differ, unless ``allow_crimes``."""
+    reference = checkpoints[donor].config
+    if reference is None or allow_crimes:
+        return
+    for label, ckpt in checkpoints.items():
+        if ckpt.config is None:
+            continue
+        for key in ("model_type", "architectures"):
+            if ckpt.config.get(key) != reference.get(key):
+                raise IncompatibleModels(
+                    f"models '{donor}' and '{label}' have different {key} "
+                    f"({reference.get(key)} vs {ckpt.config.get(key)}); "
+                    "pass --allow-crimes to merge them anyway"
+                )
+
+
+def _slices(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], method: Method) -> list[_Slice]:  # fmt: skip
+    """The config's output slices; the ``models:`` form becomes one slice over every layer."""
+    base = str(config.base_model) if config.base_model else None
+    counts = {
+        label: layer_count(ckpt.config, ckpt.tensors)[0] for label, ckpt in checkpoints.items()
+    }
+    if config.models is not None:
+        entries = [(str(m.model), m.parameters, yaml_path("models", i)) for i, m in enumerate(config.models)]  # fmt: skip
+        if base is not None and base not in [e[0] for e in entries]:
+            entries.append((base, {}, "base_model"))
+        layer_counts = {counts[label] for label, _, _ in entries}
+        if len(layer_counts) > 1:
+            listing = ", ".join(f"'{label}': {counts[label]}" for label, _, _ in entries)
+            raise IncompatibleModels(
+                f"models have different numbers of layers ({listing}); use slices: to choose "
+                "which layers to merge"
+            )
+        n = layer_counts.pop()
+        sources = tuple(_Source(label, 0, n, params, where) for label, params, where in entries)
+        return [_Slice(sources, base, {})]
+
+    problems = []
+    slices = []
+    for i, output_slice in enumerate(config.slices or []):
+        sources = []
+        for j, source in enumerate(output_slice.sources):
+            label = str(source.model)
+            start, end = source.layer_range
+            where = yaml_path("slices", i, "sources", j)
+            if end > counts[label]:
+                problems.append(
+                    f"{where}.layer_range: [{start}, {end}] is past the last layer of "
+                    f"'{label}', which has {counts[label]} layers"
+                )
+            sources.append(_Source(label, start, end, source.parameters, where))
+        slice_base = str(output_slice.base_model) if output_slice.base_model else base
+        if method.base == "required" and slice_base not in [s.model for s in sources]:
+            problems.append(
+                f"{yaml_path('slices', i, 'sources')}: {method.name} needs the base model "
+                f"'{slice_base}' among the slice's sources (with the same layer_range length)"
+            )
+        slices.append(_Slice(tuple(sources), slice_base, output_slice.parameters))
+    if problems:
+        raise ConfigError(problems)
+    return slices
+
+
+class _Planner:
+    """Builds the jobs of one plan, collecting problems so they are reported together."""
+
+    def __init__(
+        self,
+        method: Method,
+        config: MergeConfig,
+        checkpoints: Mapping[str, Checkpoint],
+        out_dtype: str | None,
+    ) -> None:
+        self.method = method
+        self.top = config.parameters
+        self.checkpoints = checkpoints
+        self.out_dtype = DTYPE_CODES[_torch_dtype(out_dtype)] if out_dtype else None
+        self.stack = {label: layer_stack_prefix(c.tensors) for label, c in checkpoints.items()}
+        self.problems: dict[str, tuple[str, int]] = {}  # key -> (message, count)
+        self.warnings: list[str] = []
+
+    def _donor(self, output_slice: _Slice) -> str:
+        return output_slice.base or output_slice.sources[0].model
+
+    def non_layer_jobs(self, output_slice: _Slice, position: str) -> list[TensorJob]:
+        """Embeddings (``pre``) or final norm and head (``post``) from a slice's sources."""
+        donor = self._donor(output_slice)
+        names = [
+            n
+            for n in self.checkpoints[donor].tensors
+            if tensor_position(n, self.stack[donor]) == position
+        ]
+        if position == "post":  # a head some sources store and the donor ties to its embedding
+            for source in output_slice.sources:
+                names += [
+                    h for h in HEAD_NAMES if h in self.checkpoints[source.model].tensors and h not in names  # fmt: skip
+                ]
+        return [self._job(output_slice, name, {s.model: name for s in output_slice.sources}, 0.0, name) for name in names]  # fmt: skip
+
+    def layer_jobs(self, output_slice: _Slice, k: int, out_index: int, t: float) -> list[TensorJob]:
+        """Jobs for layer ``k`` of a slice, written as output layer ``out_index``."""
+        donor = self._donor(output_slice)
+        donor_source = next(
+            (s for s in output_slice.sources if s.model == donor), output_slice.sources[0]
+        )
+        jobs = []
+        for name in self.checkpoints[donor].tensors:
+            parts = split_layer_name(name)
+            if parts is None or parts.prefix != self.stack[donor] or parts.index != donor_source.start + k:  # fmt: skip
+                continue
+            names = {s.model: parts.renumber(s.start + k) for s in output_slice.sources}
+            jobs.append(self._job(output_slice, parts.renumber(out_index), names, t, name))
+        return jobs
+
+    def _problem(self, key: str, message: str) -> None:
+        old = self.problems.get(key)
+        self.problems[key] = (old[0], old[1] + 1) if old else (message, 1)
+
+    def raise_problems(self) -> None:
+        """Raise every collected problem at once (ConfigError or IncompatibleModels)."""
+        if not self.problems:
+            return
+        messages = [
+            msg + (f" (and {count - 1} more tensors)" if count > 1 else "")
+            for msg, count in self.problems.values()
+        ]
+        if all(key.startswith("param") for key in self.problems):
+            raise ConfigError(messages)
+        raise IncompatibleModels("; ".join(messages))
+
+    def _lookup(self, label: str, name: str) -> TensorInfo | None:
+        tensors = self.checkpoints[label].tensors
+        if name in tensors:
+            return tensors[name]
+        if name in HEAD_NAMES:  # a tied head: the model's embedding is its head
+            embedding = input_embedding_name(tensors)
+            return tensors.get(embedding) if embedding else None
+        return None
+
+    def _job(
+        self,
+        output_slice: _Slice,
+        output: str,
+        names: Mapping[str, str],
+        t: float,
+        donor_name: str,
+    ) -> TensorJob:
+        donor = self._donor(output_slice)
+        infos: dict[str, TensorInfo] = {}
+        for label, name in names.items():
+            info = self._lookup(label, name)
+            if info is None:
+                self._problem(f"missing:{label}", f"tensor '{name}' is missing from model '{label}'")  # fmt: skip
+                continue
+            infos[label] = info
+        if donor not in infos:  # the base is not a source of this slice (linear without it)
+            info = self._lookup(donor, donor_name)
+            if info is not None:
+                infos[donor] = info
+        reference = infos.get(donor) or next(iter(infos.values()), None)
+        if reference is None:
+            return _empty_job(output)
+        for label, info in infos.items():
+            if info.shape != reference.shape:
+                self._problem(
+                    f"shape:{output}",
+                    f"tensor '{info.name}' has shape {list(info.shape)} in model '{label}' but "
+                    f"{list(reference.shape)} in model '{reference_label(infos, reference)}'"
+                    + (" (the vocabularies differ)" if "embed" in output or output in HEAD_NAMES else ""),  # fmt: skip
+                )
+        dtype = self.out_dtype or reference.dtype
+        input_bytes = sum(i.nbytes for i in infos.values())
+        if reference.dtype not in FLOAT_CODES:  # integer buffers are copied, not merged
+            return TensorJob(output, reference.shape, reference.dtype, COPY,
+                             (TensorInput(donor, reference.name),), None, {}, {}, reference.nbytes)  # fmt: skip
+
+        base_label = output_slice.base if self.method.base != "input" else None
+        sources = [s for s in output_slice.sources if s.model != base_label]
+        inputs = tuple(TensorInput(s.model, infos[s.model].name) for s in sources if s.model in infos)  # fmt: skip
+        base = None
+        if base_label is not None and base_label in infos:
+            base = TensorInput(base_label, infos[base_label].name)
+        per_model: dict[str, tuple[float, ...]] = {}
+        params: dict[str, Any] = {}
+        for param in self.method.params:
+            if not param.effect:
+                continue
+            if not param.per_model:
+                value = resolve_parameter(param.name, per_model=False, levels=[None, output_slice.parameters, self.top], input_name=output, output_name=output, t=t)  # fmt: skip
+                params[param.name] = param.default if value is None else value
+                if params[param.name] is None:
+                    self._problem(f"param:{param.name}", f"{self.method.name} needs '{param.name}' (tensor '{output}'): set it under parameters")  # fmt: skip
+                continue
+            values = []
+            for source in sources:
+                name = names[source.model]
+                value = resolve_parameter(param.name, per_model=True, levels=[source.parameters, output_slice.parameters, self.top], input_name=name, output_name=output, t=t)  # fmt: skip
+                if value is None:
+                    value = param.default
+                if value is None:
+                    self._problem(
+                        f"param:{param.name}:{source.model}",
+                        f"{source.where}: {self.method.name} needs '{param.name}' for model "
+                        f"'{source.model}' (no value for tensor '{name}' at any level)",
+                    )
+                    value = 0.0
+                values.append(float(value))
+            per_model[param.name] = tuple(values)
+        job = TensorJob(output, reference.shape, dtype, self.method.name, inputs, base, per_model, params, input_bytes)  # fmt: skip
+        if len(inputs) < self.method.min_models:
+            self._problem("few", f"{self.method.name} needs at least {self.method.min_models} models besides the base")  # fmt: skip
+        if self.method.check is not None and (problem := self.method.check(per_model, params)):
+            self._problem(f"param:check:{problem}", f"tensor '{output}': {problem}")
+        return job
+
+
+def reference_label(infos: Mapping[str, TensorInfo], reference: TensorInfo) -> str:
+    """The label of the model whose tensor is ``reference``."""
+    return next(label for label, info in infos.items() if info is reference)
+
+
+def _empty_job(output: str) -> TensorJob:
+    return TensorJob(output, (), "F32", COPY, (), None, {}, {}, 0)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def _torch_name(code: str) -> str:
+    from alloykit.io.checkpoint import SAFETENSORS_DTYPES
+
+    return str(SAFETENSORS_DTYPES[code]).removeprefix("torch.")
+
+
+def _output_config(
+    donor: Checkpoint, slices: list[_Slice], layers: int, jobs: list[TensorJob]
+) -> dict[str, Any] | None:
+    """The donor's config with the layer count (and per-layer lists) of the output."""
+    if donor.config is None:
+        return None
+    config = dict(donor.config)
+    donor_layers, key = layer_count(donor.config, donor.tensors)
+    source_layers = [s.sources[0].start + k for s in slices for k in range(s.length)]
+    if key is not None and layers != donor_layers:
+        section, _, leaf = key.rpartition(".")
+        target = dict(config[section]) if section else config
+        target[leaf] = layers
+        for list_key, value in list(target.items()):
+            if list_key != "architectures" and isinstance(value, list) and len(value) == donor_layers > 1:  # fmt: skip
+                target[list_key] = [value[i] for i in source_layers]
+        if section:
+            config[section] = target
+    if config.get("tie_word_embeddings") and any(j.output in HEAD_NAMES for j in jobs):
+        config["tie_word_embeddings"] = False  # the output stores its own head
+    return config

@@ -1,0 +1,175 @@
+"""Small, deterministic Hugging Face checkpoints: a base model and fine-tunes of it.
+
+Used by ``alloykit example``, the tests and the golden-reference script. The architecture and
+the file layout come from ``transformers`` (a config, ``save_pretrained``, a real fast
+tokenizer); the values come from NumPy's PCG64 generator seeded by a stable hash of
+(seed, model, tensor name), so every tensor is the same on every machine, whatever the torch
+version, thread count or generation order.
+
+A fine-tune is ``base + shared + own + sparse``: a small delta common to all fine-tunes, a
+smaller one of its own, and a few larger changes on 2% of the entries, which is roughly the
+shape of real fine-tuning deltas (see ``../shared/bench/make_models.py`` for the same idea at
+benchmark sizes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SIGMA = 0.02  # Llama's initialiser std: the scale of base weights
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    """Shape of a toy Llama-family model (defaults: ~60k parameters, loads in milliseconds)."""
+
+    vocab_size: int = 128
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    model_type: str = "llama"  # llama | mistral | qwen2
+
+
+def _rng(*key: object) -> np.random.Generator:
+    digest = hashlib.sha256("\x1f".join(str(k) for k in key).encode()).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+
+
+def _config(spec: ToySpec):  # type: ignore[no-untyped-def]
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        spec.model_type,
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config.dtype = spec.dtype
+    return config
+
+
+def parameter_shapes(spec: ToySpec) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors ``save_pretrained`` writes for ``spec``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config(spec))
+    names = {n for n, _ in model.named_parameters()}  # tied parameters appear once
+    return {n: tuple(p.shape) for n, p in model.state_dict().items() if n in names}
+
+
+def base_values(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """The base model's tensor ``name``: N(0, SIGMA), norm gains near 1."""
+    values = _rng("base", seed, name).standard_normal(shape).astype(np.float32) * SIGMA
+    if name.endswith("norm.weight"):
+        values += 1.0
+    return values
+
+
+def delta_values(name: str, shape: tuple[int, ...], seed: int, index: int) -> np.ndarray:
+    """Fine-tune ``index``'s change to tensor ``name`` (float32)."""
+    shared = _rng("shared", seed, name).standard_normal(shape).astype(np.float32) * 0.1 * SIGMA
+    rng = _rng("finetune", seed, index, name)
+    own = rng.standard_normal(shape).astype(np.float32) * 0.05 * SIGMA
+    sparse = (rng.random(shape) < 0.02) * rng.standard_normal(shape).astype(np.float32) * SIGMA
+    return shared + own + sparse.astype(np.float32)
+
+
+def _write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A real fast word-level tokenizer with exactly ``vocab_size`` entries."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for i in range(vocab_size - len(specials)):
+        vocab[f"w{i}"] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(str(folder))
+
+
+def save_checkpoint(
+    folder: Path,
+    spec: ToySpec,
+    tensors: dict[str, np.ndarray],
+    *,
+    max_shard_size: str | int | None = None,
+    tokenizer: bool = True,
+) -> Path:
+    """Write ``tensors`` as a Hugging Face checkpoint of ``spec`` (config, weights, tokenizer).
+
+    ``max_shard_size`` (e.g. ``"20KB"``) makes ``save_pretrained`` write several shards and a
+    ``model.safetensors.index.json``; ``None`` writes one ``model.safetensors``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _config(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2)
+    dtype = getattr(torch, spec.dtype)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in tensors.items()}
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    if max_shard_size is None:
+        kwargs["max_shard_size"] = "100GB"
+    model.save_pretrained(str(folder), state_dict=state, **kwargs)
+    if tokenizer:
+        _write_tokenizer(folder, spec.vocab_size)
+    return folder
+
+
+def make_family(
+    root: str | Path,
+    spec: ToySpec | None = None,
+    *,
+    finetunes: int = 2,
+    seed: int = 0,
+    max_shard_size: str | int | None = None,
+) -> dict[str, Path]:
+    """Write ``base`` and ``ft1..ftN`` under ``root``; return ``{name: folder}``.
+
+    Example:
+        >>> folders = make_family("/tmp/toy", finetunes=2)  # doctest: +SKIP
+        >>> sorted(folders)
+        ['base', 'ft1', 'ft2']
+    """
+    spec = spec or ToySpec()
+    root = Path(root)
+    shapes = parameter_shapes(spec)
+    base = {name: base_values(name, shape, seed) for name, shape in shapes.items()}
+    folders = {"base": save_checkpoint(root / "base", spec, base, max_shard_size=max_shard_size)}
+    for index in range(1, finetunes + 1):
+        tensors = {
+            name: values + delta_values(name, values.shape, seed, index)
+            for name, values in base.items()
+        }
+        folders[f"ft{index}"] = save_checkpoint(
+            root / f"ft{index}", spec, tensors, max_shard_size=max_shard_size
+        )
+    (root / "family.json").write_text(
+        json.dumps({"spec": spec.__dict__, "seed": seed, "finetunes": finetunes}, indent=2)
+    )
+    return folders

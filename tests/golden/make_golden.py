@@ -1,0 +1,131 @@
+"""Regenerate the MergeKit golden reference data (``tests/golden/mergekit_0.1.5.json``).
+
+MergeKit is not a dependency of alloykit: install it in a separate environment and point this
+script at its ``mergekit-yaml`` command. From the repository root::
+
+    .venv/bin/python tests/golden/make_golden.py --mergekit /work/mk/bin/mergekit-yaml
+
+The script builds the toy family described by ``_golden.FAMILY`` with
+``alloykit.toymodels.make_family``, renders every ``configs/*.yml`` (``${MODELS}`` -> the
+family folder), runs ``mergekit-yaml CONFIG OUT --random-seed 42`` on it, reads every output
+tensor with ``safetensors.numpy`` and writes, per config, ``_golden.summarize`` of the output
+(shape, float64 norm and 16 sampled values per tensor), the tensor count, the config text with
+the placeholder and MergeKit's warning lines. ``--only NAME`` (repeatable) reruns some configs
+and keeps the others from the existing JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _golden import CONFIG_DIR, FAMILY, GOLDEN_JSON, render, summarize  # noqa: E402
+
+MERGEKIT_VERSION = "0.1.5"
+
+
+def load_output(folder: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    tensors: dict = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"no safetensors output in {folder}")
+    for file in files:
+        for name, value in load_file(str(file)).items():
+            if name in tensors:
+                raise RuntimeError(f"tensor {name} appears twice in {folder}")
+            tensors[name] = value
+    return tensors
+
+
+def warning_lines(stderr: str) -> list[str]:
+    keep = []
+    for line in stderr.splitlines():
+        text = line.strip()
+        if "WARNING" in text or "Warning" in text or "warn" in text.lower():
+            if text not in keep:
+                keep.append(text)
+    return keep
+
+
+def run_config(mergekit: str, config: Path, models: Path, work: Path) -> dict:
+    text = config.read_text(encoding="utf-8")
+    rendered = work / config.name
+    rendered.write_text(render(text, models), encoding="utf-8")
+    out = work / f"out-{config.stem}"
+    cmd = [mergekit, str(rendered), str(out), "--random-seed", "42", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{config.name}: mergekit-yaml failed ({proc.returncode})\n{proc.stderr[-4000:]}"
+        )
+    tensors = load_output(out)
+    out_config = json.loads((out / "config.json").read_text())
+    return {
+        "config": text,
+        "num_tensors": len(tensors),
+        "num_hidden_layers": out_config.get("num_hidden_layers"),
+        "warnings": warning_lines(proc.stderr),
+        "tensors": summarize(tensors),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mergekit", required=True, help="path of MergeKit's mergekit-yaml")
+    parser.add_argument("--only", action="append", default=[], help="config stem(s) to rerun")
+    parser.add_argument("--output", type=Path, default=GOLDEN_JSON)
+    args = parser.parse_args(argv)
+
+    from alloykit.toymodels import ToySpec, make_family
+
+    version = subprocess.run(
+        [str(Path(args.mergekit).with_name("python")), "-c",
+         "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True, text=True,
+    ).stdout.strip()
+    if version and version != MERGEKIT_VERSION:
+        raise SystemExit(f"expected MergeKit {MERGEKIT_VERSION}, found {version}")
+
+    configs = sorted(CONFIG_DIR.glob("*.yml"))
+    if args.only:
+        configs = [c for c in configs if c.stem in set(args.only)]
+    golden = {"mergekit_version": MERGEKIT_VERSION, "family": FAMILY, "configs": {}}
+    if args.only and args.output.exists():
+        golden["configs"] = json.loads(args.output.read_text())["configs"]
+
+    spec = ToySpec(**FAMILY["spec"])
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="alloykit-golden-") as tmp:
+        work = Path(tmp)
+        models = work / "models"
+        make_family(models, spec, finetunes=FAMILY["finetunes"], seed=FAMILY["seed"])
+        for config in configs:
+            print(f"{config.stem} ...", end=" ", flush=True)
+            try:
+                golden["configs"][config.stem] = run_config(args.mergekit, config, models, work)
+            except RuntimeError as exc:
+                print("FAILED")
+                failures.append(str(exc))
+                continue
+            entry = golden["configs"][config.stem]
+            print(f"{entry['num_tensors']} tensors, {len(entry['warnings'])} warning line(s)")
+
+    golden["configs"] = dict(sorted(golden["configs"].items()))
+    args.output.write_text(json.dumps(golden, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {args.output}")
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
