@@ -135,6 +135,9 @@ def save_checkpoint(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     if max_shard_size is None:
         kwargs["max_shard_size"] = "100GB"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model.save_pretrained(str(folder), state_dict=state, **kwargs)
     if tokenizer:
         _write_tokenizer(folder, spec.vocab_size)

@@ -1,0 +1,180 @@
+"""The ``alloykit`` command: wiring only; each command is a thin layer over a library call.
+
+Errors from alloykit (:class:`~alloykit.errors.AlloyError`) are printed as one line with a
+non-zero exit; set ``ALLOYKIT_DEBUG=1`` for the full traceback. Heavy imports (torch,
+transformers) happen inside commands so ``alloykit --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="alloykit",
+    help="Merge the weights of models fine-tuned from one base (MergeKit-compatible YAML).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+MERGE_EXAMPLES = """Examples:
+
+\b
+  alloykit merge recipe.yml merged/                  # merge on the CPU
+  alloykit merge recipe.yml merged/ --dry-run        # print the plan, read no tensor
+  alloykit merge recipe.yml merged/ --device auto --out-shard-size 2GiB --overwrite
+  alloykit merge merged/alloykit_config.yml again/   # re-run a recipe written by a merge
+"""
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from alloykit import __version__
+
+        typer.echo(f"alloykit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Merge the weights of models fine-tuned from one base (MergeKit-compatible YAML)."""
+
+
+@app.command(epilog=MERGE_EXAMPLES)
+def merge(
+    config: Annotated[Path, typer.Argument(help="Merge recipe (MergeKit YAML).")],
+    output: Annotated[Path, typer.Argument(help="Output folder; created when the merge is complete.")],  # fmt: skip
+    device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu, cuda or auto.")] = "cpu",  # fmt: skip
+    cuda: Annotated[bool, typer.Option("--cuda", help="Same as --device cuda.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", "--random-seed", help="Seed for methods that sample (DARE, DELLA); same seed, same output.")] = None,  # noqa: UP045  # fmt: skip
+    threads: Annotated[Optional[int], typer.Option("--threads", "-j", min=1, help="CPU threads for the arithmetic.")] = None,  # noqa: UP045  # fmt: skip
+    out_shard_size: Annotated[str, typer.Option(help="Largest output shard in bytes: 5B = 5x10^9 (MergeKit's meaning), 500MB, 2GiB.")] = "5B",  # fmt: skip
+    copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy the base model's tokenizer files.")] = True,  # fmt: skip
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensor, inputs, method, parameters) and stop.")] = False,  # fmt: skip
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,  # fmt: skip
+    strict: Annotated[bool, typer.Option("--strict", help="Parameters the method does not use are errors.")] = False,  # fmt: skip
+    allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="Merge models of different architectures.")] = False,  # fmt: skip
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Copy a custom-code model's *.py files into the output.")] = False,  # fmt: skip
+    precision: Annotated[str, typer.Option(help="Working precision: float32 or float64.")] = "float32",  # fmt: skip
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge the models a YAML recipe names into OUTPUT."""
+    from alloykit import _output
+    from alloykit.errors import AlloyError
+    from alloykit.merge import MergeOptions, plan_merge
+    from alloykit.merge import merge as run_merge
+
+    _output.setup_logging(quiet)
+    if precision not in ("float32", "float64"):
+        raise AlloyError(f"--precision '{precision}': use float32 or float64")
+    options = MergeOptions(
+        device="cuda" if cuda else device,
+        seed=seed,
+        threads=threads,
+        out_shard_size=out_shard_size,
+        copy_tokenizer=copy_tokenizer,
+        overwrite=overwrite,
+        strict=strict,
+        allow_crimes=allow_crimes,
+        trust_remote_code=trust_remote_code,
+        precision=precision,
+    )
+    if dry_run:
+        _output.print_plan(plan_merge(config, options))
+        return
+    with _output.MergeProgress(enabled=not quiet) as progress:
+        result = run_merge(config, output, options, progress=progress.advance, on_plan=progress.start)  # fmt: skip
+    _output.print_result(result)
+
+
+@app.command()
+def methods(
+    name: Annotated[Optional[str], typer.Argument(help="A method name for its details.")] = None,  # noqa: UP045
+) -> None:
+    """List the merge methods, or show one method's formula, parameters and paper."""
+    from alloykit import _output
+    from alloykit.methods import METHODS, get_method
+
+    if name is None:
+        width = max(len(n) for n in METHODS)
+        for method in METHODS.values():
+            _output.out.print(f"{method.name:<{width}}  {method.summary}")
+        return
+    method = get_method(name)
+    _output.out.print(f"[bold]{method.name}[/]: {method.summary}\n")
+    _output.out.print(f"  {method.formula}\n")
+    base = {"required": "required", "optional": "optional", "input": "an ordinary input"}
+    _output.out.print(f"  base_model: {base[method.base]}")
+    for param in method.params:
+        scope = "per model" if param.per_model else "global"
+        default = "required" if param.required else f"default {param.default}"
+        _output.out.print(f"  {param.name:<10} {scope:<9} {default:<16} {param.doc}")
+    _output.out.print(f"\n  {method.citation}")
+
+
+@app.command()
+def example(
+    folder: Annotated[Path, typer.Argument(help="Where to put the example models and the merge.")] = Path("alloykit-example"),  # fmt: skip
+    method: Annotated[str, typer.Option(help="Bundled recipe to run: task_arithmetic or linear.")] = "task_arithmetic",  # fmt: skip
+    quiet: QuietOpt = False,
+) -> None:
+    """Build small example models (a base and two fine-tunes) and merge them.
+
+    Writes FOLDER/models/{base,ft1,ft2}, the recipe FOLDER/<method>.yml and the merged model
+    FOLDER/merged, then loads the result with transformers to show it is a working model.
+    """
+    from alloykit import _output
+    from alloykit._example import run_example
+
+    _output.setup_logging(quiet)
+    run_example(folder, method, quiet=quiet)
+
+
+def main() -> None:
+    """Entry point: run the app behind one error boundary."""
+    import click
+
+    from alloykit.errors import AlloyError
+
+    debug = bool(os.environ.get("ALLOYKIT_DEBUG"))
+    try:
+        code = app(standalone_mode=False)
+    except AlloyError as e:
+        if debug:
+            raise
+        from alloykit import _output
+
+        _output.error(str(e))
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # a bug, not bad input: one line, and how to see more
+        if debug:
+            raise
+        from alloykit import _output
+
+        _output.error(f"internal error: {type(e).__name__}: {e} (set ALLOYKIT_DEBUG=1 for the traceback)")  # fmt: skip
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
