@@ -36,15 +36,15 @@ _LAZY = {
     "MergeConfig": "alloykit.config",
     "load_config": "alloykit.config",
     "recipe_hash": "alloykit.config",
-    "MergeOptions": "alloykit.merge",
-    "merge": "alloykit.merge",
-    "merge_to_state_dict": "alloykit.merge",
-    "plan_merge": "alloykit.merge",
+    "MergeOptions": "alloykit.pipeline",
+    "merge": "alloykit.pipeline",
+    "merge_to_state_dict": "alloykit.pipeline",
+    "plan_merge": "alloykit.pipeline",
 }
 
 if TYPE_CHECKING:
     from alloykit.config import MergeConfig, load_config, recipe_hash
-    from alloykit.merge import MergeOptions, merge, merge_to_state_dict, plan_merge
+    from alloykit.pipeline import MergeOptions, merge, merge_to_state_dict, plan_merge
     from alloykit.methods import METHODS, get_method
 
 

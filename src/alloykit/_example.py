@@ -21,7 +21,7 @@ def render_example(method: str, models: Path) -> str:
 def run_example(folder: Path, method: str, *, quiet: bool = False) -> None:
     """Write example models and a recipe under ``folder``, merge, and load the result."""
     from alloykit import _output
-    from alloykit.merge import MergeOptions, merge
+    from alloykit.pipeline import MergeOptions, merge
     from alloykit.toymodels import make_family
 
     recipe_text = render_example(method, folder / "models")

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from alloykit.merge import MergeResult
+    from alloykit.pipeline import MergeResult
     from alloykit.plan import MergePlan, TensorJob
 
 out = Console(highlight=False, soft_wrap=True)
@@ -127,8 +127,10 @@ class MergeProgress:
     def __enter__(self) -> MergeProgress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._progress is not None:
+            if exc_type is not None:  # leave only the error line behind
+                self._progress.live.transient = True
             self._progress.stop()
 
     def start(self, plan: MergePlan) -> None:

@@ -74,8 +74,8 @@ def merge(
     """Merge the models a YAML recipe names into OUTPUT."""
     from alloykit import _output
     from alloykit.errors import AlloyError
-    from alloykit.merge import MergeOptions, plan_merge
-    from alloykit.merge import merge as run_merge
+    from alloykit.pipeline import MergeOptions, plan_merge
+    from alloykit.pipeline import merge as run_merge
 
     _output.setup_logging(quiet)
     if precision not in ("float32", "float64"):

@@ -379,6 +379,8 @@ def _check_inputs(config: MergeConfig) -> list[str]:
         lengths = set()
         for j, source in enumerate(output_slice.sources):
             where = yaml_path("slices", i, "sources", j)
+            if source.model in [s.model for s in output_slice.sources[:j]]:
+                problems.append(f"{where}.model: '{source.model}' appears twice in one slice")
             refs.append((f"{where}.model", source.model))
             start, end = source.layer_range
             if start < 0 or end <= start:
@@ -393,7 +395,11 @@ def _check_inputs(config: MergeConfig) -> list[str]:
             refs.append((yaml_path("slices", i, "base_model"), output_slice.base_model))
     if config.base_model is not None:
         refs.append(("base_model", config.base_model))
+    seen: dict[str, str] = {}
     for where, ref in refs:
+        if where.startswith("models[") and str(ref) in seen:
+            problems.append(f"{where}: '{ref}' is already listed at {seen[str(ref)]}")
+        seen.setdefault(str(ref), where)
         if ref.lora:
             problems.append(
                 f"{where}: '{ref}' names a LoRA adapter; adapters as merge inputs are not "

@@ -135,7 +135,7 @@ def _compute(loaded: _Loaded, seed: int, device: torch.device) -> torch.Tensor:
         bad = int((~finite).sum())
         raise MergeError(
             f"tensor '{job.output}': {job.method} produced {bad} non-finite values (NaN or inf, "
-            f"in {out_dtype}); check the inputs for NaN and the weights and parameters for "
+            f"in {str(out_dtype).removeprefix('torch.')}); check the inputs for NaN and the weights and parameters for "
             "extreme values"
         )
     return result

@@ -10,7 +10,7 @@ The script builds the toy family described by ``_golden.FAMILY`` with
 family folder), runs ``mergekit-yaml CONFIG OUT --random-seed 42`` on it, reads every output
 tensor with ``safetensors.numpy`` and writes, per config, ``_golden.summarize`` of the output
 (shape, float64 norm and 16 sampled values per tensor), the tensor count, the config text with
-the placeholder and MergeKit's warning lines. ``--only NAME`` (repeatable) reruns some configs
+the placeholder and MergeKit's stderr lines (warnings; progress bars removed). ``--only NAME`` (repeatable) reruns some configs
 and keeps the others from the existing JSON.
 """
 
@@ -47,13 +47,15 @@ def load_output(folder: Path) -> dict:
 
 
 def warning_lines(stderr: str) -> list[str]:
-    keep = []
-    for line in stderr.splitlines():
+    """MergeKit's stderr without progress bars, duplicates or traceback noise (short)."""
+    keep: list[str] = []
+    for line in stderr.replace("\r", "\n").splitlines():
         text = line.strip()
-        if "WARNING" in text or "Warning" in text or "warn" in text.lower():
-            if text not in keep:
-                keep.append(text)
-    return keep
+        if not text or "it/s]" in text or "s/it]" in text or "%|" in text:
+            continue
+        if text not in keep:
+            keep.append(text[:300])
+    return keep[:20]
 
 
 def run_config(mergekit: str, config: Path, models: Path, work: Path) -> dict:

@@ -1,0 +1,209 @@
+"""End-to-end merges of tiny Llama checkpoints, checked against NumPy float64 references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alloykit import MergeOptions, load_config, merge, merge_to_state_dict, plan_merge, recipe_hash
+from alloykit.architecture import split_layer_name
+from tests.helpers import load_tensors
+
+NUM_LAYERS = 4
+
+
+def assert_loads_cleanly(folder: Path) -> None:
+    """transformers loads the folder with no missing, unexpected or mismatched keys."""
+    from transformers import AutoModelForCausalLM
+
+    _, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+
+
+def layer_fraction(name: str) -> float:
+    parts = split_layer_name(name)
+    return 0.0 if parts is None else parts.index / (NUM_LAYERS - 1)
+
+
+def test_linear_matches_float64_reference_and_loads(family: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+    config = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(family["ft1"]), "parameters": {"weight": 1.0}},
+            {"model": str(family["ft2"]), "parameters": {"weight": [0.0, 1.0]}},  # gradient
+            {"model": str(family["ft3"]), "parameters": {"weight": [{"filter": "mlp", "value": 2.0}, {"value": 0.5}]}},  # fmt: skip
+        ],
+    }
+    result = merge(config, tmp_path / "out")
+    assert_loads_cleanly(result.output)
+    out = load_tensors(result.output)
+    inputs = {k: load_tensors(family[k]) for k in ("ft1", "ft2", "ft3")}
+    assert set(out) == set(inputs["ft1"])
+    for name, value in out.items():
+        weights = np.array([1.0, layer_fraction(name), 2.0 if "mlp" in name else 0.5])
+        stacked = np.stack([inputs[k][name] for k in ("ft1", "ft2", "ft3")])
+        expected = np.tensordot(weights, stacked, axes=1) / weights.sum()
+        np.testing.assert_allclose(value, expected, rtol=0, atol=2e-7 * max(1, np.abs(expected).max()), err_msg=name)  # fmt: skip
+
+
+def test_task_arithmetic_sharded_bf16_in_and_out(sharded_family: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(sharded_family["base"]),
+        "models": [
+            {"model": str(sharded_family["ft1"]), "parameters": {"weight": 1.0}},
+            {"model": str(sharded_family["ft2"]), "parameters": {"weight": -0.5}},
+        ],
+        "parameters": {"lambda": 0.8},
+    }
+    result = merge(config, tmp_path / "out", MergeOptions(out_shard_size="30KB"))
+    index = json.loads((result.output / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in result.output.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == result.plan.output_bytes
+    assert json.loads((result.output / "config.json").read_text())["dtype"] == "bfloat16"
+    assert_loads_cleanly(result.output)
+    out = load_tensors(result.output)
+    base, ft1, ft2 = (load_tensors(sharded_family[k]) for k in ("base", "ft1", "ft2"))
+    for name, value in out.items():
+        expected = base[name] + 0.8 * ((ft1[name] - base[name]) - 0.5 * (ft2[name] - base[name]))
+        rounded = torch.from_numpy(expected).to(torch.bfloat16).to(torch.float64).numpy()
+        ulp = np.abs(expected) * 2.0**-7  # one bfloat16 step
+        assert np.all(np.abs(value - rounded) <= ulp + 1e-12), name
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_merging_identical_models_is_bit_for_bit(family: dict[str, Path], tmp_path: Path, method: str) -> None:  # fmt: skip
+    import shutil
+
+    copies = [shutil.copytree(family["ft1"], tmp_path / f"copy{i}") for i in range(3)]
+    config: dict[str, object] = {
+        "merge_method": method,
+        "models": [{"model": str(c), "parameters": {"weight": w}} for c, w in zip(copies, (0.1, 0.2, 0.7), strict=True)],  # fmt: skip
+    }
+    if method == "task_arithmetic":
+        config["base_model"] = str(family["ft1"])
+        config["parameters"] = {"normalize": True, "lambda": 0.8}
+    out = merge(config, tmp_path / "out").output
+    original, merged = load_tensors(family["ft1"]), load_tensors(out)
+    assert set(original) == set(merged)
+    assert all(np.array_equal(original[n], merged[n]) for n in original)
+
+
+def test_tied_embeddings_stay_tied(tied_family: dict[str, Path], tmp_path: Path) -> None:
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(tied_family["base"]),
+        "models": [{"model": str(tied_family[k]), "parameters": {"weight": 0.5}} for k in ("ft1", "ft2")],  # fmt: skip
+    }
+    out = merge(config, tmp_path / "out").output
+    assert "lm_head.weight" not in load_tensors(out)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert_loads_cleanly(out)
+
+
+def test_recipe_is_written_and_accepted_back(family: dict[str, Path], tmp_path: Path) -> None:
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family["ft1"]), "parameters": {"weight": [1.0, 0.25]}}],
+        "parameters": {"normalize": True},
+    }
+    first = merge(config, tmp_path / "a")
+    recipe = first.output / "alloykit_config.yml"
+    second = merge(recipe, tmp_path / "b")
+    assert recipe_hash(load_config(recipe)) == first.recipe_hash == second.recipe_hash
+    assert (first.output / "model.safetensors").read_bytes() == (second.output / "model.safetensors").read_bytes()  # fmt: skip
+
+
+def test_in_memory_merge_equals_the_written_one(family: dict[str, Path], tmp_path: Path) -> None:
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft3")],  # fmt: skip
+    }
+    state = merge_to_state_dict(config)
+    written = load_tensors(merge(config, tmp_path / "out").output)
+    assert set(state) == set(written)
+    for name, tensor in state.items():
+        assert np.array_equal(tensor.double().numpy(), written[name])
+
+
+def test_slices_form_equals_models_form(family: dict[str, Path], tmp_path: Path) -> None:
+    base, ft1, ft2 = (str(family[k]) for k in ("base", "ft1", "ft2"))
+    models_form = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [{"model": ft1, "parameters": {"weight": 0.6}}, {"model": ft2, "parameters": {"weight": [0.2, 0.9]}}],  # fmt: skip
+    }
+    slices_form = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "slices": [{
+            "sources": [
+                {"model": base, "layer_range": [0, NUM_LAYERS]},
+                {"model": ft1, "layer_range": [0, NUM_LAYERS]},
+                {"model": ft2, "layer_range": [0, NUM_LAYERS], "parameters": {"weight": [0.2, 0.9]}},
+            ],
+            "parameters": {"weight": 0.6},  # slice level: reaches ft1, not ft2 (its own wins)
+        }],
+    }  # fmt: skip
+    a = load_tensors(merge(models_form, tmp_path / "a").output)
+    b = load_tensors(merge(slices_form, tmp_path / "b").output)
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_out_dtype_and_dtype(family: dict[str, Path], tmp_path: Path) -> None:
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft2")],  # fmt: skip
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    out = merge(config, tmp_path / "out").output
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+
+
+def test_dry_run_plan_reads_no_tensor(family: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from alloykit.io.checkpoint import Checkpoint
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("planning read a tensor")
+
+    monkeypatch.setattr(Checkpoint, "read", forbidden)
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family["ft1"]), "parameters": {"weight": [0.0, 1.0]}}],
+    }
+    plan = plan_merge(config)
+    assert len(plan.jobs) == len(load_tensors(family["base"]))
+    last_layer = next(j for j in plan.jobs if j.output.startswith(f"model.layers.{NUM_LAYERS - 1}."))
+    first_layer = next(j for j in plan.jobs if j.output.startswith("model.layers.0."))
+    head = next(j for j in plan.jobs if j.output == "lm_head.weight")
+    assert last_layer.per_model["weight"] == (1.0,)
+    assert first_layer.per_model["weight"] == (0.0,)
+    assert head.per_model["weight"] == (0.0,)  # embeddings and head use t = 0
+
+
+def test_float64_precision_and_threads_give_consistent_results(family: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(family[k]), "parameters": {"weight": w}} for k, w in (("ft1", 0.3), ("ft2", 0.7))],  # fmt: skip
+    }
+    one = merge_to_state_dict(config, MergeOptions(threads=1))
+    two = merge_to_state_dict(config, MergeOptions(threads=2))
+    wide = merge_to_state_dict(config, MergeOptions(precision="float64"))
+    for name in one:
+        assert torch.equal(one[name], two[name])
+        torch.testing.assert_close(one[name], wide[name], rtol=0, atol=1e-6)
