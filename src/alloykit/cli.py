@@ -55,8 +55,8 @@ def _root(
 
 @app.command(epilog=MERGE_EXAMPLES)
 def merge(
-    config: Annotated[Path, typer.Argument(help="Merge recipe (MergeKit YAML).")],
-    output: Annotated[Path, typer.Argument(help="Output folder; created when the merge is complete.")],  # fmt: skip
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Merge recipe (MergeKit YAML).")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Output folder; created when the merge is complete.")],  # fmt: skip
     device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu, cuda or auto.")] = "cpu",  # fmt: skip
     cuda: Annotated[bool, typer.Option("--cuda", help="Same as --device cuda.")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", "--random-seed", help="Seed for methods that sample (DARE, DELLA); same seed, same output.")] = None,  # noqa: UP045  # fmt: skip
@@ -102,7 +102,7 @@ def merge(
 
 @app.command()
 def methods(
-    name: Annotated[Optional[str], typer.Argument(help="A method name for its details.")] = None,  # noqa: UP045
+    name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="A method name for its details.")] = None,  # noqa: UP045
 ) -> None:
     """List the merge methods, or show one method's formula, parameters and paper."""
     from alloykit import _output
@@ -127,7 +127,7 @@ def methods(
 
 @app.command()
 def example(
-    folder: Annotated[Path, typer.Argument(help="Where to put the example models and the merge.")] = Path("alloykit-example"),  # fmt: skip
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Where to put the example models and the merge.")] = Path("alloykit-example"),  # fmt: skip
     method: Annotated[str, typer.Option(help="Bundled recipe to run: task_arithmetic or linear.")] = "task_arithmetic",  # fmt: skip
     quiet: QuietOpt = False,
 ) -> None:
@@ -151,7 +151,7 @@ def main() -> None:
 
     debug = bool(os.environ.get("ALLOYKIT_DEBUG"))
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="alloykit", standalone_mode=False)
     except AlloyError as e:
         if debug:
             raise
