@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv with torch (CPU build, installed first so nothing later upgrades it) and
+# alloykit. Usage: bash scripts/setup.sh [dev]   ("dev" adds pytest, hypothesis, ruff, mypy)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
+if [ "${1:-}" = "dev" ]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+else
+  .venv/bin/pip install --quiet --disable-pip-version-check -e .
+fi
