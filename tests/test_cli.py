@@ -19,7 +19,9 @@ def test_help_does_not_import_torch() -> None:
         "heavy = [m for m in ('torch', 'transformers', 'safetensors', 'numpy') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
     assert "merge" in result.stdout and "example" in result.stdout
 
@@ -30,13 +32,29 @@ def test_every_command_has_help() -> None:
         assert result.returncode == 0
         assert "Usage: alloykit " + command in result.stdout
     merge_help = run_cli("merge", "--help").stdout
-    for flag in ("--device", "--cuda", "--seed", "--random-seed", "--threads", "--out-shard-size",
-                 "--copy-tokenizer", "--no-copy-tokenizer", "--dry-run", "--overwrite", "--strict",
-                 "--allow-crimes", "--trust-remote-code", "--quiet", "Examples:"):  # fmt: skip
+    for flag in (
+        "--device",
+        "--cuda",
+        "--seed",
+        "--random-seed",
+        "--threads",
+        "--out-shard-size",
+        "--copy-tokenizer",
+        "--no-copy-tokenizer",
+        "--dry-run",
+        "--overwrite",
+        "--strict",
+        "--allow-crimes",
+        "--trust-remote-code",
+        "--quiet",
+        "Examples:",
+    ):
         assert flag in merge_help, flag
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, family: dict[str, Path]) -> None:  # fmt: skip
+def test_dry_run_prints_the_plan_and_writes_nothing(
+    tmp_path: Path, family: dict[str, Path]
+) -> None:
     config = tmp_path / "ta.yml"
     config.write_text(
         f"merge_method: task_arithmetic\nbase_model: {family['base']}\nmodels:\n"
@@ -67,7 +85,9 @@ def test_example_command_builds_merges_and_loads(tmp_path: Path) -> None:
     assert "merged 39 tensors of 3 models with task_arithmetic" in result.stdout
     assert "no missing, unexpected or mismatched keys" in result.stdout
     assert (tmp_path / "ex" / "merged" / "alloykit_config.yml").is_file()
-    again = run_cli("merge", tmp_path / "ex" / "merged" / "alloykit_config.yml", tmp_path / "again", "-q")  # fmt: skip
+    again = run_cli(
+        "merge", tmp_path / "ex" / "merged" / "alloykit_config.yml", tmp_path / "again", "-q"
+    )
     assert again.returncode == 0, again.stderr
     first = (tmp_path / "ex" / "merged" / "model.safetensors").read_bytes()
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == first

@@ -14,7 +14,13 @@ from alloykit.toymodels import ToySpec, make_family
 from tests.helpers import run_cli
 
 
-def recipe(tmp_path: Path, models: list[Path], base: Path | None = None, method: str = "linear", extra: str = "") -> Path:  # fmt: skip
+def recipe(
+    tmp_path: Path,
+    models: list[Path],
+    base: Path | None = None,
+    method: str = "linear",
+    extra: str = "",
+) -> Path:
     lines = [f"merge_method: {method}"]
     if base is not None:
         lines.append(f"base_model: {base}")
@@ -57,18 +63,28 @@ def test_missing_folder(tmp_path: Path, family: dict[str, Path]) -> None:
     assert_clean_failure(tmp_path, config, expect=f"model '{missing}': no such folder")
 
 
-def test_missing_repo_id_offline(tmp_path: Path, family: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_missing_repo_id_offline(
+    tmp_path: Path, family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     config = recipe(tmp_path, [family["ft1"], Path("alloykit-test/not-a-model")])
-    assert_clean_failure(tmp_path, config, expect="model 'alloykit-test/not-a-model': no such folder, and the Hugging Face Hub cannot provide it")  # fmt: skip
+    assert_clean_failure(
+        tmp_path,
+        config,
+        expect="model 'alloykit-test/not-a-model': no such folder, and the Hugging Face Hub cannot provide it",
+    )
 
 
 def test_tensor_missing_from_one_model(tmp_path: Path, family: dict[str, Path]) -> None:
     broken = copy_model(family["ft2"], tmp_path / "broken")
     rewrite(broken, lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
     config = recipe(tmp_path, [family["ft1"], broken])
-    assert_clean_failure(tmp_path, config, expect=f"tensor 'model.layers.2.mlp.up_proj.weight' is missing from model '{broken}'")  # fmt: skip
+    assert_clean_failure(
+        tmp_path,
+        config,
+        expect=f"tensor 'model.layers.2.mlp.up_proj.weight' is missing from model '{broken}'",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +95,9 @@ def wider(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_shape_mismatch(tmp_path: Path, family: dict[str, Path], wider: Path) -> None:
     config = recipe(tmp_path, [family["ft1"], wider])
-    line = assert_clean_failure(tmp_path, config, expect="tensor 'model.layers.0.mlp.down_proj.weight' has shape [32, 48]")  # fmt: skip
+    line = assert_clean_failure(
+        tmp_path, config, expect="tensor 'model.layers.0.mlp.down_proj.weight' has shape [32, 48]"
+    )
     assert str(wider) in line
 
 
@@ -89,9 +107,13 @@ def mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_family(root, ToySpec(model_type="mistral"), finetunes=0)["base"]
 
 
-def test_different_architectures_need_allow_crimes(tmp_path: Path, family: dict[str, Path], mistral: Path) -> None:  # fmt: skip
+def test_different_architectures_need_allow_crimes(
+    tmp_path: Path, family: dict[str, Path], mistral: Path
+) -> None:
     config = recipe(tmp_path, [family["ft1"], mistral])
-    assert_clean_failure(tmp_path, config, expect="different model_type (llama vs mistral); pass --allow-crimes")  # fmt: skip
+    assert_clean_failure(
+        tmp_path, config, expect="different model_type (llama vs mistral); pass --allow-crimes"
+    )
     result = run_cli("merge", config, tmp_path / "crimes", "--allow-crimes", "--quiet")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "crimes" / "model.safetensors").is_file()
@@ -116,13 +138,22 @@ def test_corrupted_safetensors(tmp_path: Path, family: dict[str, Path]) -> None:
 
 
 def test_unknown_method(tmp_path: Path, family: dict[str, Path]) -> None:
-    config = recipe(tmp_path, [family["ft1"], family["ft2"]], method="task_arithmetc", base=family["base"])  # fmt: skip
-    assert_clean_failure(tmp_path, config, expect="unknown method 'task_arithmetc' (did you mean 'task_arithmetic'?)")  # fmt: skip
+    config = recipe(
+        tmp_path, [family["ft1"], family["ft2"]], method="task_arithmetc", base=family["base"]
+    )
+    assert_clean_failure(
+        tmp_path, config, expect="unknown method 'task_arithmetc' (did you mean 'task_arithmetic'?)"
+    )
 
 
 def test_unknown_parameter_under_strict(tmp_path: Path, family: dict[str, Path]) -> None:
-    config = recipe(tmp_path, [family["ft1"], family["ft2"]], extra="parameters:\n  densty: 0.5\n")  # fmt: skip
-    assert_clean_failure(tmp_path, config, "--strict", expect="parameters.densty: 'densty' is not a parameter of linear")  # fmt: skip
+    config = recipe(tmp_path, [family["ft1"], family["ft2"]], extra="parameters:\n  densty: 0.5\n")
+    assert_clean_failure(
+        tmp_path,
+        config,
+        "--strict",
+        expect="parameters.densty: 'densty' is not a parameter of linear",
+    )
     result = run_cli("merge", config, tmp_path / "lenient")
     assert result.returncode == 0
     assert "warning: parameters.densty" in result.stderr
@@ -136,28 +167,48 @@ def test_non_finite_result_leaves_nothing_behind(tmp_path: Path, family: dict[st
 
     rewrite(broken, poison)
     config = recipe(tmp_path, [family["ft1"], broken])
-    assert_clean_failure(tmp_path, config, expect="tensor 'model.layers.3.self_attn.o_proj.weight': linear produced 1 non-finite values")  # fmt: skip
+    assert_clean_failure(
+        tmp_path,
+        config,
+        expect="tensor 'model.layers.3.self_attn.o_proj.weight': linear produced 1 non-finite values",
+    )
 
 
 def test_weights_that_sum_to_zero(tmp_path: Path, family: dict[str, Path]) -> None:
     config = tmp_path / "zero.yml"
-    config.write_text(f"merge_method: linear\nmodels:\n  - model: {family['ft1']}\n    parameters: {{weight: 1}}\n  - model: {family['ft2']}\n    parameters: {{weight: -1}}\n")  # fmt: skip
-    assert_clean_failure(tmp_path, config, expect="the weights sum to 0, and normalize: true would divide by it")  # fmt: skip
+    config.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {family['ft1']}\n    parameters: {{weight: 1}}\n  - model: {family['ft2']}\n    parameters: {{weight: -1}}\n"
+    )
+    assert_clean_failure(
+        tmp_path, config, expect="the weights sum to 0, and normalize: true would divide by it"
+    )
 
 
 def test_missing_required_weight(tmp_path: Path, family: dict[str, Path]) -> None:
     config = tmp_path / "noweight.yml"
-    config.write_text(f"merge_method: linear\nmodels:\n  - model: {family['ft1']}\n    parameters: {{weight: 1}}\n  - model: {family['ft2']}\n")  # fmt: skip
-    assert_clean_failure(tmp_path, config, expect=f"models[1]: linear needs 'weight' for model '{family['ft2']}'")  # fmt: skip
+    config.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {family['ft1']}\n    parameters: {{weight: 1}}\n  - model: {family['ft2']}\n"
+    )
+    assert_clean_failure(
+        tmp_path, config, expect=f"models[1]: linear needs 'weight' for model '{family['ft2']}'"
+    )
 
 
 def test_old_pickle_checkpoint(tmp_path: Path, family: dict[str, Path]) -> None:
     old = tmp_path / "old"
     old.mkdir()
     shutil.copy(family["ft2"] / "config.json", old / "config.json")
-    torch.save(load_file(family["ft2"] / "model.safetensors"), old / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # fmt: skip
+    torch.save(
+        load_file(family["ft2"] / "model.safetensors"),
+        old / "pytorch_model.bin",
+        _use_new_zipfile_serialization=False,
+    )
     config = recipe(tmp_path, [family["ft1"], old])
-    assert_clean_failure(tmp_path, config, expect="an old (pre-zip) PyTorch pickle, which cannot be read safely; re-save the model as safetensors")  # fmt: skip
+    assert_clean_failure(
+        tmp_path,
+        config,
+        expect="an old (pre-zip) PyTorch pickle, which cannot be read safely; re-save the model as safetensors",
+    )
 
 
 def test_existing_output_needs_overwrite(tmp_path: Path, family: dict[str, Path]) -> None:

@@ -47,7 +47,9 @@ def test_scalar_is_itself() -> None:
         ([5.0], 0.6, 5.0),
     ],
 )
-def test_gradient_interpolates_piecewise_linearly(gradient: list[float], t: float, expected: float) -> None:  # fmt: skip
+def test_gradient_interpolates_piecewise_linearly(
+    gradient: list[float], t: float, expected: float
+) -> None:
     assert evaluate_setting(gradient, NAME, t) == pytest.approx(expected, abs=1e-12)
 
 
@@ -56,7 +58,11 @@ def test_list_of_strings_picks_without_interpolation() -> None:
 
 
 def test_filters_first_match_wins_and_star_and_null_match_all() -> None:
-    setting = [{"filter": "self_attn", "value": 1.0}, {"filter": "mlp", "value": 2.0}, {"value": 3.0}]  # fmt: skip
+    setting = [
+        {"filter": "self_attn", "value": 1.0},
+        {"filter": "mlp", "value": 2.0},
+        {"value": 3.0},
+    ]
     assert evaluate_setting(setting, "model.layers.0.self_attn.q_proj.weight", 0) == 1.0
     assert evaluate_setting(setting, NAME, 0) == 2.0
     assert evaluate_setting(setting, "model.norm.weight", 0) == 3.0
@@ -77,36 +83,50 @@ def test_no_matching_filter_gives_none() -> None:
 
 def test_source_parameters_win_over_slice_and_top_level() -> None:
     levels = [{"weight": 1.0}, {"weight": 2.0}, {"weight": 3.0}]
-    value = resolve_parameter("weight", per_model=True, levels=levels, input_name=NAME, output_name=NAME, t=0)  # fmt: skip
+    value = resolve_parameter(
+        "weight", per_model=True, levels=levels, input_name=NAME, output_name=NAME, t=0
+    )
     assert value == 1.0
 
 
 def test_unmatched_filter_falls_through_to_the_next_level() -> None:
     levels = [{"weight": [{"filter": "self_attn", "value": 1.0}]}, None, {"weight": 0.3}]
-    value = resolve_parameter("weight", per_model=True, levels=levels, input_name=NAME, output_name=NAME, t=0)  # fmt: skip
+    value = resolve_parameter(
+        "weight", per_model=True, levels=levels, input_name=NAME, output_name=NAME, t=0
+    )
     assert value == 0.3
 
 
 def test_global_parameters_skip_the_per_model_level_and_use_the_output_name() -> None:
     levels = [{"t": 0.9}, None, {"t": [{"filter": "layers.5.", "value": 0.1}, {"value": 0.7}]}]
     value = resolve_parameter(
-        "t", per_model=False, levels=levels,
-        input_name="model.layers.2.mlp.w", output_name="model.layers.5.mlp.w", t=0,
-    )  # fmt: skip
+        "t",
+        per_model=False,
+        levels=levels,
+        input_name="model.layers.2.mlp.w",
+        output_name="model.layers.5.mlp.w",
+        t=0,
+    )
     assert value == 0.1  # matched against the output name; the per-model 0.9 is ignored
 
 
 def test_per_model_parameters_match_the_input_tensor_name() -> None:
     levels = [{"weight": [{"filter": "layers.2.", "value": 0.4}, {"value": 1.0}]}, None, None]
     value = resolve_parameter(
-        "weight", per_model=True, levels=levels,
-        input_name="model.layers.2.mlp.w", output_name="model.layers.5.mlp.w", t=0,
-    )  # fmt: skip
+        "weight",
+        per_model=True,
+        levels=levels,
+        input_name="model.layers.2.mlp.w",
+        output_name="model.layers.5.mlp.w",
+        t=0,
+    )
     assert value == 0.4
 
 
 def test_nothing_anywhere_gives_none() -> None:
-    value = resolve_parameter("weight", per_model=True, levels=[None, None, {}], input_name=NAME, output_name=NAME, t=0)  # fmt: skip
+    value = resolve_parameter(
+        "weight", per_model=True, levels=[None, None, {}], input_name=NAME, output_name=NAME, t=0
+    )
     assert value is None
 
 
@@ -151,14 +171,19 @@ def test_range_error_message_matches_the_documented_form() -> None:
 
 
 def test_unknown_keys_get_a_did_you_mean() -> None:
-    with pytest.raises(ConfigError, match=r"merge_mehtod: unknown key \(did you mean 'merge_method'"):  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"merge_mehtod: unknown key \(did you mean 'merge_method'"
+    ):
         load_config({"merge_mehtod": "linear", "models": []})
     with pytest.raises(ConfigError, match=r"models\[0\].paramters: unknown key"):
         load_config({"merge_method": "linear", "models": [{"model": "a", "paramters": {}}]})
 
 
 def test_unknown_method_lists_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown method 'lineer' \(did you mean 'linear'\?\); known: linear, task_arithmetic"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown method 'lineer' \(did you mean 'linear'\?\); known: linear, task_arithmetic",
+    ):
         load_config({**LINEAR, "merge_method": "lineer"})
 
 
@@ -172,7 +197,9 @@ def test_task_arithmetic_needs_a_base() -> None:
         load_config({**LINEAR, "merge_method": "task_arithmetic"})
 
 
-def test_unused_parameter_warns_and_strict_makes_it_an_error(caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_unused_parameter_warns_and_strict_makes_it_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     config = {**LINEAR, "parameters": {"densty": 0.5}}
     with caplog.at_level(logging.WARNING, logger="alloykit"):
         load_config(config)
@@ -191,7 +218,14 @@ def test_global_parameter_given_per_model_is_a_warning(caplog: pytest.LogCapture
 
 def test_tokenizer_and_chat_template_are_validated() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config({**LINEAR, "tokenizer_source": "union", "tokenizer": {"source": "base"}, "chat_template": "short"})  # fmt: skip
+        load_config(
+            {
+                **LINEAR,
+                "tokenizer_source": "union",
+                "tokenizer": {"source": "base"},
+                "chat_template": "short",
+            }
+        )
     text = str(info.value)
     assert "give either tokenizer_source or tokenizer" in text
     assert "chat_template: 'short' is neither" in text
@@ -200,12 +234,19 @@ def test_tokenizer_and_chat_template_are_validated() -> None:
 def test_slices_layer_ranges_are_checked() -> None:
     config = {
         "merge_method": "linear",
-        "slices": [{"sources": [
-            {"model": "a", "layer_range": [0, 4], "parameters": {"weight": 1}},
-            {"model": "b", "layer_range": [2, 3], "parameters": {"weight": 1}},
-        ]}],
-    }  # fmt: skip
-    with pytest.raises(ConfigError, match=r"slices\[0\].sources: layer ranges of one slice must have the same length"):  # fmt: skip
+        "slices": [
+            {
+                "sources": [
+                    {"model": "a", "layer_range": [0, 4], "parameters": {"weight": 1}},
+                    {"model": "b", "layer_range": [2, 3], "parameters": {"weight": 1}},
+                ]
+            }
+        ],
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"slices\[0\].sources: layer ranges of one slice must have the same length",
+    ):
         load_config(config)
 
 
@@ -214,8 +255,8 @@ def test_yaml_path_formatting() -> None:
 
 
 def test_yaml_round_trip_and_recipe_hash_is_stable(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    text_a = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n  - model: b@v2\n    parameters:\n      weight: [0, 1]\n"  # fmt: skip
-    text_b = "# same recipe, other layout\nmodels: [{parameters: {weight: 1.0}, model: a}, {model: b@v2, parameters: {weight: [0, 1]}}]\nmerge_method: linear\n"  # fmt: skip
+    text_a = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n  - model: b@v2\n    parameters:\n      weight: [0, 1]\n"
+    text_b = "# same recipe, other layout\nmodels: [{parameters: {weight: 1.0}, model: a}, {model: b@v2, parameters: {weight: [0, 1]}}]\nmerge_method: linear\n"
     config_a, config_b = load_config(text_a), load_config(text_b)
     assert recipe_hash(config_a) == recipe_hash(config_b)
     again = load_config(config_a.to_yaml())

@@ -25,7 +25,9 @@ GOLDEN = load_golden()
 @pytest.fixture(scope="module")
 def models_root(family: dict[str, Path]) -> Path:
     # the session family is built with exactly the golden inputs' arguments
-    assert ToySpec(**FAMILY["spec"]) == ToySpec() and FAMILY["finetunes"] == 3 and FAMILY["seed"] == 0  # fmt: skip
+    assert (
+        ToySpec(**FAMILY["spec"]) == ToySpec() and FAMILY["finetunes"] == 3 and FAMILY["seed"] == 0
+    )
     return family["base"].parent
 
 
@@ -46,4 +48,6 @@ def test_matches_mergekit(name: str, models_root: Path) -> None:
         flat = values.reshape(-1)
         sample = flat[sample_indices(tensor, flat.size)]
         scale = max(1.0, float(np.abs(flat).max()))
-        np.testing.assert_allclose(sample, reference["sample"], rtol=0, atol=1e-6 * scale, err_msg=tensor)  # fmt: skip
+        np.testing.assert_allclose(
+            sample, reference["sample"], rtol=0, atol=1e-6 * scale, err_msg=tensor
+        )

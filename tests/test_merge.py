@@ -31,13 +31,18 @@ def layer_fraction(name: str) -> float:
     return 0.0 if parts is None else parts.index / (NUM_LAYERS - 1)
 
 
-def test_linear_matches_float64_reference_and_loads(family: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+def test_linear_matches_float64_reference_and_loads(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
     config = {
         "merge_method": "linear",
         "models": [
             {"model": str(family["ft1"]), "parameters": {"weight": 1.0}},
             {"model": str(family["ft2"]), "parameters": {"weight": [0.0, 1.0]}},  # gradient
-            {"model": str(family["ft3"]), "parameters": {"weight": [{"filter": "mlp", "value": 2.0}, {"value": 0.5}]}},  # fmt: skip
+            {
+                "model": str(family["ft3"]),
+                "parameters": {"weight": [{"filter": "mlp", "value": 2.0}, {"value": 0.5}]},
+            },
         ],
     }
     result = merge(config, tmp_path / "out")
@@ -49,10 +54,14 @@ def test_linear_matches_float64_reference_and_loads(family: dict[str, Path], tmp
         weights = np.array([1.0, layer_fraction(name), 2.0 if "mlp" in name else 0.5])
         stacked = np.stack([inputs[k][name] for k in ("ft1", "ft2", "ft3")])
         expected = np.tensordot(weights, stacked, axes=1) / weights.sum()
-        np.testing.assert_allclose(value, expected, rtol=0, atol=2e-7 * max(1, np.abs(expected).max()), err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            value, expected, rtol=0, atol=2e-7 * max(1, np.abs(expected).max()), err_msg=name
+        )
 
 
-def test_task_arithmetic_sharded_bf16_in_and_out(sharded_family: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+def test_task_arithmetic_sharded_bf16_in_and_out(
+    sharded_family: dict[str, Path], tmp_path: Path
+) -> None:
     config = {
         "merge_method": "task_arithmetic",
         "base_model": str(sharded_family["base"]),
@@ -80,13 +89,18 @@ def test_task_arithmetic_sharded_bf16_in_and_out(sharded_family: dict[str, Path]
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
-def test_merging_identical_models_is_bit_for_bit(family: dict[str, Path], tmp_path: Path, method: str) -> None:  # fmt: skip
+def test_merging_identical_models_is_bit_for_bit(
+    family: dict[str, Path], tmp_path: Path, method: str
+) -> None:
     import shutil
 
     copies = [shutil.copytree(family["ft1"], tmp_path / f"copy{i}") for i in range(3)]
     config: dict[str, object] = {
         "merge_method": method,
-        "models": [{"model": str(c), "parameters": {"weight": w}} for c, w in zip(copies, (0.1, 0.2, 0.7), strict=True)],  # fmt: skip
+        "models": [
+            {"model": str(c), "parameters": {"weight": w}}
+            for c, w in zip(copies, (0.1, 0.2, 0.7), strict=True)
+        ],
     }
     if method == "task_arithmetic":
         config["base_model"] = str(family["ft1"])
@@ -101,7 +115,9 @@ def test_tied_embeddings_stay_tied(tied_family: dict[str, Path], tmp_path: Path)
     config = {
         "merge_method": "task_arithmetic",
         "base_model": str(tied_family["base"]),
-        "models": [{"model": str(tied_family[k]), "parameters": {"weight": 0.5}} for k in ("ft1", "ft2")],  # fmt: skip
+        "models": [
+            {"model": str(tied_family[k]), "parameters": {"weight": 0.5}} for k in ("ft1", "ft2")
+        ],
     }
     out = merge(config, tmp_path / "out").output
     assert "lm_head.weight" not in load_tensors(out)
@@ -120,13 +136,17 @@ def test_recipe_is_written_and_accepted_back(family: dict[str, Path], tmp_path: 
     recipe = first.output / "alloykit_config.yml"
     second = merge(recipe, tmp_path / "b")
     assert recipe_hash(load_config(recipe)) == first.recipe_hash == second.recipe_hash
-    assert (first.output / "model.safetensors").read_bytes() == (second.output / "model.safetensors").read_bytes()  # fmt: skip
+    assert (first.output / "model.safetensors").read_bytes() == (
+        second.output / "model.safetensors"
+    ).read_bytes()
 
 
 def test_in_memory_merge_equals_the_written_one(family: dict[str, Path], tmp_path: Path) -> None:
     config = {
         "merge_method": "linear",
-        "models": [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft3")],  # fmt: skip
+        "models": [
+            {"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft3")
+        ],
     }
     state = merge_to_state_dict(config)
     written = load_tensors(merge(config, tmp_path / "out").output)
@@ -140,20 +160,29 @@ def test_slices_form_equals_models_form(family: dict[str, Path], tmp_path: Path)
     models_form = {
         "merge_method": "task_arithmetic",
         "base_model": base,
-        "models": [{"model": ft1, "parameters": {"weight": 0.6}}, {"model": ft2, "parameters": {"weight": [0.2, 0.9]}}],  # fmt: skip
+        "models": [
+            {"model": ft1, "parameters": {"weight": 0.6}},
+            {"model": ft2, "parameters": {"weight": [0.2, 0.9]}},
+        ],
     }
     slices_form = {
         "merge_method": "task_arithmetic",
         "base_model": base,
-        "slices": [{
-            "sources": [
-                {"model": base, "layer_range": [0, NUM_LAYERS]},
-                {"model": ft1, "layer_range": [0, NUM_LAYERS]},
-                {"model": ft2, "layer_range": [0, NUM_LAYERS], "parameters": {"weight": [0.2, 0.9]}},
-            ],
-            "parameters": {"weight": 0.6},  # slice level: reaches ft1, not ft2 (its own wins)
-        }],
-    }  # fmt: skip
+        "slices": [
+            {
+                "sources": [
+                    {"model": base, "layer_range": [0, NUM_LAYERS]},
+                    {"model": ft1, "layer_range": [0, NUM_LAYERS]},
+                    {
+                        "model": ft2,
+                        "layer_range": [0, NUM_LAYERS],
+                        "parameters": {"weight": [0.2, 0.9]},
+                    },
+                ],
+                "parameters": {"weight": 0.6},  # slice level: reaches ft1, not ft2 (its own wins)
+            }
+        ],
+    }
     a = load_tensors(merge(models_form, tmp_path / "a").output)
     b = load_tensors(merge(slices_form, tmp_path / "b").output)
     assert all(np.array_equal(a[n], b[n]) for n in a)
@@ -162,7 +191,9 @@ def test_slices_form_equals_models_form(family: dict[str, Path], tmp_path: Path)
 def test_out_dtype_and_dtype(family: dict[str, Path], tmp_path: Path) -> None:
     config = {
         "merge_method": "linear",
-        "models": [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft2")],  # fmt: skip
+        "models": [
+            {"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft2")
+        ],
         "dtype": "float32",
         "out_dtype": "bfloat16",
     }
@@ -174,7 +205,9 @@ def test_out_dtype_and_dtype(family: dict[str, Path], tmp_path: Path) -> None:
         assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
 
 
-def test_dry_run_plan_reads_no_tensor(family: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_dry_run_plan_reads_no_tensor(
+    family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from alloykit.io.checkpoint import Checkpoint
 
     def forbidden(*args: object) -> None:
@@ -188,7 +221,9 @@ def test_dry_run_plan_reads_no_tensor(family: dict[str, Path], monkeypatch: pyte
     }
     plan = plan_merge(config)
     assert len(plan.jobs) == len(load_tensors(family["base"]))
-    last_layer = next(j for j in plan.jobs if j.output.startswith(f"model.layers.{NUM_LAYERS - 1}."))
+    last_layer = next(
+        j for j in plan.jobs if j.output.startswith(f"model.layers.{NUM_LAYERS - 1}.")
+    )
     first_layer = next(j for j in plan.jobs if j.output.startswith("model.layers.0."))
     head = next(j for j in plan.jobs if j.output == "lm_head.weight")
     assert last_layer.per_model["weight"] == (1.0,)
@@ -196,10 +231,15 @@ def test_dry_run_plan_reads_no_tensor(family: dict[str, Path], monkeypatch: pyte
     assert head.per_model["weight"] == (0.0,)  # embeddings and head use t = 0
 
 
-def test_float64_precision_and_threads_give_consistent_results(family: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+def test_float64_precision_and_threads_give_consistent_results(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
     config = {
         "merge_method": "linear",
-        "models": [{"model": str(family[k]), "parameters": {"weight": w}} for k, w in (("ft1", 0.3), ("ft2", 0.7))],  # fmt: skip
+        "models": [
+            {"model": str(family[k]), "parameters": {"weight": w}}
+            for k, w in (("ft1", 0.3), ("ft2", 0.7))
+        ],
     }
     one = merge_to_state_dict(config, MergeOptions(threads=1))
     two = merge_to_state_dict(config, MergeOptions(threads=2))

@@ -44,8 +44,8 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from alloykit.config import MergeConfig, load_config, recipe_hash
-    from alloykit.pipeline import MergeOptions, merge, merge_to_state_dict, plan_merge
     from alloykit.methods import METHODS, get_method
+    from alloykit.pipeline import MergeOptions, merge, merge_to_state_dict, plan_merge
 
 
 def __getattr__(name: str) -> Any:

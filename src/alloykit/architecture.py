@@ -15,7 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks|block)\.)(?P<index>\d+)\.(?P<rest>.+)$")  # fmt: skip
+_LAYER = re.compile(
+    r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks|block)\.)(?P<index>\d+)\.(?P<rest>.+)$"
+)
 _EMBEDDING_WORDS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings", "shared.weight")
 # Keys under which configs give the number of layers, in the order they are tried.
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -98,6 +100,8 @@ def layer_count(config: Mapping[str, Any] | None, names: Iterable[str]) -> tuple
     level or under ``text_config``), else counted from the tensor names.
     """
     for section in ("", "text_config"):
+        if config is None:
+            break
         block = config.get(section) if section else config
         if isinstance(block, Mapping):
             for key in LAYER_COUNT_KEYS:
@@ -105,7 +109,9 @@ def layer_count(config: Mapping[str, Any] | None, names: Iterable[str]) -> tuple
                     return block[key], f"{section}.{key}" if section else key
     name_list = list(names)
     prefix = layer_stack_prefix(name_list)
-    counts = Counter(p.index for n in name_list if (p := split_layer_name(n)) and p.prefix == prefix)
+    counts = Counter(
+        p.index for n in name_list if (p := split_layer_name(n)) and p.prefix == prefix
+    )
     return (max(counts) + 1 if counts else 0), None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -56,19 +56,62 @@ def _root(
 @app.command(epilog=MERGE_EXAMPLES)
 def merge(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Merge recipe (MergeKit YAML).")],
-    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Output folder; created when the merge is complete.")],  # fmt: skip
-    device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu, cuda or auto.")] = "cpu",  # fmt: skip
+    output: Annotated[
+        Path,
+        typer.Argument(metavar="OUTPUT", help="Output folder; created when the merge is complete."),
+    ],
+    device: Annotated[
+        str, typer.Option(help="Where the arithmetic runs: cpu, cuda or auto.")
+    ] = "cpu",
     cuda: Annotated[bool, typer.Option("--cuda", help="Same as --device cuda.")] = False,
-    seed: Annotated[Optional[int], typer.Option("--seed", "--random-seed", help="Seed for methods that sample (DARE, DELLA); same seed, same output.")] = None,  # noqa: UP045  # fmt: skip
-    threads: Annotated[Optional[int], typer.Option("--threads", "-j", min=1, help="CPU threads for the arithmetic.")] = None,  # noqa: UP045  # fmt: skip
-    out_shard_size: Annotated[str, typer.Option(help="Largest output shard in bytes: 5B = 5x10^9 (MergeKit's meaning), 500MB, 2GiB.")] = "5B",  # fmt: skip
-    copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy the base model's tokenizer files.")] = True,  # fmt: skip
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensor, inputs, method, parameters) and stop.")] = False,  # fmt: skip
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,  # fmt: skip
-    strict: Annotated[bool, typer.Option("--strict", help="Parameters the method does not use are errors.")] = False,  # fmt: skip
-    allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="Merge models of different architectures.")] = False,  # fmt: skip
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Copy a custom-code model's *.py files into the output.")] = False,  # fmt: skip
-    precision: Annotated[str, typer.Option(help="Working precision: float32 or float64.")] = "float32",  # fmt: skip
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            "--random-seed",
+            help="Seed for methods that sample (DARE, DELLA); same seed, same output.",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", "-j", min=1, help="CPU threads for the arithmetic."),
+    ] = None,
+    out_shard_size: Annotated[
+        str,
+        typer.Option(
+            help="Largest output shard in bytes: 5B = 5x10^9 (MergeKit's meaning), 500MB, 2GiB."
+        ),
+    ] = "5B",
+    copy_tokenizer: Annotated[
+        bool,
+        typer.Option(
+            "--copy-tokenizer/--no-copy-tokenizer", help="Copy the base model's tokenizer files."
+        ),
+    ] = True,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the plan (tensor, inputs, method, parameters) and stop."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")
+    ] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Parameters the method does not use are errors.")
+    ] = False,
+    allow_crimes: Annotated[
+        bool, typer.Option("--allow-crimes", help="Merge models of different architectures.")
+    ] = False,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Copy a custom-code model's *.py files into the output."
+        ),
+    ] = False,
+    precision: Annotated[
+        str, typer.Option(help="Working precision: float32 or float64.")
+    ] = "float32",
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the models a YAML recipe names into OUTPUT."""
@@ -96,13 +139,17 @@ def merge(
         _output.print_plan(plan_merge(config, options))
         return
     with _output.MergeProgress(enabled=not quiet) as progress:
-        result = run_merge(config, output, options, progress=progress.advance, on_plan=progress.start)  # fmt: skip
+        result = run_merge(
+            config, output, options, progress=progress.advance, on_plan=progress.start
+        )
     _output.print_result(result)
 
 
 @app.command()
 def methods(
-    name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="A method name for its details.")] = None,  # noqa: UP045
+    name: Annotated[
+        str | None, typer.Argument(metavar="NAME", help="A method name for its details.")
+    ] = None,
 ) -> None:
     """List the merge methods, or show one method's formula, parameters and paper."""
     from alloykit import _output
@@ -127,8 +174,13 @@ def methods(
 
 @app.command()
 def example(
-    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Where to put the example models and the merge.")] = Path("alloykit-example"),  # fmt: skip
-    method: Annotated[str, typer.Option(help="Bundled recipe to run: task_arithmetic or linear.")] = "task_arithmetic",  # fmt: skip
+    folder: Annotated[
+        Path,
+        typer.Argument(metavar="FOLDER", help="Where to put the example models and the merge."),
+    ] = Path("alloykit-example"),
+    method: Annotated[
+        str, typer.Option(help="Bundled recipe to run: task_arithmetic or linear.")
+    ] = "task_arithmetic",
     quiet: QuietOpt = False,
 ) -> None:
     """Build small example models (a base and two fine-tunes) and merge them.
@@ -171,7 +223,9 @@ def main() -> None:
             raise
         from alloykit import _output
 
-        _output.error(f"internal error: {type(e).__name__}: {e} (set ALLOYKIT_DEBUG=1 for the traceback)")  # fmt: skip
+        _output.error(
+            f"internal error: {type(e).__name__}: {e} (set ALLOYKIT_DEBUG=1 for the traceback)"
+        )
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -28,8 +28,14 @@ from alloykit.errors import ConfigError, did_you_mean
 log = logging.getLogger("alloykit")
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
-                 "float": "float32", "double": "float64"}  # fmt: skip
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "float": "float32",
+    "double": "float64",
+}
 BUILTIN_CHAT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 
 
@@ -183,7 +189,9 @@ def recipe_hash(config: MergeConfig) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(source: str | Path | Mapping[str, Any] | MergeConfig, *, strict: bool = False) -> MergeConfig:  # fmt: skip
+def load_config(
+    source: str | Path | Mapping[str, Any] | MergeConfig, *, strict: bool = False
+) -> MergeConfig:
     """Read and validate a merge config from a YAML file, YAML text, a dict or a MergeConfig.
 
     Every problem is collected and raised as one :class:`ConfigError`; parameters the method
@@ -333,7 +341,9 @@ def _parameter_sites(config: MergeConfig) -> list[tuple[tuple[str | int, ...], s
     for i, entry in enumerate(config.models or []):
         sites += [(("models", i, "parameters", k), k, v) for k, v in entry.parameters.items()]
     for i, output_slice in enumerate(config.slices or []):
-        sites += [(("slices", i, "parameters", k), k, v) for k, v in output_slice.parameters.items()]  # fmt: skip
+        sites += [
+            (("slices", i, "parameters", k), k, v) for k, v in output_slice.parameters.items()
+        ]
         for j, source in enumerate(output_slice.sources):
             prefix = ("slices", i, "sources", j, "parameters")
             sites += [((*prefix, k), k, v) for k, v in source.parameters.items()]
@@ -384,7 +394,9 @@ def _check_inputs(config: MergeConfig) -> list[str]:
             refs.append((f"{where}.model", source.model))
             start, end = source.layer_range
             if start < 0 or end <= start:
-                problems.append(f"{where}.layer_range: [{start}, {end}] is not [start, end) with 0 <= start < end")  # fmt: skip
+                problems.append(
+                    f"{where}.layer_range: [{start}, {end}] is not [start, end) with 0 <= start < end"
+                )
             lengths.add(end - start)
         if len(lengths) > 1:
             problems.append(
@@ -468,7 +480,7 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
         return None
     if all(isinstance(v, int | float) for v in setting):
         position = t * (len(setting) - 1)
-        low = min(int(math.floor(position)), len(setting) - 1)
+        low = min(math.floor(position), len(setting) - 1)
         high = min(len(setting) - 1, low + 1)
         fraction = position - low
         return (1 - fraction) * setting[low] + fraction * setting[high]
@@ -498,4 +510,3 @@ def resolve_parameter(
             if value is not None:
                 return value
     return None
-

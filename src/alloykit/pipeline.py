@@ -166,7 +166,9 @@ def merge(
                 code=custom_code and options.trust_remote_code,
             )
             recipe = portable_recipe(merge_config)
-            header = f"# alloykit recipe {recipe_hash(recipe)[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
+            header = (
+                f"# alloykit recipe {recipe_hash(recipe)[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
+            )
             (folder.path / RECIPE_FILE).write_text(header + recipe.to_yaml())
             files = sorted(p.name for p in folder.path.iterdir())
             folder.commit()

@@ -201,14 +201,19 @@ def check_architectures(
                 )
 
 
-def _slices(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], method: Method) -> list[_Slice]:  # fmt: skip
+def _slices(
+    config: MergeConfig, checkpoints: Mapping[str, Checkpoint], method: Method
+) -> list[_Slice]:
     """The config's output slices; the ``models:`` form becomes one slice over every layer."""
     base = str(config.base_model) if config.base_model else None
     counts = {
         label: layer_count(ckpt.config, ckpt.tensors)[0] for label, ckpt in checkpoints.items()
     }
     if config.models is not None:
-        entries = [(str(m.model), m.parameters, yaml_path("models", i)) for i, m in enumerate(config.models)]  # fmt: skip
+        entries = [
+            (str(m.model), m.parameters, yaml_path("models", i))
+            for i, m in enumerate(config.models)
+        ]
         if base is not None and base not in [e[0] for e in entries]:
             entries.append((base, {}, "base_model"))
         layer_counts = {counts[label] for label, _, _ in entries}
@@ -225,7 +230,7 @@ def _slices(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], method: 
     problems = []
     slices = []
     for i, output_slice in enumerate(config.slices or []):
-        sources = []
+        slice_sources: list[_Source] = []
         for j, source in enumerate(output_slice.sources):
             label = str(source.model)
             start, end = source.layer_range
@@ -235,14 +240,14 @@ def _slices(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], method: 
                     f"{where}.layer_range: [{start}, {end}] is past the last layer of "
                     f"'{label}', which has {counts[label]} layers"
                 )
-            sources.append(_Source(label, start, end, source.parameters, where))
+            slice_sources.append(_Source(label, start, end, source.parameters, where))
         slice_base = str(output_slice.base_model) if output_slice.base_model else base
-        if method.base == "required" and slice_base not in [s.model for s in sources]:
+        if method.base == "required" and slice_base not in [s.model for s in slice_sources]:
             problems.append(
                 f"{yaml_path('slices', i, 'sources')}: {method.name} needs the base model "
                 f"'{slice_base}' among the slice's sources (with the same layer_range length)"
             )
-        slices.append(_Slice(tuple(sources), slice_base, output_slice.parameters))
+        slices.append(_Slice(tuple(slice_sources), slice_base, output_slice.parameters))
     if problems:
         raise ConfigError(problems)
     return slices
@@ -280,9 +285,14 @@ class _Planner:
         if position == "post":  # a head some sources store and the donor ties to its embedding
             for source in output_slice.sources:
                 names += [
-                    h for h in HEAD_NAMES if h in self.checkpoints[source.model].tensors and h not in names  # fmt: skip
+                    h
+                    for h in HEAD_NAMES
+                    if h in self.checkpoints[source.model].tensors and h not in names
                 ]
-        return [self._job(output_slice, name, {s.model: name for s in output_slice.sources}, 0.0, name) for name in names]  # fmt: skip
+        return [
+            self._job(output_slice, name, {s.model: name for s in output_slice.sources}, 0.0, name)
+            for name in names
+        ]
 
     def layer_jobs(self, output_slice: _Slice, k: int, out_index: int, t: float) -> list[TensorJob]:
         """Jobs for layer ``k`` of a slice, written as output layer ``out_index``."""
@@ -293,7 +303,11 @@ class _Planner:
         jobs = []
         for name in self.checkpoints[donor].tensors:
             parts = split_layer_name(name)
-            if parts is None or parts.prefix != self.stack[donor] or parts.index != donor_source.start + k:  # fmt: skip
+            if (
+                parts is None
+                or parts.prefix != self.stack[donor]
+                or parts.index != donor_source.start + k
+            ):
                 continue
             names = {s.model: parts.renumber(s.start + k) for s in output_slice.sources}
             jobs.append(self._job(output_slice, parts.renumber(out_index), names, t, name))
@@ -337,7 +351,9 @@ class _Planner:
         for label, name in names.items():
             info = self._lookup(label, name)
             if info is None:
-                self._problem(f"missing:{label}", f"tensor '{name}' is missing from model '{label}'")  # fmt: skip
+                self._problem(
+                    f"missing:{label}", f"tensor '{name}' is missing from model '{label}'"
+                )
                 continue
             infos[label] = info
         if donor not in infos:  # the base is not a source of this slice (linear without it)
@@ -353,17 +369,32 @@ class _Planner:
                     f"shape:{output}",
                     f"tensor '{info.name}' has shape {list(info.shape)} in model '{label}' but "
                     f"{list(reference.shape)} in model '{reference_label(infos, reference)}'"
-                    + (" (the vocabularies differ)" if "embed" in output or output in HEAD_NAMES else ""),  # fmt: skip
+                    + (
+                        " (the vocabularies differ)"
+                        if "embed" in output or output in HEAD_NAMES
+                        else ""
+                    ),
                 )
         dtype = self.out_dtype or reference.dtype
         input_bytes = sum(i.nbytes for i in infos.values())
         if reference.dtype not in FLOAT_CODES:  # integer buffers are copied, not merged
-            return TensorJob(output, reference.shape, reference.dtype, COPY,
-                             (TensorInput(donor, reference.name),), None, {}, {}, reference.nbytes)  # fmt: skip
+            return TensorJob(
+                output,
+                reference.shape,
+                reference.dtype,
+                COPY,
+                (TensorInput(donor, reference.name),),
+                None,
+                {},
+                {},
+                reference.nbytes,
+            )
 
         base_label = output_slice.base if self.method.base != "input" else None
         sources = [s for s in output_slice.sources if s.model != base_label]
-        inputs = tuple(TensorInput(s.model, infos[s.model].name) for s in sources if s.model in infos)  # fmt: skip
+        inputs = tuple(
+            TensorInput(s.model, infos[s.model].name) for s in sources if s.model in infos
+        )
         base = None
         if base_label is not None and base_label in infos:
             base = TensorInput(base_label, infos[base_label].name)
@@ -373,15 +404,32 @@ class _Planner:
             if not param.effect:
                 continue
             if not param.per_model:
-                value = resolve_parameter(param.name, per_model=False, levels=[None, output_slice.parameters, self.top], input_name=output, output_name=output, t=t)  # fmt: skip
+                value = resolve_parameter(
+                    param.name,
+                    per_model=False,
+                    levels=[None, output_slice.parameters, self.top],
+                    input_name=output,
+                    output_name=output,
+                    t=t,
+                )
                 params[param.name] = param.default if value is None else value
                 if params[param.name] is None:
-                    self._problem(f"param:{param.name}", f"{self.method.name} needs '{param.name}' (tensor '{output}'): set it under parameters")  # fmt: skip
+                    self._problem(
+                        f"param:{param.name}",
+                        f"{self.method.name} needs '{param.name}' (tensor '{output}'): set it under parameters",
+                    )
                 continue
             values = []
             for source in sources:
                 name = names[source.model]
-                value = resolve_parameter(param.name, per_model=True, levels=[source.parameters, output_slice.parameters, self.top], input_name=name, output_name=output, t=t)  # fmt: skip
+                value = resolve_parameter(
+                    param.name,
+                    per_model=True,
+                    levels=[source.parameters, output_slice.parameters, self.top],
+                    input_name=name,
+                    output_name=output,
+                    t=t,
+                )
                 if value is None:
                     value = param.default
                 if value is None:
@@ -393,9 +441,22 @@ class _Planner:
                     value = 0.0
                 values.append(float(value))
             per_model[param.name] = tuple(values)
-        job = TensorJob(output, reference.shape, dtype, self.method.name, inputs, base, per_model, params, input_bytes)  # fmt: skip
+        job = TensorJob(
+            output,
+            reference.shape,
+            dtype,
+            self.method.name,
+            inputs,
+            base,
+            per_model,
+            params,
+            input_bytes,
+        )
         if len(inputs) < self.method.min_models:
-            self._problem("few", f"{self.method.name} needs at least {self.method.min_models} models besides the base")  # fmt: skip
+            self._problem(
+                "few",
+                f"{self.method.name} needs at least {self.method.min_models} models besides the base",
+            )
         if self.method.check is not None and (problem := self.method.check(per_model, params)):
             self._problem(f"param:check:{problem}", f"tensor '{output}': {problem}")
         return job
@@ -436,7 +497,11 @@ def _output_config(
         target = dict(config[section]) if section else config
         target[leaf] = layers
         for list_key, value in list(target.items()):
-            if list_key != "architectures" and isinstance(value, list) and len(value) == donor_layers > 1:  # fmt: skip
+            if (
+                list_key != "architectures"
+                and isinstance(value, list)
+                and len(value) == donor_layers > 1
+            ):
                 target[list_key] = [value[i] for i in source_layers]
         if section:
             config[section] = target

@@ -90,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     from alloykit.toymodels import ToySpec, make_family
 
     version = subprocess.run(
-        [str(Path(args.mergekit).with_name("python")), "-c",
-         "import importlib.metadata as m; print(m.version('mergekit'))"],
-        capture_output=True, text=True,
+        [
+            str(Path(args.mergekit).with_name("python")),
+            "-c",
+            "import importlib.metadata as m; print(m.version('mergekit'))",
+        ],
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     if version and version != MERGEKIT_VERSION:
         raise SystemExit(f"expected MergeKit {MERGEKIT_VERSION}, found {version}")

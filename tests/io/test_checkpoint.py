@@ -31,7 +31,9 @@ def test_missing_shard_is_named(tmp_path: Path, sharded_family: dict[str, Path])
         Checkpoint(folder)
 
 
-def test_pytorch_bin_is_read_with_weights_only_mmap(tmp_path: Path, family: dict[str, Path]) -> None:  # fmt: skip
+def test_pytorch_bin_is_read_with_weights_only_mmap(
+    tmp_path: Path, family: dict[str, Path]
+) -> None:
     folder = tmp_path / "bin"
     folder.mkdir()
     shutil.copy(family["ft1"] / "config.json", folder / "config.json")
@@ -53,7 +55,9 @@ def test_repo_id_shapes() -> None:
     assert not looks_like_repo_id("a/b/c")
 
 
-def test_repo_id_resolves_offline_from_the_local_cache(tmp_path: Path, family: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_repo_id_resolves_offline_from_the_local_cache(
+    tmp_path: Path, family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A repo id is served from the Hugging Face cache layout with HF_HUB_OFFLINE=1."""
     cache = tmp_path / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -72,5 +76,8 @@ def test_repo_id_resolves_offline_from_the_local_cache(tmp_path: Path, family: d
     assert folder.resolve() == snapshot.resolve()
     with Checkpoint(folder) as ckpt:
         assert "model.norm.weight" in ckpt.tensors
-    with pytest.raises(CheckpointError, match="'alloykit-test/absent': no such folder, and the Hugging Face Hub cannot provide it"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match="'alloykit-test/absent': no such folder, and the Hugging Face Hub cannot provide it",
+    ):
         resolve_model("alloykit-test/absent")

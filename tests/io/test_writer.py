@@ -22,9 +22,17 @@ from alloykit.io.writer import (
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("5B", 5 * 10**9), ("500M", 5 * 10**8), ("1K", 1000), ("500MB", 5 * 10**8),
-     ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("123", 123), (77, 77)],
-)  # fmt: skip
+    [
+        ("5B", 5 * 10**9),
+        ("500M", 5 * 10**8),
+        ("1K", 1000),
+        ("500MB", 5 * 10**8),
+        ("2GiB", 2 * 2**30),
+        ("1.5GB", 1_500_000_000),
+        ("123", 123),
+        (77, 77),
+    ],
+)
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
@@ -45,7 +53,7 @@ def test_layout_follows_mergekit_rule() -> None:
 
 def test_header_golden_bytes() -> None:
     (shard,) = layout_shards([("w", (2,), "F32"), ("b", (1,), "BF16")], 10**9)
-    expected_json = b'{"__metadata__":{"format":"pt"},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"BF16","shape":[1],"data_offsets":[8,10]}}'  # fmt: skip
+    expected_json = b'{"__metadata__":{"format":"pt"},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"BF16","shape":[1],"data_offsets":[8,10]}}'
     padded = expected_json + b" " * (-len(expected_json) % 8)
     assert safetensors_header(shard) == len(padded).to_bytes(8, "little") + padded
 
@@ -56,7 +64,17 @@ def test_round_trip_in_any_write_order(tmp_path: Path) -> None:
         "y": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
         "z": torch.ones(4, dtype=torch.float16),
     }
-    shards = layout_shards([(k, tuple(v.shape), {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[v.dtype]) for k, v in tensors.items()], 24)  # fmt: skip
+    shards = layout_shards(
+        [
+            (
+                k,
+                tuple(v.shape),
+                {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[v.dtype],
+            )
+            for k, v in tensors.items()
+        ],
+        24,
+    )
     with ShardWriter(tmp_path, shards) as writer:
         for name in ("z", "x", "y"):
             writer.write(name, tensors[name])

@@ -22,7 +22,9 @@ def test_matches_float64_reference() -> None:
     weights = np.array([1.0, 0.5, -0.25])
     for normalize in (True, False):
         ours = linear(torch.from_numpy(tensors), torch.from_numpy(weights), normalize=normalize)
-        np.testing.assert_allclose(ours.numpy(), reference(tensors, weights, normalize), rtol=1e-12, atol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(
+            ours.numpy(), reference(tensors, weights, normalize), rtol=1e-12, atol=1e-12
+        )
 
 
 def test_float32_is_within_float32_rounding_of_the_reference() -> None:
@@ -51,7 +53,9 @@ def test_identical_inputs_are_returned_bit_for_bit(k: int, weights: list[float],
     weights=st.lists(st.floats(0.05, 5.0), min_size=2, max_size=5),
     constant=st.floats(-100, 100),
 )
-def test_normalized_weights_preserve_a_constant_tensor(weights: list[float], constant: float) -> None:  # fmt: skip
+def test_normalized_weights_preserve_a_constant_tensor(
+    weights: list[float], constant: float
+) -> None:
     x = torch.full((len(weights), 4, 4), constant, dtype=torch.float64)
     out = linear(x, torch.tensor(weights, dtype=torch.float64))
     torch.testing.assert_close(out, x[0])

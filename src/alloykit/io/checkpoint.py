@@ -20,10 +20,17 @@ import torch
 from alloykit.errors import CheckpointError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _name):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
@@ -77,7 +84,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     data_end = 0
     for name, entry in header.items():
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]  # fmt: skip
+            dtype, shape, (begin, end) = (
+                entry["dtype"],
+                tuple(entry["shape"]),
+                entry["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"'{path}': corrupted header entry for tensor '{name}'") from e
         if dtype not in SAFETENSORS_DTYPES:
@@ -114,7 +125,11 @@ class Checkpoint:
         self._handles: dict[Path, Any] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         for file in _weight_files(folder, self.label):
-            infos = read_safetensors_header(file) if file.suffix == ".safetensors" else self._index_pickle(file)  # fmt: skip
+            infos = (
+                read_safetensors_header(file)
+                if file.suffix == ".safetensors"
+                else self._index_pickle(file)
+            )
             self.tensors.update(infos)
 
     def __enter__(self) -> Checkpoint:
@@ -141,7 +156,7 @@ class Checkpoint:
                 from safetensors import safe_open
 
                 handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            return handle.get_tensor(name)  # type: ignore[no-any-return]
+            return handle.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"'{info.file}': cannot read tensor '{name}' ({e})") from e
 
@@ -154,7 +169,9 @@ class Checkpoint:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise CheckpointError(f"'{file}': cannot load safely ({e}); re-save it as safetensors") from e  # fmt: skip
+            raise CheckpointError(
+                f"'{file}': cannot load safely ({e}); re-save it as safetensors"
+            ) from e
         if not isinstance(state, dict):
             raise CheckpointError(f"'{file}': holds a {type(state).__name__}, not a state dict")
         self._pickles[file] = state
@@ -194,7 +211,9 @@ def _weight_files(folder: Path, label: str) -> list[Path]:
             files = sorted({folder / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise CheckpointError(f"'{index}' lists shard '{missing[0]}', which is missing from '{folder}'")  # fmt: skip
+                raise CheckpointError(
+                    f"'{index}' lists shard '{missing[0]}', which is missing from '{folder}'"
+                )
             return files
         if (folder / single).is_file():
             return [folder / single]

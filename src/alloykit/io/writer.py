@@ -30,16 +30,35 @@ log = logging.getLogger("alloykit")
 
 # Files copied from the donor model (base, else first) when no tokenizer is built.
 TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-    "added_tokens.json", "merges.txt", "vocab.json", "vocab.txt", "spiece.model",
-    "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTB]?|[KMGT]i?B)\s*$", re.IGNORECASE)
 _UNITS = {
-    "": 1, "B": 10**9, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}  # fmt: skip
+    "": 1,
+    "B": 10**9,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -163,7 +182,7 @@ class ShardWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         handle = self._files[slot.file]
         handle.seek(self._data_start[slot.file] + slot.begin)
-        handle.write(memoryview(data))
+        handle.write(data.data)
         self._written.add(name)
 
     def finish(self) -> None:
@@ -225,7 +244,9 @@ def check_output_folder(target: Path, *, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
         raise AlloyError(f"output '{target}' exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise AlloyError(f"output folder '{target}' exists and is not empty; pass --overwrite to replace it")  # fmt: skip
+        raise AlloyError(
+            f"output folder '{target}' exists and is not empty; pass --overwrite to replace it"
+        )
 
 
 def transformers_dtype_key() -> str:

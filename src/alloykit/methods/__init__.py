@@ -26,7 +26,6 @@ INT8_MASK = Param(
 )
 
 
-
 def _weights_must_not_cancel(
     per_model: Mapping[str, tuple[float, ...]], params: Mapping[str, Any]
 ) -> str | None:
