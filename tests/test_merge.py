@@ -247,3 +247,46 @@ def test_float64_precision_and_threads_give_consistent_results(
     for name in one:
         assert torch.equal(one[name], two[name])
         torch.testing.assert_close(one[name], wide[name], rtol=0, atol=1e-6)
+
+
+def test_each_slice_has_its_own_ramp_and_one_layer_slices_get_t_1(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    ft1, ft2 = str(family["ft1"]), str(family["ft2"])
+
+    def sources(start: int, end: int) -> list[dict[str, object]]:
+        return [
+            {"model": ft1, "layer_range": [start, end], "parameters": {"weight": 1.0}},
+            {"model": ft2, "layer_range": [start, end], "parameters": {"weight": [0.0, 1.0]}},
+        ]
+
+    config = {
+        "merge_method": "linear",
+        "slices": [
+            {"sources": sources(0, 2)},
+            {"sources": sources(2, 4)},
+            {"sources": sources(1, 2)},
+        ],
+    }
+    plan = plan_merge(config)
+    weight_of_ft2 = {
+        job.output.split(".")[2]: job.per_model["weight"][1]
+        for job in plan.jobs
+        if job.output.endswith("mlp.up_proj.weight")
+    }
+    # slice 1 -> output layers 0, 1; slice 2 -> 2, 3; the one-layer slice 3 -> layer 4 with t = 1
+    assert weight_of_ft2 == {"0": 0.0, "1": 1.0, "2": 0.0, "3": 1.0, "4": 1.0}
+    layer_4 = next(j for j in plan.jobs if j.output == "model.layers.4.mlp.up_proj.weight")
+    assert [i.tensor for i in layer_4.inputs] == ["model.layers.1.mlp.up_proj.weight"] * 2
+    assert plan.config is not None and plan.config["num_hidden_layers"] == 5
+    out = merge(config, tmp_path / "out").output
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
+    assert_loads_cleanly(out)
+    merged, a, b = load_tensors(out), load_tensors(family["ft1"]), load_tensors(family["ft2"])
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    np.testing.assert_allclose(
+        merged[name.format(4)], (a[name.format(1)] + b[name.format(1)]) / 2, atol=1e-7
+    )
+    np.testing.assert_array_equal(
+        merged[name.format(2)], a[name.format(2)]
+    )  # ft2 weight 0 at t = 0
