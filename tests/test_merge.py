@@ -290,3 +290,28 @@ def test_each_slice_has_its_own_ramp_and_one_layer_slices_get_t_1(
     np.testing.assert_array_equal(
         merged[name.format(2)], a[name.format(2)]
     )  # ft2 weight 0 at t = 0
+
+
+def test_tensors_only_a_fine_tune_has_are_named_in_a_warning(
+    family: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    extra = Path(shutil.copytree(family["ft1"], tmp_path / "extra"))
+    tensors = load_file(extra / "model.safetensors")
+    tensors["model.adapter.weight"] = torch.zeros(2)
+    save_file(tensors, extra / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family["base"]),
+        "models": [{"model": str(extra), "parameters": {"weight": 1.0}}],
+    }
+    with caplog.at_level(logging.WARNING, logger="alloykit"):
+        plan_merge(config)
+    assert (
+        f"model '{extra}': 1 tensors are not in the output (e.g. 'model.adapter.weight')"
+        in caplog.text
+    )

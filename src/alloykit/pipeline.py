@@ -112,7 +112,10 @@ def plan_merge(config: ConfigSource, options: MergeOptions | None = None) -> Mer
     options = options or MergeOptions()
     merge_config = load_config(config, strict=options.strict)
     with open_models(merge_config) as checkpoints:
-        return build_plan(merge_config, checkpoints, allow_crimes=options.allow_crimes)
+        plan = build_plan(merge_config, checkpoints, allow_crimes=options.allow_crimes)
+    for warning in plan.warnings:
+        log.warning(warning)
+    return plan
 
 
 def merge(
@@ -142,8 +145,6 @@ def merge(
     merge_config = load_config(config, strict=options.strict)
     with open_models(merge_config) as checkpoints:
         plan = build_plan(merge_config, checkpoints, allow_crimes=options.allow_crimes)
-        if on_plan is not None:
-            on_plan(plan)
         warnings = list(plan.warnings)
         donor = checkpoints[plan.donor]
         custom_code = bool((donor.config or {}).get("auto_map"))
@@ -152,6 +153,10 @@ def merge(
                 f"'{plan.donor}' uses custom model code (auto_map); pass --trust-remote-code to "
                 "copy its *.py files so the output loads with trust_remote_code=True"
             )
+        for warning in warnings:
+            log.warning(warning)
+        if on_plan is not None:
+            on_plan(plan)
         shards = layout_shards([(j.output, j.shape, j.dtype) for j in plan.jobs], shard_bytes)
         with OutputFolder(out, overwrite=options.overwrite) as folder:
             with ShardWriter(folder.path, shards) as writer:
@@ -172,8 +177,6 @@ def merge(
             (folder.path / RECIPE_FILE).write_text(header + recipe.to_yaml())
             files = sorted(p.name for p in folder.path.iterdir())
             folder.commit()
-    for warning in warnings:
-        log.warning(warning)
     return MergeResult(
         out, plan, files, recipe_hash(recipe), time.perf_counter() - started, warnings
     )

@@ -21,6 +21,7 @@ from typing import Any
 from alloykit.architecture import (
     HEAD_NAMES,
     input_embedding_name,
+    is_vocabulary_tensor,
     layer_count,
     layer_stack_prefix,
     split_layer_name,
@@ -139,6 +140,8 @@ def build_plan(
         offset += output_slice.length
     jobs += planner.non_layer_jobs(last, "post")
     planner.raise_problems()
+    if config.models is not None:  # with slices, leaving layers out is the point
+        planner.warn_unused(jobs)
 
     donor_ckpt = checkpoints[donor]
     output_config = _output_config(donor_ckpt, slices, offset, jobs)
@@ -313,6 +316,19 @@ class _Planner:
             jobs.append(self._job(output_slice, parts.renumber(out_index), names, t, name))
         return jobs
 
+    def warn_unused(self, jobs: list[TensorJob]) -> None:
+        """Warn about input tensors no job reads (the donor decides the output's tensors)."""
+        used = {
+            (i.model, i.tensor) for j in jobs for i in (*j.inputs, *([j.base] if j.base else []))
+        }
+        for label, checkpoint in self.checkpoints.items():
+            unused = [name for name in checkpoint.tensors if (label, name) not in used]
+            if unused:
+                self.warnings.append(
+                    f"model '{label}': {len(unused)} tensors are not in the output (e.g. "
+                    f"'{unused[0]}'); the output has the tensors of the base (or first) model"
+                )
+
     def _problem(self, key: str, message: str) -> None:
         old = self.problems.get(key)
         self.problems[key] = (old[0], old[1] + 1) if old else (message, 1)
@@ -369,11 +385,7 @@ class _Planner:
                     f"shape:{output}",
                     f"tensor '{info.name}' has shape {list(info.shape)} in model '{label}' but "
                     f"{list(reference.shape)} in model '{reference_label(infos, reference)}'"
-                    + (
-                        " (the vocabularies differ)"
-                        if "embed" in output or output in HEAD_NAMES
-                        else ""
-                    ),
+                    + (" (the vocabularies differ)" if is_vocabulary_tensor(output) else ""),
                 )
         dtype = self.out_dtype or reference.dtype
         input_bytes = sum(i.nbytes for i in infos.values())
@@ -392,55 +404,12 @@ class _Planner:
 
         base_label = output_slice.base if self.method.base != "input" else None
         sources = [s for s in output_slice.sources if s.model != base_label]
-        inputs = tuple(
-            TensorInput(s.model, infos[s.model].name) for s in sources if s.model in infos
-        )
+        sources = [s for s in sources if s.model in infos]  # a missing one is a problem already
+        inputs = tuple(TensorInput(s.model, infos[s.model].name) for s in sources)
         base = None
         if base_label is not None and base_label in infos:
             base = TensorInput(base_label, infos[base_label].name)
-        per_model: dict[str, tuple[float, ...]] = {}
-        params: dict[str, Any] = {}
-        for param in self.method.params:
-            if not param.effect:
-                continue
-            if not param.per_model:
-                value = resolve_parameter(
-                    param.name,
-                    per_model=False,
-                    levels=[None, output_slice.parameters, self.top],
-                    input_name=output,
-                    output_name=output,
-                    t=t,
-                )
-                params[param.name] = param.default if value is None else value
-                if params[param.name] is None:
-                    self._problem(
-                        f"param:{param.name}",
-                        f"{self.method.name} needs '{param.name}' (tensor '{output}'): set it under parameters",
-                    )
-                continue
-            values = []
-            for source in sources:
-                name = names[source.model]
-                value = resolve_parameter(
-                    param.name,
-                    per_model=True,
-                    levels=[source.parameters, output_slice.parameters, self.top],
-                    input_name=name,
-                    output_name=output,
-                    t=t,
-                )
-                if value is None:
-                    value = param.default
-                if value is None:
-                    self._problem(
-                        f"param:{param.name}:{source.model}",
-                        f"{source.where}: {self.method.name} needs '{param.name}' for model "
-                        f"'{source.model}' (no value for tensor '{name}' at any level)",
-                    )
-                    value = 0.0
-                values.append(float(value))
-            per_model[param.name] = tuple(values)
+        per_model, params = self._parameters(output_slice, sources, names, output, t)
         job = TensorJob(
             output,
             reference.shape,
@@ -460,6 +429,62 @@ class _Planner:
         if self.method.check is not None and (problem := self.method.check(per_model, params)):
             self._problem(f"param:check:{problem}", f"tensor '{output}': {problem}")
         return job
+
+    def _parameters(
+        self,
+        output_slice: _Slice,
+        sources: list[_Source],
+        names: Mapping[str, str],
+        output: str,
+        t: float,
+    ) -> tuple[dict[str, tuple[float, ...]], dict[str, Any]]:
+        """Resolve every parameter of the method for one output tensor (MergeKit precedence)."""
+        per_model: dict[str, tuple[float, ...]] = {}
+        params: dict[str, Any] = {}
+        for param in self.method.params:
+            if not param.effect:
+                continue
+            if not param.per_model:
+                levels = [None, output_slice.parameters, self.top]
+                value = resolve_parameter(
+                    param.name,
+                    per_model=False,
+                    levels=levels,
+                    input_name=output,
+                    output_name=output,
+                    t=t,
+                )
+                params[param.name] = param.default if value is None else value
+                if params[param.name] is None:
+                    self._problem(
+                        f"param:{param.name}",
+                        f"parameters: {self.method.name} needs '{param.name}' (tensor '{output}')",
+                    )
+                continue
+            values = []
+            for source in sources:
+                name = names[source.model]
+                levels = [source.parameters, output_slice.parameters, self.top]
+                value = resolve_parameter(
+                    param.name,
+                    per_model=True,
+                    levels=levels,
+                    input_name=name,
+                    output_name=output,
+                    t=t,
+                )
+                if value is None:
+                    value = param.default
+                if value is None:
+                    self._problem(
+                        f"param:{param.name}:{source.model}",
+                        f"{source.where}: {self.method.name} needs '{param.name}' for model "
+                        f"'{source.model}' (no value for tensor '{name}' at any level)",
+                    )
+                    value = 0.0
+                values.append(float(value))
+            per_model[param.name] = tuple(values)
+        return per_model, params
 
 
 def reference_label(infos: Mapping[str, TensorInfo], reference: TensorInfo) -> str:
