@@ -315,3 +315,23 @@ def test_tensors_only_a_fine_tune_has_are_named_in_a_warning(
         f"model '{extra}': 1 tensors are not in the output (e.g. 'model.adapter.weight')"
         in caplog.text
     )
+
+
+def test_device_choice(family: dict[str, Path]) -> None:
+    from alloykit.errors import AlloyError
+
+    config = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft1", "ft2")
+        ],
+    }
+    on_cpu = merge_to_state_dict(config, MergeOptions(device="cpu"))
+    automatic = merge_to_state_dict(config, MergeOptions(device="auto"))
+    for name in on_cpu:  # auto is cuda where there is one: equal up to rounding
+        torch.testing.assert_close(on_cpu[name], automatic[name], rtol=1e-6, atol=1e-7)
+    if not torch.cuda.is_available():
+        with pytest.raises(AlloyError, match="--device cuda: no CUDA device is available"):
+            merge_to_state_dict(config, MergeOptions(device="cuda"))
+    with pytest.raises(AlloyError, match="--device 'gpu0' is not a device"):
+        merge_to_state_dict(config, MergeOptions(device="gpu0"))
