@@ -71,6 +71,8 @@ class MethodInputs:
     ``tensors`` holds the non-base inputs stacked on dim 0, ``(k, *shape)``; ``base`` is the
     base model's tensor or None; ``per_model`` maps each per-model parameter to a ``(k,)``
     float64 tensor aligned with ``tensors``; ``params`` holds the global parameters.
+    The executor allocates ``tensors`` for this one call, so a registry adapter may reuse it
+    in place to save memory; the kernels themselves never modify their arguments.
     """
 
     tensors: torch.Tensor

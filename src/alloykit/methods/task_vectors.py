@@ -91,10 +91,11 @@ def task_arithmetic(
 def run_task_arithmetic(inputs: MethodInputs) -> torch.Tensor:
     """Registry adapter: :func:`task_arithmetic` on a job's inputs."""
     assert inputs.base is not None  # the planner guarantees a base for "required"
-    return task_arithmetic(
-        inputs.base,
-        inputs.tensors,
+    deltas = inputs.tensors.sub_(inputs.base)  # in place: the stack is this call's own
+    combined = combine_sum(
+        deltas,
         inputs.per_model["weight"],
         normalize=bool(inputs.params["normalize"]),
         scale=float(inputs.params["lambda"]),
     )
+    return combined.add_(inputs.base)
