@@ -30,7 +30,7 @@ from alloykit.architecture import (
 from alloykit.config import MergeConfig, normalize_dtype, resolve_parameter, yaml_path
 from alloykit.errors import ConfigError, IncompatibleModels
 from alloykit.io.checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, TensorInfo
-from alloykit.methods import Method, get_method
+from alloykit.methods import Method, Param, get_method
 
 COPY = "copy"  # the job "method" for tensors that are not merged (integer buffers)
 
@@ -441,20 +441,24 @@ class _Planner:
         """Resolve every parameter of the method for one output tensor (MergeKit precedence)."""
         per_model: dict[str, tuple[float, ...]] = {}
         params: dict[str, Any] = {}
+
+        def value(param: Param, own: Mapping[str, Any] | None, input_name: str) -> Any:
+            levels = [own, output_slice.parameters, self.top]
+            found = resolve_parameter(
+                param.name,
+                per_model=param.per_model,
+                levels=levels,
+                input_name=input_name,
+                output_name=output,
+                t=t,
+            )
+            return param.default if found is None else found
+
         for param in self.method.params:
             if not param.effect:
                 continue
             if not param.per_model:
-                levels = [None, output_slice.parameters, self.top]
-                value = resolve_parameter(
-                    param.name,
-                    per_model=False,
-                    levels=levels,
-                    input_name=output,
-                    output_name=output,
-                    t=t,
-                )
-                params[param.name] = param.default if value is None else value
+                params[param.name] = value(param, None, output)
                 if params[param.name] is None:
                     self._problem(
                         f"param:{param.name}",
@@ -464,25 +468,15 @@ class _Planner:
             values = []
             for source in sources:
                 name = names[source.model]
-                levels = [source.parameters, output_slice.parameters, self.top]
-                value = resolve_parameter(
-                    param.name,
-                    per_model=True,
-                    levels=levels,
-                    input_name=name,
-                    output_name=output,
-                    t=t,
-                )
-                if value is None:
-                    value = param.default
-                if value is None:
+                found = value(param, source.parameters, name)
+                if found is None:
                     self._problem(
                         f"param:{param.name}:{source.model}",
                         f"{source.where}: {self.method.name} needs '{param.name}' for model "
                         f"'{source.model}' (no value for tensor '{name}' at any level)",
                     )
-                    value = 0.0
-                values.append(float(value))
+                    found = 0.0
+                values.append(float(found))
             per_model[param.name] = tuple(values)
         return per_model, params
 
