@@ -371,8 +371,9 @@ def _check_setting(param: Any, value: Any, path: tuple[str | int, ...]) -> list[
             return problems
         if any(isinstance(v, dict | list) for v in value):
             return [f"{where}: mix of filters and values; use a list of {{filter, value}}"]
-        if param.kind == "bool":
-            return [f"{where}: {param.name} takes true or false, not a list"]
+        if param.kind in ("bool", "choice"):
+            kind = "true or false" if param.kind == "bool" else "one value"
+            return [f"{where}: {param.name} takes {kind}, not a list"]
         return [f"{yaml_path(*path, i)}: {p}" for i, v in enumerate(value) if (p := param.check(v))]
     problem = param.check(value)
     return [f"{where}: {problem}"] if problem else []

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alloykit.methods.task_vectors import combine_sum, task_arithmetic
+from alloykit.methods.task_vectors import combine, task_arithmetic
 
 
 def reference(
@@ -51,7 +51,9 @@ def test_negative_weight_negates_the_task_vector() -> None:
 
 def test_weights_summing_to_zero_are_not_divided() -> None:
     deltas = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    out = combine_sum(deltas, torch.tensor([1.0, -1.0], dtype=torch.float64), normalize=True)
+    weights = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    weighted = deltas * weights[:, None]
+    out = combine(weighted, None, weights, method="sum", normalize=True)
     torch.testing.assert_close(out, torch.tensor([1.0, -1.0], dtype=torch.float64))
 
 

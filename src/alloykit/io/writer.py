@@ -142,9 +142,13 @@ class ShardWriter:
     """Writes tensors into the shards of a fixed layout, each straight to its offset.
 
     Example:
-        >>> shards = layout_shards([("w", (2,), "F32")], 5 * 10**9)  # doctest: +SKIP
-        >>> with ShardWriter(folder, shards) as writer:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with ShardWriter(folder, layout_shards([("w", (2,), "F32")], 5 * 10**9)) as writer:
         ...     writer.write("w", torch.ones(2))
+        ...     writer.finish()
+        >>> sorted(p.name for p in folder.iterdir())
+        ['model.safetensors']
     """
 
     def __init__(self, folder: Path, shards: list[list[TensorSlot]]) -> None:

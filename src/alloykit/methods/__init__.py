@@ -1,18 +1,24 @@
 """The merge-method registry: every method alloykit knows, by its MergeKit name.
 
-Each row is a :class:`Method` (kernel, parameters, base handling, citation). Look methods up
-with :func:`get_method`, which names the known ones when a name is wrong.
+Each row is a :class:`Method` (kernel, parameters, base handling, citation). Task-vector
+methods are presets of the same three steps (sparsify, elect, combine) in
+:mod:`alloykit.methods.task_vectors`; a preset fixes the steps and MergeKit's defaults. Look
+methods up with :func:`get_method`, which names the known ones when a name is wrong.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
+
+import torch
 
 from alloykit.errors import ConfigError, did_you_mean
 from alloykit.methods.linear import run_linear
 from alloykit.methods.registry import Method, MethodInputs, Param
-from alloykit.methods.task_vectors import ZERO_WEIGHT_SUM, run_task_arithmetic
+from alloykit.methods.task_vectors import ZERO_WEIGHT_SUM, Sparsifier, merge_deltas
 
 WEIGHT = Param(
     "weight", per_model=True, doc="the model's weight in the sum; negative values subtract"
@@ -24,6 +30,130 @@ INT8_MASK = Param(
     doc="MergeKit memory option; accepted so its configs run, no effect in alloykit",
     effect=False,
 )
+DENSITY = Param(
+    "density",
+    default=1.0,
+    per_model=True,
+    low=0.0,
+    high=1.0,
+    doc="fraction of the task vector kept (1: all)",
+)
+GAMMA = Param(
+    "gamma",
+    default=0.01,
+    per_model=True,
+    low=0.0,
+    high=1.0,
+    doc="fraction of the largest-magnitude entries dropped as outliers",
+)
+LAMBDA = Param("lambda", default=1.0, doc="scales the combined task vector")
+DELTA_NORM = Param(
+    "delta_norm",
+    default="none",
+    kind="choice",
+    choices=("none", "l1", "l2"),
+    doc="scale task vectors to their mean norm first, for fine-tunes of very different lengths",
+)
+COMBINE = Param(
+    "combine",
+    default="sum",
+    kind="choice",
+    choices=("sum", "mean"),
+    doc="sum (divided by the agreeing weights when normalize) or mean of the agreeing models",
+)
+RESCALE_MODE = Param(
+    "rescale_mode",
+    default="l1",
+    kind="choice",
+    choices=("l1", "inverse"),
+    doc="with rescale: match the L1 norm (MergeKit) or divide by density (the DARE paper)",
+)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The steps a task-vector preset fixes; the rest comes from its parameters."""
+
+    sparsify: Sparsifier
+    elect: bool  # whether the preset elects signs (then `elect` chooses mass or count)
+
+
+def run_task_vectors(inputs: MethodInputs, *, steps: Steps) -> torch.Tensor:
+    """Registry adapter for every task-vector preset: the three steps on a job's inputs."""
+    assert inputs.base is not None  # the planner guarantees a base for "required"
+    params = inputs.params
+    rescale = "none"
+    if steps.sparsify != "none" and params["rescale"]:
+        rescale = params["rescale_mode"]
+    deltas = inputs.tensors.sub_(inputs.base)  # in place: the stack is this call's own
+    combined = merge_deltas(
+        deltas,
+        inputs.per_model["weight"],
+        inputs.per_model.get("density"),
+        sparsify=steps.sparsify,
+        elect=params["elect"] if steps.elect else "none",
+        combine=params["combine"],
+        normalize=bool(params["normalize"]),
+        scale=float(params["lambda"]),
+        rescale=rescale,
+        gammas=inputs.per_model.get("gamma"),
+        delta_norm=params["delta_norm"],
+        generator=inputs.generator,
+    )
+    return combined.add_(inputs.base)
+
+
+def task_vector_method(
+    name: str,
+    *,
+    sparsify: Sparsifier,
+    elect: bool,
+    normalize: bool,
+    rescale: bool,
+    summary: str,
+    formula: str,
+    citation: str,
+) -> Method:
+    """A registry row for a preset of the three steps, with MergeKit's parameters and defaults."""
+    params = [WEIGHT]
+    if sparsify != "none":
+        params.append(DENSITY)
+    if sparsify == "breadcrumbs":
+        params.append(GAMMA)
+    if elect:
+        params.append(
+            Param(
+                "elect",
+                default="mass",
+                kind="choice",
+                choices=("mass", "count"),
+                doc="sign election: by total weighted mass (TIES) or by model count (PEFT)",
+            )
+        )
+    params += [
+        LAMBDA,
+        Param(
+            "normalize",
+            default=normalize,
+            kind="bool",
+            doc="divide by the sum of the (agreeing) weights",
+        ),
+    ]
+    if sparsify != "none":
+        params.append(
+            Param("rescale", default=rescale, kind="bool", doc="rescale the kept entries")
+        )
+        params.append(RESCALE_MODE)
+    params += [COMBINE, DELTA_NORM, INT8_MASK]
+    return Method(
+        name=name,
+        run=partial(run_task_vectors, steps=Steps(sparsify, elect)),
+        params=tuple(params),
+        base="required",
+        summary=summary,
+        formula=formula,
+        citation=citation,
+    )
 
 
 def _weights_must_not_cancel(
@@ -38,6 +168,11 @@ def _weights_must_not_cancel(
         )
     return None
 
+
+TIES = "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708"
+DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099"
+BREADCRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795"
+TASK_VECTOR = "u_i = w_i·{sparse}(x_i − base)"
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -55,19 +190,75 @@ METHODS: dict[str, Method] = {
             formula="out = Σ w_i·x_i / Σ w_i   (no division when normalize: false)",
             citation="Wortsman et al. 2022, Model soups, arXiv:2203.05482",
         ),
-        Method(
-            name="task_arithmetic",
-            run=run_task_arithmetic,
-            params=(
-                WEIGHT,
-                Param("lambda", default=1.0, doc="scales the combined task vector"),
-                Param("normalize", default=False, kind="bool", doc="divide by the sum of weights"),
-                INT8_MASK,
-            ),
-            base="required",
+        task_vector_method(
+            "task_arithmetic",
+            sparsify="none",
+            elect=False,
+            normalize=False,
+            rescale=False,
             summary="add weighted task vectors (fine-tune minus base) to the base",
             formula="out = base + λ·Σ w_i·(x_i − base)   (/ Σ w_i when normalize: true)",
             citation="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
+        ),
+        task_vector_method(
+            "ties",
+            sparsify="magnitude",
+            elect=True,
+            normalize=True,
+            rescale=False,
+            summary="trim task vectors to their largest entries, elect signs, merge the agreeing",
+            formula=f"{TASK_VECTOR.format(sparse='topk')}; s = sign(Σ u_i); out = base + λ·Σ_(sign u_i = s) u_i / Σ_(agreeing) w_i",
+            citation=TIES,
+        ),
+        task_vector_method(
+            "magnitude_prune",
+            sparsify="magnitude",
+            elect=False,
+            normalize=False,
+            rescale=False,
+            summary="trim task vectors to their largest entries, then add them (no sign election)",
+            formula=f"{TASK_VECTOR.format(sparse='topk')}; out = base + λ·Σ u_i",
+            citation=TIES + " (the trim step alone, as in PEFT's magnitude_prune)",
+        ),
+        task_vector_method(
+            "dare_ties",
+            sparsify="random",
+            elect=True,
+            normalize=False,
+            rescale=True,
+            summary="drop task-vector entries at random and rescale (DARE), then TIES sign election",
+            formula=f"{TASK_VECTOR.format(sparse='drop_p')}; s = sign(Σ u_i); out = base + λ·Σ_(sign u_i = s) u_i",
+            citation=DARE,
+        ),
+        task_vector_method(
+            "dare_linear",
+            sparsify="random",
+            elect=False,
+            normalize=False,
+            rescale=True,
+            summary="drop task-vector entries at random and rescale (DARE), then add them",
+            formula=f"{TASK_VECTOR.format(sparse='drop_p')}; out = base + λ·Σ u_i",
+            citation=DARE,
+        ),
+        task_vector_method(
+            "breadcrumbs",
+            sparsify="breadcrumbs",
+            elect=False,
+            normalize=False,
+            rescale=False,
+            summary="drop the smallest and the largest task-vector entries, then add them",
+            formula=f"{TASK_VECTOR.format(sparse='mask_(gamma, density)')}; out = base + λ·Σ u_i",
+            citation=BREADCRUMBS,
+        ),
+        task_vector_method(
+            "breadcrumbs_ties",
+            sparsify="breadcrumbs",
+            elect=True,
+            normalize=False,
+            rescale=False,
+            summary="breadcrumbs masks, then TIES sign election",
+            formula=f"{TASK_VECTOR.format(sparse='mask_(gamma, density)')}; s = sign(Σ u_i); out = base + λ·Σ_(sign u_i = s) u_i",
+            citation=BREADCRUMBS + "; " + TIES,
         ),
     )
 }

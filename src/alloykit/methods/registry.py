@@ -26,7 +26,7 @@ class Param:
         default: value when the config gives none; ``None`` makes the parameter required.
         per_model: True for per-model ("tensor") parameters such as ``weight``; False for
             global ones such as ``normalize``.
-        kind: ``"float"``, ``"int"`` or ``"bool"``.
+        kind: ``"float"``, ``"int"``, ``"bool"`` or ``"choice"`` (one of ``choices``).
         low, high: inclusive bounds, ``None`` for unbounded.
         doc: one line for ``alloykit methods NAME`` and the docs.
         effect: False for parameters accepted only so MergeKit configs validate unchanged.
@@ -35,11 +35,12 @@ class Param:
     name: str
     default: Scalar | None = None
     per_model: bool = False
-    kind: Literal["float", "int", "bool"] = "float"
+    kind: Literal["float", "int", "bool", "choice"] = "float"
     low: float | None = None
     high: float | None = None
     doc: str = ""
     effect: bool = True
+    choices: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -49,6 +50,9 @@ class Param:
         """A problem with ``value`` (one scalar) for this parameter, or None when it is fine."""
         if self.kind == "bool":
             return None if isinstance(value, bool) else f"{value!r} is not true or false"
+        if self.kind == "choice":
+            options = ", ".join(self.choices)
+            return None if value in self.choices else f"{value!r} is not one of {options}"
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"{value!r} is not a number"
         if self.kind == "int" and not float(value).is_integer():

@@ -1,0 +1,21 @@
+"""The Example sections of the docstrings run and print what they say."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "alloykit.config",
+    "alloykit.io.writer",
+    "alloykit.methods.linear",
+    "alloykit.methods.task_vectors",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
