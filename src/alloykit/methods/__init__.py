@@ -18,7 +18,7 @@ import torch
 from alloykit.errors import ConfigError, did_you_mean
 from alloykit.methods.linear import run_linear
 from alloykit.methods.registry import Method, MethodInputs, Param
-from alloykit.methods.task_vectors import ZERO_WEIGHT_SUM, Sparsifier, merge_deltas
+from alloykit.methods.task_vectors import ZERO_WEIGHT_SUM, Rescale, Sparsifier, merge_deltas
 
 WEIGHT = Param(
     "weight", per_model=True, doc="the model's weight in the sum; negative values subtract"
@@ -82,7 +82,7 @@ def run_task_vectors(inputs: MethodInputs, *, steps: Steps) -> torch.Tensor:
     """Registry adapter for every task-vector preset: the three steps on a job's inputs."""
     assert inputs.base is not None  # the planner guarantees a base for "required"
     params = inputs.params
-    rescale = "none"
+    rescale: Rescale = "none"
     if steps.sparsify != "none" and params["rescale"]:
         rescale = params["rescale_mode"]
     deltas = inputs.tensors.sub_(inputs.base)  # in place: the stack is this call's own
