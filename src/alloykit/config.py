@@ -136,7 +136,7 @@ class MergeConfig(BaseModel):
     """A merge recipe, as written in YAML (MergeKit's schema)."""
 
     model_config = ConfigDict(extra="forbid")
-    merge_method: str
+    merge_method: str | dict[str, str]
     base_model: ModelRef | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
@@ -283,15 +283,15 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
 
     Returns the warnings; raises one ConfigError listing every problem.
     """
-    from alloykit.methods import METHODS, get_method
+    from alloykit.methods import Method, resolve_method
 
     problems: list[str] = []
     warnings: list[str] = []
-    if config.merge_method not in METHODS:
-        try:
-            get_method(config.merge_method)
-        except ConfigError as e:
-            problems.extend(e.problems)
+    method: Method | None = None
+    try:
+        method = resolve_method(config.merge_method)
+    except ConfigError as e:
+        problems.extend(e.problems)
     if (config.models is None) == (config.slices is None):
         problems.append("config: give exactly one of 'models' or 'slices'")
     for key in ("dtype", "out_dtype"):
@@ -300,7 +300,6 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
             problems.append(f"{key}: unknown dtype '{value}' (use one of {', '.join(DTYPES)})")
     problems.extend(_check_inputs(config))
     problems.extend(_check_tokenizer(config))
-    method = METHODS.get(config.merge_method)
     if method is not None:
         for path, name, value in _parameter_sites(config):
             per_model_site = path[0] in ("models",) or "sources" in path

@@ -18,7 +18,7 @@ import torch
 
 from alloykit.errors import AlloyError, MergeError
 from alloykit.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
-from alloykit.methods import METHODS, MethodInputs
+from alloykit.methods import Method, MethodInputs
 from alloykit.plan import COPY, MergePlan, TensorJob
 
 
@@ -111,18 +111,17 @@ def execute(
             loaded = pending.result()
             if index + 1 < len(plan.jobs):
                 pending = reader.submit(load, plan.jobs[index + 1])
-            sink.write(loaded.job.output, _compute(loaded, seed, device))
+            sink.write(loaded.job.output, _compute(plan.kernel, loaded, seed, device))
             if on_job_done is not None:
                 on_job_done(loaded.job)
             del loaded
 
 
-def _compute(loaded: _Loaded, seed: int, device: torch.device) -> torch.Tensor:
+def _compute(method: Method, loaded: _Loaded, seed: int, device: torch.device) -> torch.Tensor:
     job = loaded.job
     out_dtype = SAFETENSORS_DTYPES[job.dtype]
     if job.method == COPY:
         return loaded.tensors[0].to(out_dtype)
-    method = METHODS[job.method]
     generator = torch.Generator(device=device)
     generator.manual_seed(job_seed(seed, job.output))
     per_model = {

@@ -30,7 +30,7 @@ from alloykit.architecture import (
 from alloykit.config import MergeConfig, normalize_dtype, resolve_parameter, yaml_path
 from alloykit.errors import ConfigError, IncompatibleModels
 from alloykit.io.checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, TensorInfo
-from alloykit.methods import Method, Param, get_method
+from alloykit.methods import Method, Param, resolve_method
 
 COPY = "copy"  # the job "method" for tensors that are not merged (integer buffers)
 
@@ -75,6 +75,7 @@ class MergePlan:
 
     method: str
     jobs: list[TensorJob]
+    kernel: Method  # the registry row (or step composition) every merged job runs
     models: dict[str, Path]  # model label -> local folder
     donor: str  # the model whose config, generation config and tokenizer are copied
     config: dict[str, Any] | None  # output config.json without its dtype
@@ -121,7 +122,7 @@ def build_plan(
     models that do not fit together (architecture, missing tensors, shapes), each naming the
     model, tensor or key.
     """
-    method = get_method(config.merge_method)
+    method = resolve_method(config.merge_method)
     donor = str(config.base_model) if config.base_model else _first_model(config)
     check_architectures(checkpoints, donor, allow_crimes=allow_crimes)
     slices = _slices(config, checkpoints, method)
@@ -154,6 +155,7 @@ def build_plan(
     return MergePlan(
         method=method.name,
         jobs=jobs,
+        kernel=method,
         models={label: ckpt.folder for label, ckpt in checkpoints.items()},
         donor=donor,
         config=output_config,

@@ -9,7 +9,7 @@ methods up with :func:`get_method`, which names the known ones when a name is wr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -113,6 +113,8 @@ def task_vector_method(
     summary: str,
     formula: str,
     citation: str,
+    elect_default: str = "mass",
+    combine_default: str = "sum",
 ) -> Method:
     """A registry row for a preset of the three steps, with MergeKit's parameters and defaults."""
     params = [WEIGHT]
@@ -124,7 +126,7 @@ def task_vector_method(
         params.append(
             Param(
                 "elect",
-                default="mass",
+                default=elect_default,
                 kind="choice",
                 choices=("mass", "count"),
                 doc="sign election: by total weighted mass (TIES) or by model count (PEFT)",
@@ -144,7 +146,8 @@ def task_vector_method(
             Param("rescale", default=rescale, kind="bool", doc="rescale the kept entries")
         )
         params.append(RESCALE_MODE)
-    params += [COMBINE, DELTA_NORM, INT8_MASK]
+    combine = COMBINE if combine_default == "sum" else replace(COMBINE, default=combine_default)
+    params += [combine, DELTA_NORM, INT8_MASK]
     return Method(
         name=name,
         run=partial(run_task_vectors, steps=Steps(sparsify, elect)),
@@ -264,6 +267,59 @@ METHODS: dict[str, Method] = {
 }
 
 
+STEP_CHOICES = {
+    "sparsify": ("none", "magnitude", "random", "breadcrumbs"),
+    "elect": ("none", "mass", "count"),
+    "combine": ("sum", "mean"),
+}
+NOT_YET = {"della": "della (DELLA's magnitude-ranked sampling) is not implemented yet"}
+
+
+def compose_method(steps: Mapping[str, Any]) -> Method:
+    """A task-vector method from named steps: ``{sparsify: magnitude, elect: count, combine: mean}``.
+
+    Each step defaults to ``none`` (``sum`` for combine). Defaults of the other parameters follow
+    the closest preset: ``normalize`` is true when signs are elected (as in ties), ``rescale``
+    true for ``random`` (as in DARE). Raises ConfigError naming each bad key or value.
+    """
+    problems = []
+    for key, value in steps.items():
+        where = f"merge_method.{key}"
+        if key not in STEP_CHOICES:
+            problems.append(
+                f"{where}: unknown step{did_you_mean(str(key), STEP_CHOICES)}; steps are sparsify, elect, combine"
+            )
+        elif value in NOT_YET:
+            problems.append(f"{where}: {NOT_YET[value]}")
+        elif value not in STEP_CHOICES[key]:
+            problems.append(f"{where}: '{value}' is not one of {', '.join(STEP_CHOICES[key])}")
+    if problems:
+        raise ConfigError(problems)
+    sparsify = steps.get("sparsify", "none")
+    elect = steps.get("elect", "none")
+    combine = steps.get("combine", "sum")
+    name = f"task_vectors(sparsify={sparsify}, elect={elect}, combine={combine})"
+    return task_vector_method(
+        name,
+        sparsify=sparsify,
+        elect=elect != "none",
+        normalize=elect != "none",
+        rescale=sparsify == "random",
+        summary="a composition of the task-vector steps",
+        formula=f"out = base + λ·{combine}_{elect}(w_i·{sparsify}(x_i − base))",
+        citation="the steps' papers: " + "; ".join((TIES, DARE, BREADCRUMBS)),
+        elect_default=elect if elect != "none" else "mass",
+        combine_default=combine,
+    )
+
+
+def resolve_method(spec: str | Mapping[str, Any]) -> Method:
+    """The method a config's ``merge_method`` names: a registered name or a step composition."""
+    if isinstance(spec, Mapping):
+        return compose_method(spec)
+    return get_method(spec)
+
+
 def get_method(name: str) -> Method:
     """The registry row for ``name``; a ConfigError listing the known names otherwise."""
     method = METHODS.get(name)
@@ -275,4 +331,4 @@ def get_method(name: str) -> Method:
     return method
 
 
-__all__ = ["METHODS", "Method", "MethodInputs", "Param", "get_method"]
+__all__ = ["METHODS", "Method", "MethodInputs", "Param", "get_method", "resolve_method"]
