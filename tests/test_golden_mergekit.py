@@ -18,6 +18,7 @@ from alloykit import merge_to_state_dict
 from alloykit.methods import METHODS
 from alloykit.toymodels import ToySpec
 from tests.golden._golden import FAMILY, load_golden, render, sample_indices
+from tests.helpers import load_tensors
 
 GOLDEN = load_golden()
 
@@ -40,14 +41,35 @@ def test_matches_mergekit(name: str, models_root: Path) -> None:
     ours = {k: v.double().numpy() for k, v in merge_to_state_dict(config).items()}
     expected = entry["tensors"]
     assert set(ours) == set(expected)
+    # MergeKit computes in the config's dtype, alloykit in float32 (rounding to dtype at the end):
+    # float32 configs agree to float32 rounding. For bfloat16 configs each norm agrees to one
+    # bfloat16 step (2^-7 relative) and each sampled value to one step at the size of the
+    # operands MergeKit rounded, except where a discrete choice (a TIES threshold or sign vote
+    # between values that bfloat16 makes equal) went the other way: at most 2% of the samples.
+    low_precision = config.get("dtype") in ("bfloat16", "float16")
+    relative = 2.0**-7 if low_precision else 1e-6
+    inputs = [load_tensors(folder) for folder in sorted(models_root.iterdir()) if folder.is_dir()]
+    outside = total = 0
     for tensor, reference in expected.items():
         values = ours[tensor]
         assert list(values.shape) == reference["shape"], tensor
         norm = float(np.sqrt(np.sum(values * values)))
-        assert norm == pytest.approx(reference["norm"], rel=1e-6), tensor
+        assert norm == pytest.approx(reference["norm"], rel=relative), tensor
         flat = values.reshape(-1)
-        sample = flat[sample_indices(tensor, flat.size)]
-        scale = max(1.0, float(np.abs(flat).max()))
-        np.testing.assert_allclose(
-            sample, reference["sample"], rtol=0, atol=1e-6 * scale, err_msg=tensor
-        )
+        indices = sample_indices(tensor, flat.size)
+        sample = flat[indices]
+        if low_precision:
+            operands = np.max([np.abs(m[tensor].reshape(-1)[indices]) for m in inputs], axis=0)
+            bound = relative * np.maximum.reduce(
+                [np.abs(sample), np.abs(reference["sample"]), operands]
+            )
+            outside += int(np.sum(np.abs(sample - reference["sample"]) > bound))
+            total += len(indices)
+        else:
+            scale = max(1.0, float(np.abs(flat).max()))
+            np.testing.assert_allclose(
+                sample, reference["sample"], rtol=0, atol=relative * scale, err_msg=tensor
+            )
+    assert outside <= 0.02 * total, (
+        f"{outside} of {total} sampled values differ by more than a step"
+    )
