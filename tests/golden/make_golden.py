@@ -8,7 +8,8 @@ script at its ``mergekit-yaml`` command. From the repository root::
 The script builds the toy family described by ``_golden.FAMILY`` with
 ``alloykit.toymodels.make_family``, renders every ``configs/*.yml`` (``${MODELS}`` -> the
 family folder), runs ``mergekit-yaml CONFIG OUT --random-seed 42`` on it, reads every output
-tensor with ``safetensors.numpy`` and writes, per config, ``_golden.summarize`` of the output
+tensor with ``safetensors.numpy`` (BF16 outputs via ``safetensors.torch``, widened to
+float32 exactly) and writes, per config, ``_golden.summarize`` of the output
 (shape, float64 norm and 16 sampled values per tensor), the tensor count, the config text with
 the placeholder and MergeKit's stderr lines (warnings; progress bars removed). ``--only NAME`` (repeatable) reruns some configs
 and keeps the others from the existing JSON.
@@ -31,15 +32,33 @@ from _golden import CONFIG_DIR, FAMILY, GOLDEN_JSON, render, summarize  # noqa: 
 MERGEKIT_VERSION = "0.1.5"
 
 
-def load_output(folder: Path) -> dict:
-    from safetensors.numpy import load_file
+def _load_safetensors(file: Path) -> dict:
+    """``safetensors.numpy.load_file``, except that BF16 files (NumPy has no bfloat16) are read
+    with ``safetensors.torch`` and widened to float32, which is exact."""
+    import struct
 
+    raw = file.read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+    if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
+        from safetensors.numpy import load_file
+
+        return load_file(str(file))
+    import torch
+    from safetensors.torch import load_file as load_torch
+
+    return {
+        name: (value.to(torch.float32) if value.dtype == torch.bfloat16 else value).numpy()
+        for name, value in load_torch(str(file)).items()
+    }
+
+
+def load_output(folder: Path) -> dict:
     tensors: dict = {}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise RuntimeError(f"no safetensors output in {folder}")
     for file in files:
-        for name, value in load_file(str(file)).items():
+        for name, value in _load_safetensors(file).items():
             if name in tensors:
                 raise RuntimeError(f"tensor {name} appears twice in {folder}")
             tensors[name] = value
