@@ -213,7 +213,8 @@ def combine(
         else:
             divisor_tensor = torch.zeros_like(out)
             for i in range(weighted.shape[0]):
-                divisor_tensor += mask[i] * float(weights[i])
+                # mask[i] must become out's dtype first: bool times a float is float32
+                divisor_tensor.add_(mask[i].to(out.dtype), alpha=float(weights[i]))
             out /= torch.where(divisor_tensor == 0, 1.0, divisor_tensor)
     elif method != "sum":
         raise ValueError(f"unknown combine method {method!r}")
