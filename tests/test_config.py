@@ -182,7 +182,7 @@ def test_unknown_keys_get_a_did_you_mean() -> None:
 def test_unknown_method_lists_known_ones() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"unknown method 'lineer' \(did you mean 'linear'\?\); known: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, linear, magnitude_prune, task_arithmetic, ties",
+        match=r"unknown method 'lineer' \(did you mean 'linear'\?\); known: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, linear, magnitude_prune, passthrough, slerp, task_arithmetic, ties",
     ):
         load_config({**LINEAR, "merge_method": "lineer"})
 

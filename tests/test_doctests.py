@@ -11,6 +11,8 @@ MODULES = [
     "alloykit.config",
     "alloykit.io.writer",
     "alloykit.methods.linear",
+    "alloykit.methods.passthrough",
+    "alloykit.methods.spherical",
     "alloykit.methods.task_vectors",
 ]
 

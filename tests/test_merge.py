@@ -335,3 +335,51 @@ def test_device_choice(family: dict[str, Path]) -> None:
             merge_to_state_dict(config, MergeOptions(device="cuda"))
     with pytest.raises(AlloyError, match="--device 'gpu0' is not a device"):
         merge_to_state_dict(config, MergeOptions(device="gpu0"))
+
+
+def test_passthrough_frankenmerge_loads_with_the_new_depth(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(family["ft1"]), "layer_range": [0, 3]}]},
+            {
+                "sources": [
+                    {
+                        "model": str(family["ft2"]),
+                        "layer_range": [1, 4],
+                        "parameters": {
+                            "scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]
+                        },
+                    }
+                ]
+            },
+        ],
+    }
+    out = merge(config, tmp_path / "out").output
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
+    assert_loads_cleanly(out)
+    merged, a, b = load_tensors(out), load_tensors(family["ft1"]), load_tensors(family["ft2"])
+    assert np.array_equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert np.array_equal(merged["lm_head.weight"], b["lm_head.weight"])  # head: last slice
+    assert np.array_equal(
+        merged["model.layers.2.mlp.up_proj.weight"], a["model.layers.2.mlp.up_proj.weight"]
+    )
+    assert np.array_equal(
+        merged["model.layers.3.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"]
+    )
+    assert not merged["model.layers.5.self_attn.o_proj.weight"].any()  # scaled by 0
+
+
+def test_passthrough_needs_one_model_per_slice(family: dict[str, Path]) -> None:
+    from alloykit.errors import ConfigError
+
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(family[k]), "layer_range": [0, 2]} for k in ("ft1", "ft2")]}
+        ],
+    }
+    with pytest.raises(ConfigError, match="passthrough takes exactly one model per slice, got 2"):
+        plan_merge(config)

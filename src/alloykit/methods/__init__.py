@@ -17,7 +17,9 @@ import torch
 
 from alloykit.errors import ConfigError, did_you_mean
 from alloykit.methods.linear import run_linear
+from alloykit.methods.passthrough import exactly_one_model, run_passthrough
 from alloykit.methods.registry import Method, MethodInputs, Param
+from alloykit.methods.spherical import run_slerp
 from alloykit.methods.task_vectors import ZERO_WEIGHT_SUM, Rescale, Sparsifier, merge_deltas
 
 WEIGHT = Param(
@@ -192,6 +194,39 @@ METHODS: dict[str, Method] = {
             summary="weighted average of the models' weights (model soup)",
             formula="out = Σ w_i·x_i / Σ w_i   (no division when normalize: false)",
             citation="Wortsman et al. 2022, Model soups, arXiv:2203.05482",
+        ),
+        Method(
+            name="slerp",
+            run=run_slerp,
+            params=(
+                Param(
+                    "t",
+                    low=0.0,
+                    high=1.0,
+                    doc="interpolation factor: 0 is the base, 1 the other model",
+                ),
+            ),
+            base="required",
+            summary="spherical interpolation between the base and one other model",
+            formula="θ = angle(base, x); out = sin((1−t)θ)/sin θ·base + sin(tθ)/sin θ·x  (lerp when |cos θ| > 0.9995)",
+            citation="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); MergeKit's slerp",
+        ),
+        Method(
+            name="passthrough",
+            run=run_passthrough,
+            params=(
+                Param(
+                    "scale",
+                    default=1.0,
+                    per_model=True,
+                    doc="multiplies the copied tensor (e.g. 0 for o_proj of a repeated layer)",
+                ),
+            ),
+            base="input",
+            check=exactly_one_model,
+            summary="copy one model's tensors: layer stacking and frankenmerges with slices",
+            formula="out = scale·x",
+            citation="Kim et al. 2023, SOLAR 10.7B depth up-scaling, arXiv:2312.15166; MergeKit's passthrough",
         ),
         task_vector_method(
             "task_arithmetic",
