@@ -30,6 +30,7 @@ MERGE_EXAMPLES = """Examples:
   alloykit merge recipe.yml merged/ --dry-run        # print the plan, read no tensor
   alloykit merge recipe.yml merged/ --device auto --out-shard-size 2GiB --overwrite
   alloykit merge merged/alloykit_config.yml again/   # re-run a recipe written by a merge
+  alloykit merge stages.yml merged/ --intermediate-dir work/   # multi-document recipe
 """
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
@@ -112,12 +113,18 @@ def merge(
     precision: Annotated[
         str, typer.Option(help="Working precision: float32 or float64.")
     ] = "float32",
+    intermediate_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Multi-stage recipes: write intermediate models here instead of keeping them in memory."
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the models a YAML recipe names into OUTPUT."""
     from alloykit import _output
     from alloykit.errors import AlloyError
-    from alloykit.pipeline import MergeOptions, plan_merge
+    from alloykit.pipeline import MergeOptions, plan_stages
     from alloykit.pipeline import merge as run_merge
 
     _output.setup_logging(quiet)
@@ -134,9 +141,14 @@ def merge(
         allow_crimes=allow_crimes,
         trust_remote_code=trust_remote_code,
         precision=precision,
+        intermediate_dir=intermediate_dir,
     )
     if dry_run:
-        _output.print_plan(plan_merge(config, options))
+        stages = plan_stages(config, options)
+        for name, plan in stages:
+            if len(stages) > 1:
+                _output.out.print(f"[bold]stage {name}[/]")
+            _output.print_plan(plan)
         return
     with _output.MergeProgress(enabled=not quiet) as progress:
         result = run_merge(

@@ -214,20 +214,37 @@ def load_config(
 
 
 def _read_yaml(source: str | Path) -> Any:
+    documents = read_documents(source)
+    if len(documents) != 1:
+        raise ConfigError(
+            f"{_describe(source)} holds {len(documents)} YAML documents: a multi-stage recipe "
+            "runs with alloykit merge (alloykit.merge), one document at a time elsewhere"
+        )
+    return documents[0]
+
+
+def _describe(source: str | Path) -> str:
+    path = Path(source) if isinstance(source, Path) or "\n" not in str(source) else None
+    return f"config file '{path}'" if path is not None else "config"
+
+
+def read_documents(source: str | Path) -> list[dict[str, Any]]:
+    """The YAML documents of a config file or text (several for a multi-stage recipe)."""
     path = Path(source) if isinstance(source, Path) or "\n" not in str(source) else None
     if path is not None and not path.is_file():
         raise ConfigError(f"config file '{source}' does not exist")
     text = path.read_text() if path is not None else str(source)
-    where = f"config file '{path}'" if path is not None else "config"
+    where = _describe(source)
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
-    if len(documents) != 1:
-        raise ConfigError(f"{where} holds {len(documents)} YAML documents; expected one")
-    if not isinstance(documents[0], dict):
-        raise ConfigError(f"{where} must be a mapping with merge_method, models or slices")
-    return documents[0]
+    if not documents:
+        raise ConfigError(f"{where} is empty")
+    for document in documents:
+        if not isinstance(document, dict):
+            raise ConfigError(f"{where} must hold mappings with merge_method, models or slices")
+    return documents
 
 
 def parse_config(data: Mapping[str, Any]) -> MergeConfig:

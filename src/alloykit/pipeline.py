@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from alloykit.config import MergeConfig, load_config, recipe_hash
+from alloykit.config import MergeConfig, recipe_hash
+from alloykit.errors import AlloyError
 from alloykit.execute import ExecutionOptions, StateDictSink, execute
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.hub import resolve_model
@@ -30,6 +31,7 @@ from alloykit.io.writer import (
     write_config,
 )
 from alloykit.plan import MergePlan, TensorJob, build_plan, model_labels
+from alloykit.stages import MemoryCheckpoint, available_memory, load_stages, stage_names
 
 log = logging.getLogger("alloykit")
 RECIPE_FILE = "alloykit_config.yml"
@@ -52,6 +54,8 @@ class MergeOptions:
         trust_remote_code: copy a custom-code model's ``*.py`` files into the output, which
             loading it with ``trust_remote_code=True`` needs.
         precision: working precision, ``float32`` (default) or ``float64``.
+        intermediate_dir: where a multi-stage recipe writes its intermediate models; None
+            keeps them in memory.
     """
 
     device: str = "cpu"
@@ -64,6 +68,7 @@ class MergeOptions:
     allow_crimes: bool = False
     trust_remote_code: bool = False
     precision: str = "float32"
+    intermediate_dir: str | Path | None = None
 
 
 @dataclass(frozen=True)
@@ -82,20 +87,30 @@ ProgressHook = Callable[[TensorJob], None]
 
 
 @contextmanager
-def open_models(config: MergeConfig) -> Iterator[dict[str, Checkpoint]]:
-    """Resolve and index every model the config names (no tensor data is read)."""
+def open_models(
+    config: MergeConfig, provided: Mapping[str, Checkpoint] | None = None
+) -> Iterator[dict[str, Checkpoint]]:
+    """Resolve and index every model the config names (no tensor data is read).
+
+    ``provided`` holds checkpoints already open (earlier stages' results), used by label.
+    """
     checkpoints: dict[str, Checkpoint] = {}
+    opened: list[Checkpoint] = []
     refs = {str(r): r for r in _refs(config)}
     try:
         for label in model_labels(config):
+            if provided is not None and label in provided:
+                checkpoints[label] = provided[label]
+                continue
             ref = refs[label]
             checkpoint = Checkpoint(resolve_model(ref.path, ref.revision), label)
+            opened.append(checkpoint)
             if ref.override_architecture and checkpoint.config is not None:
                 checkpoint.config["architectures"] = [ref.override_architecture]
             checkpoints[label] = checkpoint
         yield checkpoints
     finally:
-        for checkpoint in checkpoints.values():
+        for checkpoint in opened:
             checkpoint.close()
 
 
@@ -107,15 +122,90 @@ def _refs(config: MergeConfig) -> list[Any]:
     return refs + ([config.base_model] if config.base_model else [])
 
 
-def plan_merge(config: ConfigSource, options: MergeOptions | None = None) -> MergePlan:
-    """Validate ``config`` and plan it without reading any tensor (what ``--dry-run`` shows)."""
+@dataclass
+class _Stages:
+    stages: list[MergeConfig]  # in run order, the final output last
+    checkpoints: dict[str, Checkpoint]  # the final stage's inputs, earlier results included
+    plans: list[MergePlan]  # the intermediate stages' plans
+
+
+@contextmanager
+def _final_inputs(
+    config: ConfigSource, options: MergeOptions, *, dry_run: bool = False
+) -> Iterator[_Stages]:
+    """Run a recipe's intermediate stages (plan only when ``dry_run``); yield the final inputs."""
+    stages = load_stages(config, strict=options.strict)
+    results: dict[str, Checkpoint] = {}
+    plans: list[MergePlan] = []
+    try:
+        for stage in stages[:-1]:
+            assert stage.name is not None  # load_stages guarantees names before the final
+            results[stage.name] = _run_stage(stage, results, options, plans, dry_run=dry_run)
+        with open_models(stages[-1], results) as checkpoints:
+            yield _Stages(stages, checkpoints, plans)
+    finally:
+        for result in results.values():
+            result.close()
+
+
+def _run_stage(
+    stage: MergeConfig,
+    results: Mapping[str, Checkpoint],
+    options: MergeOptions,
+    plans: list[MergePlan],
+    *,
+    dry_run: bool,
+) -> Checkpoint:
+    name = stage.name or "stage"
+    with open_models(stage, results) as checkpoints:
+        plan = build_plan(stage, checkpoints, allow_crimes=options.allow_crimes)
+        plans.append(plan)
+        for warning in plan.warnings:
+            log.warning(f"stage '{name}': {warning}")
+        if dry_run:
+            return MemoryCheckpoint(name, plan, None)
+        if options.intermediate_dir is not None:
+            target = Path(options.intermediate_dir) / name
+            _write(plan, checkpoints, [stage], target, _overwriting(options), None)
+            return Checkpoint(target, name)
+        available = available_memory()
+        if available is not None and plan.output_bytes > available // 2:
+            raise AlloyError(
+                f"stage '{name}' needs {plan.output_bytes / 1e9:.1f} GB in memory and "
+                f"{available / 1e9:.1f} GB is free; pass --intermediate-dir to write it to disk"
+            )
+        log.info(f"stage '{name}': merging {len(plan.jobs)} tensors in memory")
+        sink = StateDictSink()
+        execute(plan, checkpoints, sink, _execution(options))
+        return MemoryCheckpoint(name, plan, sink)
+
+
+def _overwriting(options: MergeOptions) -> MergeOptions:
+    from dataclasses import replace
+
+    return replace(options, overwrite=True)
+
+
+def plan_stages(
+    config: ConfigSource, options: MergeOptions | None = None
+) -> list[tuple[str, MergePlan]]:
+    """Plan every stage of a recipe without reading tensors: ``[(stage name, plan), ...]``."""
     options = options or MergeOptions()
-    merge_config = load_config(config, strict=options.strict)
-    with open_models(merge_config) as checkpoints:
-        plan = build_plan(merge_config, checkpoints, allow_crimes=options.allow_crimes)
-    for warning in plan.warnings:
-        log.warning(warning)
-    return plan
+    with _final_inputs(config, options, dry_run=True) as run:
+        final = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
+    plans = [*run.plans, final]
+    for plan in plans:
+        for warning in plan.warnings:
+            log.warning(warning)
+    return [(stage.name or "final", plan) for stage, plan in zip(run.stages, plans, strict=True)]
+
+
+def plan_merge(config: ConfigSource, options: MergeOptions | None = None) -> MergePlan:
+    """Validate ``config`` and plan it without reading any tensor (what ``--dry-run`` shows).
+
+    For a multi-stage recipe this is the final stage's plan (:func:`plan_stages` gives all).
+    """
+    return plan_stages(config, options)[-1][1]
 
 
 def merge(
@@ -130,7 +220,8 @@ def merge(
 
     The output folder appears only when complete: shards, index, ``config.json``, generation
     config, tokenizer files and the recipe (``alloykit_config.yml``, which this function
-    accepts back). ``progress`` is called after each tensor; ``on_plan`` once with the plan.
+    accepts back). A multi-stage recipe (several YAML documents) runs its stages first.
+    ``progress`` is called after each tensor of the final stage; ``on_plan`` once with its plan.
 
     Example:
         >>> result = merge("examples/linear.yml", "merged")  # doctest: +SKIP
@@ -141,14 +232,12 @@ def merge(
     options = options or MergeOptions()
     out = Path(out_dir)
     check_output_folder(out, overwrite=options.overwrite)
-    shard_bytes = parse_size(options.out_shard_size)
-    merge_config = load_config(config, strict=options.strict)
-    with open_models(merge_config) as checkpoints:
-        plan = build_plan(merge_config, checkpoints, allow_crimes=options.allow_crimes)
+    parse_size(options.out_shard_size)  # a bad size fails before any work
+    with _final_inputs(config, options) as run:
+        plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
         warnings = list(plan.warnings)
-        donor = checkpoints[plan.donor]
-        custom_code = bool((donor.config or {}).get("auto_map"))
-        if custom_code and not options.trust_remote_code:
+        donor = run.checkpoints[plan.donor]
+        if (donor.config or {}).get("auto_map") and not options.trust_remote_code:
             warnings.append(
                 f"'{plan.donor}' uses custom model code (auto_map); pass --trust-remote-code to "
                 "copy its *.py files so the output loads with trust_remote_code=True"
@@ -157,29 +246,52 @@ def merge(
             log.warning(warning)
         if on_plan is not None:
             on_plan(plan)
-        shards = layout_shards([(j.output, j.shape, j.dtype) for j in plan.jobs], shard_bytes)
-        with OutputFolder(out, overwrite=options.overwrite) as folder:
-            with ShardWriter(folder.path, shards) as writer:
-                execute(plan, checkpoints, writer, _execution(options), progress)
-                writer.finish()
-            if plan.config is not None:
-                write_config(folder.path, plan.config, plan.output_dtype)
-            copy_donor_files(
-                folder.path,
-                donor.folder,
-                tokenizer=options.copy_tokenizer,
-                code=custom_code and options.trust_remote_code,
-            )
-            recipe = portable_recipe(merge_config)
-            header = (
-                f"# alloykit recipe {recipe_hash(recipe)[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
-            )
-            (folder.path / RECIPE_FILE).write_text(header + recipe.to_yaml())
-            files = sorted(p.name for p in folder.path.iterdir())
-            folder.commit()
-    return MergeResult(
-        out, plan, files, recipe_hash(recipe), time.perf_counter() - started, warnings
+        files, digest = _write(plan, run.checkpoints, run.stages, out, options, progress)
+    return MergeResult(out, plan, files, digest, time.perf_counter() - started, warnings)
+
+
+def _write(
+    plan: MergePlan,
+    checkpoints: Mapping[str, Checkpoint],
+    stages: list[MergeConfig],
+    out: Path,
+    options: MergeOptions,
+    progress: ProgressHook | None,
+) -> tuple[list[str], str]:
+    """Execute ``plan`` into a new model folder at ``out``; return its files and recipe hash."""
+    shards = layout_shards(
+        [(j.output, j.shape, j.dtype) for j in plan.jobs], parse_size(options.out_shard_size)
     )
+    donor = checkpoints[plan.donor]
+    with OutputFolder(out, overwrite=options.overwrite) as folder:
+        with ShardWriter(folder.path, shards) as writer:
+            execute(plan, checkpoints, writer, _execution(options), progress)
+            writer.finish()
+        if plan.config is not None:
+            write_config(folder.path, plan.config, plan.output_dtype)
+        copy_donor_files(
+            folder.path,
+            donor.folder,
+            tokenizer=options.copy_tokenizer,
+            code=bool((donor.config or {}).get("auto_map")) and options.trust_remote_code,
+        )
+        recipes = [portable_recipe(stage, stage_names(stages)) for stage in stages]
+        digest = recipes_hash(recipes)
+        header = f"# alloykit recipe {digest[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
+        body = "---\n".join(recipe.to_yaml() for recipe in recipes)
+        (folder.path / RECIPE_FILE).write_text(header + body)
+        files = sorted(p.name for p in folder.path.iterdir())
+        folder.commit()
+    return files, digest
+
+
+def recipes_hash(stages: list[MergeConfig]) -> str:
+    """:func:`recipe_hash` of a one-stage recipe; a hash of the stages' hashes otherwise."""
+    if len(stages) == 1:
+        return recipe_hash(stages[0])
+    import hashlib
+
+    return hashlib.sha256("".join(recipe_hash(s) for s in stages).encode()).hexdigest()
 
 
 def merge_to_state_dict(
@@ -195,11 +307,10 @@ def merge_to_state_dict(
         >>> model.load_state_dict(state)
     """
     options = options or MergeOptions()
-    merge_config = load_config(config, strict=options.strict)
-    with open_models(merge_config) as checkpoints:
-        plan = build_plan(merge_config, checkpoints, allow_crimes=options.allow_crimes)
+    with _final_inputs(config, options) as run:
+        plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
         sink = StateDictSink()
-        execute(plan, checkpoints, sink, _execution(options), progress)
+        execute(plan, run.checkpoints, sink, _execution(options), progress)
     return dict(sink)
 
 
@@ -207,13 +318,16 @@ def _execution(options: MergeOptions) -> ExecutionOptions:
     return ExecutionOptions(options.device, options.precision, options.seed, options.threads)
 
 
-def portable_recipe(config: MergeConfig) -> MergeConfig:
-    """The recipe with local model folders made absolute, so it runs again from anywhere."""
+def portable_recipe(config: MergeConfig, stage_names: set[str] | None = None) -> MergeConfig:
+    """The recipe with local model folders made absolute, so it runs again from anywhere.
+
+    References to earlier stages (``stage_names``) are left as they are.
+    """
     from alloykit.config import ModelRef
 
     def absolute(ref: ModelRef) -> ModelRef:
         local = Path(ref.path).expanduser()
-        if local.is_dir():
+        if ref.path not in (stage_names or set()) and local.is_dir():
             return ref.model_copy(update={"path": str(local.resolve())})
         return ref
 
