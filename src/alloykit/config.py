@@ -256,7 +256,7 @@ def parse_config(data: Mapping[str, Any]) -> MergeConfig:
 
 
 def _format_pydantic_error(error: Mapping[str, Any]) -> str:
-    location = [str(p) for p in error["loc"] if p not in ("function-after[_parse(), ModelRef]",)]
+    location = [str(p) for p in error["loc"]]
     path = yaml_path(*[int(p) if p.isdigit() else p for p in location])
     if error["type"] == "extra_forbidden":
         parent = location[-2] if len(location) > 1 else None

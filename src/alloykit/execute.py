@@ -9,6 +9,7 @@ into the ``(k, *shape)`` stack the method receives. Results go to a sink: the sh
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def execute(
     load_dtype = getattr(torch, plan.load_dtype) if plan.load_dtype else None
     if options.threads:
         torch.set_num_threads(options.threads)
-    seed = options.seed if options.seed is not None else int(torch.seed())
+    seed = options.seed if options.seed is not None else secrets.randbits(63)  # no global RNG
 
     def load(job: TensorJob) -> _Loaded:
         def read(model: str, tensor: str) -> torch.Tensor:
