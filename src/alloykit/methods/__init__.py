@@ -20,7 +20,13 @@ from alloykit.methods.linear import run_linear
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
 from alloykit.methods.registry import Method, MethodInputs, Param
 from alloykit.methods.spherical import run_slerp
-from alloykit.methods.task_vectors import ZERO_WEIGHT_SUM, Rescale, Sparsifier, merge_deltas
+from alloykit.methods.task_vectors import (
+    ZERO_WEIGHT_SUM,
+    Rescale,
+    Sparsifier,
+    Steps,
+    merge_deltas,
+)
 
 WEIGHT = Param(
     "weight", per_model=True, doc="the model's weight in the sum; negative values subtract"
@@ -73,34 +79,37 @@ RESCALE_MODE = Param(
 
 
 @dataclass(frozen=True)
-class Steps:
-    """The steps a task-vector preset fixes; the rest comes from its parameters."""
+class Preset:
+    """What a task-vector preset fixes; the rest comes from its parameters."""
 
     sparsify: Sparsifier
     elect: bool  # whether the preset elects signs (then `elect` chooses mass or count)
 
 
-def run_task_vectors(inputs: MethodInputs, *, steps: Steps) -> torch.Tensor:
+def run_task_vectors(inputs: MethodInputs, *, preset: Preset) -> torch.Tensor:
     """Registry adapter for every task-vector preset: the three steps on a job's inputs."""
     assert inputs.base is not None  # the planner guarantees a base for "required"
     params = inputs.params
     rescale: Rescale = "none"
-    if steps.sparsify != "none" and params["rescale"]:
+    if preset.sparsify != "none" and params["rescale"]:
         rescale = params["rescale_mode"]
-    deltas = inputs.tensors.sub_(inputs.base)  # in place: the stack is this call's own
-    combined = merge_deltas(
-        deltas,
-        inputs.per_model["weight"],
-        inputs.per_model.get("density"),
-        sparsify=steps.sparsify,
-        elect=params["elect"] if steps.elect else "none",
+    steps = Steps(
+        sparsify=preset.sparsify,
+        elect=params["elect"] if preset.elect else "none",
         combine=params["combine"],
         normalize=bool(params["normalize"]),
         scale=float(params["lambda"]),
         rescale=rescale,
-        gammas=inputs.per_model.get("gamma"),
         delta_norm=params["delta_norm"],
-        generator=inputs.generator,
+    )
+    deltas = inputs.tensors.sub_(inputs.base)  # in place: the stack is this call's own
+    combined = merge_deltas(
+        deltas,
+        inputs.per_model["weight"],
+        steps,
+        inputs.per_model.get("density"),
+        inputs.per_model.get("gamma"),
+        inputs.generator,
     )
     return combined.add_(inputs.base)
 
@@ -152,7 +161,7 @@ def task_vector_method(
     params += [combine, DELTA_NORM, INT8_MASK]
     return Method(
         name=name,
-        run=partial(run_task_vectors, steps=Steps(sparsify, elect)),
+        run=partial(run_task_vectors, preset=Preset(sparsify, elect)),
         params=tuple(params),
         base="required",
         summary=summary,

@@ -22,6 +22,7 @@ O(n) (``torch.kthvalue`` plus a count of ties), never a sort. Sums that decide a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -284,27 +285,29 @@ def merge_task_vectors(
         tensor([ 1.0000, -2.0000,  0.5000])
     """
     deltas = tensors - base  # (k, *shape): one task vector per model
-    combined = merge_deltas(
-        deltas, weights, densities, sparsify=sparsify, elect=elect, combine=combine,
-        normalize=normalize, scale=scale, rescale=rescale, gammas=gammas,
-        delta_norm=delta_norm, generator=generator,
-    )  # fmt: skip
-    return combined.add_(base)
+    steps = Steps(sparsify, elect, combine, normalize, scale, rescale, delta_norm)
+    return merge_deltas(deltas, weights, steps, densities, gammas, generator).add_(base)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The steps of a task-vector merge and their global options (see merge_task_vectors)."""
+
+    sparsify: Sparsifier = "none"
+    elect: Election = "none"
+    combine: Combination = "sum"
+    normalize: bool = False
+    scale: float = 1.0
+    rescale: Rescale = "none"
+    delta_norm: DeltaNorm = "none"
 
 
 def merge_deltas(
     deltas: torch.Tensor,
     weights: torch.Tensor,
+    steps: Steps,
     densities: torch.Tensor | None = None,
-    *,
-    sparsify: Sparsifier = "none",
-    elect: Election = "none",
-    combine: Combination = "sum",
-    normalize: bool = False,
-    scale: float = 1.0,
-    rescale: Rescale = "none",
     gammas: torch.Tensor | None = None,
-    delta_norm: DeltaNorm = "none",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """:func:`merge_task_vectors` on task vectors already taken; **overwrites** ``deltas``.
@@ -312,27 +315,25 @@ def merge_deltas(
     For callers that own their ``(k, *shape)`` buffer (the executor), which saves one copy of
     it; returns the combined task vector (without the base).
     """
-    normalize_deltas(deltas, delta_norm)
-    if sparsify != "none":
+    normalize_deltas(deltas, steps.delta_norm)
+    if steps.sparsify != "none":
         for i in range(deltas.shape[0]):
             density = 1.0 if densities is None else float(densities[i])
             gamma = 0.01 if gammas is None else float(gammas[i])
-            deltas[i] = _sparsify(
+            deltas[i] = sparsify(
                 deltas[i],
-                sparsify,
+                steps.sparsify,
                 density=density,
                 gamma=gamma,
                 generator=generator,
-                rescale=rescale,
+                rescale=steps.rescale,
             )
     for i in range(deltas.shape[0]):
         deltas[i] *= float(weights[i])
-    mask = None if elect == "none" else _elect(deltas, elect)
-    return _combine(deltas, mask, weights, method=combine, normalize=normalize, scale=scale)
-
-
-# merge_task_vectors' keyword arguments shadow the step functions; keep module-level aliases.
-_sparsify, _elect, _combine = sparsify, elect, combine
+    mask = None if steps.elect == "none" else elect(deltas, steps.elect)
+    return combine(
+        deltas, mask, weights, method=steps.combine, normalize=steps.normalize, scale=steps.scale
+    )
 
 
 def task_arithmetic(
