@@ -666,7 +666,7 @@ def test_preset_matches_reference(preset: str, shape: tuple[int, ...], normalize
     base, tensors, _ = random_case(rng, shape, k)
     weights = rng.uniform(0.2, 1.5, size=k)
     densities = np.array([0.3, 0.55, 0.9])
-    gammas = np.array([0.05, 0.1, 0.01])
+    gammas = np.array([0.05, 0.1, 0.2])  # model 3: d + gamma > 1 -> n_bot < 0 branch
     options = dict(PRESETS[preset], normalize=normalize, scale=0.8, gammas=gammas)
     expected = ref_merge(base, tensors, weights, densities, **options)
     out = run_merge(base, tensors, weights, densities, **options)
