@@ -513,7 +513,8 @@ def _output_config(
     config = dict(donor.config)
     donor_layers, key = layer_count(donor.config, donor.tensors)
     source_layers = [s.sources[0].start + k for s in slices for k in range(s.length)]
-    if key is not None and layers != donor_layers:
+    # reordered layers of the same depth need their per-layer lists rebuilt too
+    if key is not None and source_layers != list(range(donor_layers)):
         section, _, leaf = key.rpartition(".")
         target = dict(config[section]) if section else config
         target[leaf] = layers

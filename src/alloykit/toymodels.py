@@ -6,6 +6,11 @@ tokenizer); the values come from NumPy's PCG64 generator seeded by a stable hash
 (seed, model, tensor name), so every tensor is the same on every machine, whatever the torch
 version, thread count or generation order.
 
+Architectures (``ToySpec.model_type``): ``llama``, ``mistral``, ``qwen2``, ``gemma3_text``
+(Gemma3ForCausalLM, with a mix of sliding and full attention layers), ``gpt2`` (GPT2LMHeadModel)
+and ``bert`` (a plain ``BertModel``, no head). The spec's sizes are passed under each config's own
+keyword names (``n_embd``/``n_layer``/``n_head`` for GPT-2), so one spec describes them all.
+
 A fine-tune is ``base + shared + own + sparse``: a small delta common to all fine-tunes, a
 smaller one of its own, and a few larger changes on 2% of the entries, which is roughly the
 shape of real fine-tuning deltas (see ``../shared/bench/make_models.py`` for the same idea at
@@ -26,7 +31,11 @@ SIGMA = 0.02  # Llama's initialiser std: the scale of base weights
 
 @dataclass(frozen=True)
 class ToySpec:
-    """Shape of a toy Llama-family model (defaults: ~60k parameters, loads in milliseconds)."""
+    """Shape of a toy model (defaults: a ~60k-parameter Llama that loads in milliseconds).
+
+    ``num_key_value_heads`` is ignored by architectures without grouped-query attention
+    (``gpt2``, ``bert``); ``tie_word_embeddings`` by those without an LM head (``bert``).
+    """
 
     vocab_size: int = 128
     hidden_size: int = 32
@@ -36,7 +45,12 @@ class ToySpec:
     num_key_value_heads: int = 2
     tie_word_embeddings: bool = False
     dtype: str = "float32"
-    model_type: str = "llama"  # llama | mistral | qwen2
+    model_type: str = "llama"  # one of MODEL_TYPES
+
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text", "gpt2", "bert")
+# Architectures without a causal-LM head: built and saved as their bare ``AutoModel``.
+_ENCODERS = ("bert",)
 
 
 def _rng(*key: object) -> np.random.Generator:
@@ -44,11 +58,34 @@ def _rng(*key: object) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
 
 
-def _config(spec: ToySpec):  # type: ignore[no-untyped-def]
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(
-        spec.model_type,
+def _config_kwargs(spec: ToySpec) -> dict[str, object]:
+    """The spec as keyword arguments of ``spec.model_type``'s config class."""
+    if spec.model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown toy model_type {spec.model_type!r}; one of {MODEL_TYPES}")
+    if spec.model_type == "gpt2":
+        return dict(
+            vocab_size=spec.vocab_size,
+            n_embd=spec.hidden_size,
+            n_inner=spec.intermediate_size,
+            n_layer=spec.num_hidden_layers,
+            n_head=spec.num_attention_heads,
+            n_positions=128,
+            tie_word_embeddings=spec.tie_word_embeddings,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if spec.model_type == "bert":
+        return dict(
+            vocab_size=spec.vocab_size,
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads,
+            max_position_embeddings=128,
+            type_vocab_size=2,
+            pad_token_id=0,
+        )
+    kwargs: dict[str, object] = dict(  # llama, mistral, qwen2: exactly what they always had
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -60,25 +97,70 @@ def _config(spec: ToySpec):  # type: ignore[no-untyped-def]
         bos_token_id=1,
         eos_token_id=2,
     )
+    if spec.model_type == "gemma3_text":
+        # Gemma's defaults (head_dim 256, a full-attention layer every 6th) do not fit a tiny
+        # model; every 3rd layer is full attention here, so a 4-layer model has both kinds in
+        # an order that a sliced model's per-layer ``layer_types`` must follow.
+        kwargs.update(
+            head_dim=spec.hidden_size // spec.num_attention_heads,
+            sliding_window=16,
+            layer_types=[
+                "full_attention" if i % 3 == 2 else "sliding_attention"
+                for i in range(spec.num_hidden_layers)
+            ],
+            pad_token_id=0,
+        )
+    return kwargs
+
+
+def _config(spec: ToySpec):  # type: ignore[no-untyped-def]
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(spec.model_type, **_config_kwargs(spec))
     config.dtype = spec.dtype
     return config
 
 
-def parameter_shapes(spec: ToySpec) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors ``save_pretrained`` writes for ``spec``."""
+def model_class(spec: ToySpec):  # type: ignore[no-untyped-def]
+    """The ``transformers`` Auto class that builds and loads ``spec``'s checkpoints."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModel if spec.model_type in _ENCODERS else AutoModelForCausalLM
+
+
+def _empty_model(spec: ToySpec):  # type: ignore[no-untyped-def]
     import torch
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_config(spec))
+        return model_class(spec).from_config(_config(spec))
+
+
+def parameter_shapes(spec: ToySpec) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors ``save_pretrained`` writes for ``spec``."""
+    model = _empty_model(spec)
     names = {n for n, _ in model.named_parameters()}  # tied parameters appear once
     return {n: tuple(p.shape) for n, p in model.state_dict().items() if n in names}
 
 
-def base_values(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """The base model's tensor ``name``: N(0, SIGMA), norm gains near 1."""
+def _is_norm_gain(name: str) -> bool:
+    """True for a normalisation layer's gain: ``*norm.weight``, BERT's ``LayerNorm.weight``,
+    GPT-2's ``ln_1.weight``/``ln_f.weight``."""
+    leaf = name.rsplit(".", 2)[-2:]
+    return name.endswith(("norm.weight", "Norm.weight")) or (
+        leaf[-1] == "weight" and leaf[0].startswith("ln_")
+    )
+
+
+def base_values(
+    name: str, shape: tuple[int, ...], seed: int, *, model_type: str = "llama"
+) -> np.ndarray:
+    """The base model's tensor ``name``: N(0, SIGMA), norm gains near 1.
+
+    Gemma stores its RMSNorm gains as offsets from 1 (it scales by ``1 + weight``), so for
+    ``gemma3_text`` they stay near 0, like every other tensor.
+    """
     values = _rng("base", seed, name).standard_normal(shape).astype(np.float32) * SIGMA
-    if name.endswith("norm.weight"):
+    if _is_norm_gain(name) and not model_type.startswith("gemma"):
         values += 1.0
     return values
 
@@ -123,13 +205,12 @@ def save_checkpoint(
     ``model.safetensors.index.json``; ``None`` writes one ``model.safetensors``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = _config(spec)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2)
+    model = _empty_model(spec)
+    if spec.model_type not in _ENCODERS:
+        model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2)
     dtype = getattr(torch, spec.dtype)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in tensors.items()}
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
@@ -162,7 +243,10 @@ def make_family(
     spec = spec or ToySpec()
     root = Path(root)
     shapes = parameter_shapes(spec)
-    base = {name: base_values(name, shape, seed) for name, shape in shapes.items()}
+    base = {
+        name: base_values(name, shape, seed, model_type=spec.model_type)
+        for name, shape in shapes.items()
+    }
     folders = {"base": save_checkpoint(root / "base", spec, base, max_shard_size=max_shard_size)}
     for index in range(1, finetunes + 1):
         tensors = {
