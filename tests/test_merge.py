@@ -383,3 +383,21 @@ def test_passthrough_needs_one_model_per_slice(family: dict[str, Path]) -> None:
     }
     with pytest.raises(ConfigError, match="passthrough takes exactly one model per slice, got 2"):
         plan_merge(config)
+
+
+def test_object_model_reference_with_override_architecture(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": {
+            "model": {"path": str(family["base"])},
+            "override_architecture": "MistralForCausalLM",
+        },
+        "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0}}],
+        "dtype": "float32",
+    }
+    out = merge(config, tmp_path / "out", MergeOptions(allow_crimes=True)).output
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    with pytest.raises(Exception, match="different architectures"):
+        plan_merge({**config})

@@ -77,22 +77,6 @@ def is_vocabulary_tensor(name: str) -> bool:
     )
 
 
-def module_kind(name: str) -> Literal["embed", "attn", "mlp", "norm", "head", "other"]:
-    """Coarse module kind of a tensor, for reports and filters."""
-    lowered = name.lower()
-    if name in HEAD_NAMES:
-        return "head"
-    if is_vocabulary_tensor(name) or "embed" in lowered:
-        return "embed"
-    if any(w in lowered for w in ("norm", "ln_")):
-        return "norm"
-    if any(w in lowered for w in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")):
-        return "attn"
-    if any(w in lowered for w in ("mlp", "ffn", "feed_forward", "fc1", "fc2", "c_fc")):
-        return "mlp"
-    return "other"
-
-
 def layer_count(config: Mapping[str, Any] | None, names: Iterable[str]) -> tuple[int, str | None]:
     """The number of layers and the config key that holds it (None when the config has none).
 
