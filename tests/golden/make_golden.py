@@ -13,6 +13,12 @@ float32 exactly) and writes, per config, ``_golden.summarize`` of the output
 (shape, float64 norm and 16 sampled values per tensor), the tensor count, the config text with
 the placeholder and MergeKit's stderr lines (warnings; progress bars removed). ``--only NAME`` (repeatable) reruns some configs
 and keeps the others from the existing JSON.
+
+A config holding more than one YAML document is a multi-stage recipe: it is run with the
+``mergekit-multi`` next to ``--mergekit`` (``mergekit-multi CONFIG -I TMPDIR --out-path OUT
+--random-seed 42``). Documents with a ``name`` are intermediate stages (written to
+``TMPDIR/NAME``; a later document refers to one by using that name as a model path); the
+unnamed document is the final output, which is the only one summarised.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -83,10 +91,14 @@ def run_config(mergekit: str, config: Path, models: Path, work: Path) -> dict:
     rendered.write_text(render(text, models), encoding="utf-8")
     out = work / f"out-{config.stem}"
     cmd = [mergekit, str(rendered), str(out), "--random-seed", "42", "--quiet"]
+    if len([doc for doc in yaml.safe_load_all(text) if doc is not None]) > 1:
+        intermediate = work / f"stages-{config.stem}"
+        cmd = [str(Path(mergekit).with_name("mergekit-multi")), str(rendered)]
+        cmd += ["-I", str(intermediate), "--out-path", str(out), "--random-seed", "42", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(
-            f"{config.name}: mergekit-yaml failed ({proc.returncode})\n{proc.stderr[-4000:]}"
+            f"{config.name}: {Path(cmd[0]).name} failed ({proc.returncode})\n{proc.stderr[-4000:]}"
         )
     tensors = load_output(out)
     out_config = json.loads((out / "config.json").read_text())
