@@ -223,3 +223,19 @@ def test_existing_output_needs_overwrite(tmp_path: Path, family: dict[str, Path]
     result = run_cli("merge", config, out, "--overwrite", "-q")
     assert result.returncode == 0, result.stderr
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_quantized_input(tmp_path: Path, family: dict[str, Path]) -> None:
+    import json
+
+    quantized = copy_model(family["ft2"], tmp_path / "gptq")
+    config_path = quantized / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config_path.write_text(json.dumps(config))
+    recipe_path = recipe(tmp_path, [family["ft1"], quantized])
+    assert_clean_failure(
+        tmp_path,
+        recipe_path,
+        expect=f"model '{quantized}' is quantized (quant_method: gptq); quantized inputs are not supported: dequantize it first",
+    )

@@ -128,6 +128,18 @@ class Checkpoint:
         self.folder = folder
         self.label = label or str(folder)
         self.config = _read_config(folder)
+        quantization = (self.config or {}).get("quantization_config")
+        if quantization is not None:
+            method = (
+                quantization.get("quant_method", "unknown")
+                if isinstance(quantization, dict)
+                else "unknown"
+            )
+            raise CheckpointError(
+                f"model '{self.label}' is quantized (quant_method: {method}); quantized inputs "
+                "are not supported: dequantize it first (load it with transformers and "
+                "save_pretrained it in float16 or bfloat16)"
+            )
         self.tensors: dict[str, TensorInfo] = {}
         self._descriptors: dict[Path, int] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
