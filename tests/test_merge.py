@@ -401,3 +401,41 @@ def test_object_model_reference_with_override_architecture(
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
     with pytest.raises(Exception, match="different architectures"):
         plan_merge({**config})
+
+
+def test_keep_from_base_takes_those_module_kinds_unchanged(family: dict[str, Path]) -> None:
+    config = {
+        "merge_method": "ties",
+        "base_model": str(family["base"]),
+        "models": [
+            {"model": str(family[k]), "parameters": {"weight": 1.0, "density": 0.5}}
+            for k in ("ft1", "ft2")
+        ],
+        "keep_from_base": ["embedding", "head", "norm"],
+    }
+    state = merge_to_state_dict(config)
+    base = load_tensors(family["base"])
+    kept = [n for n in base if "embed" in n or "lm_head" in n or "norm" in n]
+    assert len(kept) == 2 + 1 + 2 * NUM_LAYERS
+    for name in kept:
+        assert np.array_equal(state[name].double().numpy(), base[name]), name
+    assert not np.array_equal(
+        state["model.layers.0.mlp.up_proj.weight"].double().numpy(),
+        base["model.layers.0.mlp.up_proj.weight"],
+    )
+
+
+def test_keep_from_base_is_validated() -> None:
+    from alloykit.errors import ConfigError
+
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": "a", "parameters": {"weight": 1}}],
+        "keep_from_base": ["embeddings"],
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    assert "keep_from_base[0]: unknown module kind 'embeddings' (did you mean 'embedding'?)" in str(
+        info.value
+    )
+    assert "keep_from_base: needs a base_model" in str(info.value)

@@ -77,6 +77,45 @@ def is_vocabulary_tensor(name: str) -> bool:
     )
 
 
+MODULE_KINDS = ("embedding", "head", "norm", "attention", "mlp")
+
+
+def module_kind(name: str) -> str | None:
+    """The module kind of a tensor (one of :data:`MODULE_KINDS`), or None when none fits.
+
+    Read from the name alone, for any transformer: ``lm_head``/``embed_out`` are the head;
+    token and position embeddings the embedding; ``norm``/``ln_``/``LayerNorm`` a norm;
+    ``attn``/``attention``/``q_proj``... attention; ``mlp``/``ffn``/``fc1``/``c_fc``/BERT's
+    ``intermediate`` and layer ``output`` the MLP.
+    """
+    lowered = name.lower()
+    parts = split_layer_name(name)
+    rest = parts.rest.lower() if parts is not None else lowered
+    if name in HEAD_NAMES or lowered.startswith("lm_head."):
+        return "head"
+    if is_vocabulary_tensor(name) or "embed" in lowered or "wpe." in lowered:
+        return "embedding"
+    if "norm" in rest or "ln_" in rest or "layernorm" in rest:
+        return "norm"
+    if any(w in rest for w in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")):
+        return "attention"
+    if any(
+        w in rest
+        for w in (
+            "mlp",
+            "ffn",
+            "feed_forward",
+            "fc1",
+            "fc2",
+            "c_fc",
+            "intermediate",
+            "output.dense",
+        )
+    ):
+        return "mlp"
+    return None
+
+
 def layer_count(config: Mapping[str, Any] | None, names: Iterable[str]) -> tuple[int, str | None]:
     """The number of layers and the config key that holds it (None when the config has none).
 

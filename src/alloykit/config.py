@@ -147,6 +147,7 @@ class MergeConfig(BaseModel):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = None
+    keep_from_base: list[str] | None = None
 
     def to_yaml(self) -> str:
         """The recipe as YAML that :func:`load_config` reads back to an equal config."""
@@ -316,6 +317,17 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
         if value is not None and normalize_dtype(value) is None:
             problems.append(f"{key}: unknown dtype '{value}' (use one of {', '.join(DTYPES)})")
     problems.extend(_check_inputs(config))
+    if config.keep_from_base:
+        from alloykit.architecture import MODULE_KINDS
+
+        for i, kind in enumerate(config.keep_from_base):
+            if kind not in MODULE_KINDS:
+                problems.append(
+                    f"keep_from_base[{i}]: unknown module kind '{kind}'{did_you_mean(kind, MODULE_KINDS)}; "
+                    f"kinds are {', '.join(MODULE_KINDS)}"
+                )
+        if config.base_model is None:
+            problems.append("keep_from_base: needs a base_model to keep tensors from")
     problems.extend(_check_tokenizer(config))
     if method is not None:
         for path, name, value in _parameter_sites(config):

@@ -24,6 +24,7 @@ from alloykit.architecture import (
     is_vocabulary_tensor,
     layer_count,
     layer_stack_prefix,
+    module_kind,
     split_layer_name,
     tensor_position,
 )
@@ -270,6 +271,7 @@ class _Planner:
     ) -> None:
         self.method = method
         self.top = config.parameters
+        self.keep = set(config.keep_from_base or ())
         self.checkpoints = checkpoints
         self.out_dtype = DTYPE_CODES[_torch_dtype(out_dtype)] if out_dtype else None
         self.stack = {label: layer_stack_prefix(c.tensors) for label, c in checkpoints.items()}
@@ -391,6 +393,20 @@ class _Planner:
                 )
         dtype = self.out_dtype or reference.dtype
         input_bytes = sum(i.nbytes for i in infos.values())
+        kept = output_slice.base is not None and module_kind(output) in self.keep
+        if kept and output_slice.base in infos:  # keep_from_base: the base's tensor, unchanged
+            info = infos[output_slice.base]
+            return TensorJob(
+                output,
+                info.shape,
+                dtype,
+                COPY,
+                (TensorInput(output_slice.base, info.name),),
+                None,
+                {},
+                {},
+                info.nbytes,
+            )
         if reference.dtype not in FLOAT_CODES:  # integer buffers are copied, not merged
             return TensorJob(
                 output,
