@@ -178,6 +178,19 @@ def _plain(config: MergeConfig) -> dict[str, Any]:
     return plain
 
 
+def model_refs(config: MergeConfig) -> list[ModelRef]:
+    """Every model reference in the config, in first-mention order, each once."""
+    refs = [m.model for m in config.models or []]
+    for output_slice in config.slices or []:
+        refs += [s.model for s in output_slice.sources]
+        refs += [output_slice.base_model] if output_slice.base_model else []
+    refs += [config.base_model] if config.base_model else []
+    unique: dict[str, ModelRef] = {}
+    for ref in refs:
+        unique.setdefault(str(ref), ref)
+    return list(unique.values())
+
+
 def recipe_hash(config: MergeConfig) -> str:
     """A stable sha256 of the recipe: equal for configs that mean the same merge.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from alloykit.config import MergeConfig, recipe_hash
+from alloykit.config import MergeConfig, model_refs, recipe_hash
 from alloykit.errors import AlloyError
 from alloykit.execute import ExecutionOptions, StateDictSink, execute
 from alloykit.io.checkpoint import Checkpoint
@@ -30,7 +30,7 @@ from alloykit.io.writer import (
     parse_size,
     write_config,
 )
-from alloykit.plan import MergePlan, TensorJob, build_plan, model_labels
+from alloykit.plan import MergePlan, TensorJob, build_plan
 from alloykit.stages import MemoryCheckpoint, available_memory, load_stages, stage_names
 
 log = logging.getLogger("alloykit")
@@ -96,13 +96,12 @@ def open_models(
     """
     checkpoints: dict[str, Checkpoint] = {}
     opened: list[Checkpoint] = []
-    refs = {str(r): r for r in _refs(config)}
     try:
-        for label in model_labels(config):
+        for ref in model_refs(config):
+            label = str(ref)
             if provided is not None and label in provided:
                 checkpoints[label] = provided[label]
                 continue
-            ref = refs[label]
             checkpoint = Checkpoint(resolve_model(ref.path, ref.revision), label)
             opened.append(checkpoint)
             if ref.override_architecture and checkpoint.config is not None:
@@ -112,14 +111,6 @@ def open_models(
     finally:
         for checkpoint in opened:
             checkpoint.close()
-
-
-def _refs(config: MergeConfig) -> list[Any]:
-    refs = [m.model for m in config.models or []]
-    for output_slice in config.slices or []:
-        refs += [s.model for s in output_slice.sources]
-        refs += [output_slice.base_model] if output_slice.base_model else []
-    return refs + ([config.base_model] if config.base_model else [])
 
 
 @dataclass

@@ -28,9 +28,15 @@ from alloykit.architecture import (
     split_layer_name,
     tensor_position,
 )
-from alloykit.config import MergeConfig, normalize_dtype, resolve_parameter, yaml_path
+from alloykit.config import MergeConfig, model_refs, normalize_dtype, resolve_parameter, yaml_path
 from alloykit.errors import ConfigError, IncompatibleModels
-from alloykit.io.checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, TensorInfo
+from alloykit.io.checkpoint import (
+    DTYPE_CODES,
+    FLOAT_CODES,
+    SAFETENSORS_DTYPES,
+    Checkpoint,
+    TensorInfo,
+)
 from alloykit.methods import Method, Param, resolve_method
 
 COPY = "copy"  # the job "method" for tensors that are not merged (integer buffers)
@@ -65,8 +71,6 @@ class TensorJob:
 
     @property
     def output_bytes(self) -> int:
-        from alloykit.io.checkpoint import TensorInfo
-
         return TensorInfo(self.output, self.shape, self.dtype, Path()).nbytes
 
 
@@ -74,7 +78,6 @@ class TensorJob:
 class MergePlan:
     """Everything a merge will do, before it does it."""
 
-    method: str
     jobs: list[TensorJob]
     kernel: Method  # the registry row (or step composition) every merged job runs
     models: dict[str, Path]  # model label -> local folder
@@ -84,6 +87,10 @@ class MergePlan:
     load_dtype: str | None  # config `dtype`: inputs are rounded to it when read
     layers: int
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.kernel.name
 
     @property
     def input_bytes(self) -> int:
@@ -154,7 +161,6 @@ def build_plan(
         out_dtype = normalize_dtype(named) if isinstance(named, str) else None
         out_dtype = out_dtype or _torch_name(first_float)
     return MergePlan(
-        method=method.name,
         jobs=jobs,
         kernel=method,
         models={label: ckpt.folder for label, ckpt in checkpoints.items()},
@@ -169,16 +175,7 @@ def build_plan(
 
 def model_labels(config: MergeConfig) -> list[str]:
     """Every model the config references, as labels, in first-mention order."""
-    labels: list[str] = []
-    refs = [m.model for m in config.models or []]
-    for output_slice in config.slices or []:
-        refs += [s.model for s in output_slice.sources]
-        refs += [output_slice.base_model] if output_slice.base_model else []
-    refs += [config.base_model] if config.base_model else []
-    for ref in refs:
-        if str(ref) not in labels:
-            labels.append(str(ref))
-    return labels
+    return [str(ref) for ref in model_refs(config)]
 
 
 def _first_model(config: MergeConfig) -> str:
@@ -515,8 +512,6 @@ def _torch_dtype(name: str) -> Any:
 
 
 def _torch_name(code: str) -> str:
-    from alloykit.io.checkpoint import SAFETENSORS_DTYPES
-
     return str(SAFETENSORS_DTYPES[code]).removeprefix("torch.")
 
 
