@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,7 @@ def _run_stage(
             return MemoryCheckpoint(name, plan, None)
         if options.intermediate_dir is not None:
             target = Path(options.intermediate_dir) / name
-            _write(plan, checkpoints, [stage], target, _overwriting(options), None)
+            _write(plan, checkpoints, [stage], target, replace(options, overwrite=True), None)
             return Checkpoint(target, name)
         available = available_memory()
         if available is not None and plan.output_bytes > available // 2:
@@ -169,12 +169,6 @@ def _run_stage(
         sink = StateDictSink()
         execute(plan, checkpoints, sink, _execution(options))
         return MemoryCheckpoint(name, plan, sink)
-
-
-def _overwriting(options: MergeOptions) -> MergeOptions:
-    from dataclasses import replace
-
-    return replace(options, overwrite=True)
 
 
 def plan_stages(
