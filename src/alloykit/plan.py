@@ -441,6 +441,12 @@ class _Planner:
                 "few",
                 f"{self.method.name} needs at least {self.method.min_models} models besides the base",
             )
+        if self.method.max_models is not None and len(inputs) > self.method.max_models:
+            self._problem(
+                "many",
+                f"{self.method.name} takes at most {self.method.max_models} models besides the "
+                f"base, got {len(inputs)}",
+            )
         if self.method.check is not None and (problem := self.method.check(per_model, params)):
             self._problem(f"param:check:{problem}", f"tensor '{output}': {problem}")
         return job

@@ -16,6 +16,14 @@ import torch
 
 Scalar = float | int | bool | str
 
+# Properties a method may declare; tests/methods/test_properties.py checks each declared one.
+#   idempotent: merging k identical models (the base identical too) returns that model;
+#   constant: when every input is the same constant tensor and the per-model weights sum to
+#             one (unequal), the output is that constant;
+#   symmetric: permuting the non-base models (with their per-model parameters) changes nothing.
+Property = Literal["idempotent", "constant", "symmetric"]
+PROPERTIES: tuple[Property, ...] = ("idempotent", "constant", "symmetric")
+
 
 @dataclass(frozen=True)
 class Param:
@@ -103,6 +111,9 @@ class Method:
     formula: str
     citation: str
     min_models: int = 1
+    max_models: int | None = None  # the most models besides the base (None: no limit)
+    # Which of PROPERTIES hold (at the default parameters; random methods for one seed).
+    properties: frozenset[Property] = frozenset()
     # A problem with one tensor's resolved parameters (per_model, params), found at plan time.
     check: Callable[[Mapping[str, tuple[float, ...]], Mapping[str, Any]], str | None] | None = None
 
