@@ -48,7 +48,7 @@ def test_preset_options_equal_the_matching_composition(family: dict[str, Path]) 
 
 def test_composition_errors_name_the_step() -> None:
     config = {
-        "merge_method": {"sparsify": "della", "elect": "majority", "combin": "sum"},
+        "merge_method": {"sparsify": "trim", "elect": "majority", "combin": "sum"},
         "base_model": "b",
         "models": [{"model": "a", "parameters": {"weight": 1}}],
     }
@@ -56,7 +56,7 @@ def test_composition_errors_name_the_step() -> None:
         load_config(config)
     text = str(info.value)
     assert (
-        "merge_method.sparsify: della (DELLA's magnitude-ranked sampling) is not implemented yet"
+        "merge_method.sparsify: 'trim' is not one of none, magnitude, random, breadcrumbs, della"
         in text
     )
     assert "merge_method.elect: 'majority' is not one of none, mass, count" in text
@@ -75,7 +75,7 @@ def test_composition_parameters_are_validated_like_a_presets() -> None:
     assert "models[0].parameters.density: -0.1 is outside [0, 1]" in info.value.problems
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
 def test_a_seed_gives_the_same_output_on_any_thread_count(
     family: dict[str, Path], method: str
 ) -> None:
@@ -104,5 +104,6 @@ def test_presets_run_with_sorting_forbidden(
     for owner in (torch, torch.Tensor):
         monkeypatch.setattr(owner, "sort", forbidden)
         monkeypatch.setattr(owner, "argsort", forbidden)
-    for method in ("ties", "breadcrumbs", "breadcrumbs_ties", "magnitude_prune", "dare_ties"):
+    methods = ("ties", "breadcrumbs", "breadcrumbs_ties", "magnitude_prune", "dare_ties", "della")
+    for method in (*methods, {"sparsify": "della", "elect": "count"}):
         merge_to_state_dict(recipe(family, method), MergeOptions(seed=0))

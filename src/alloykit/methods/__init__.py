@@ -18,13 +18,15 @@ import torch
 from alloykit.errors import ConfigError, did_you_mean
 from alloykit.methods.linear import run_linear
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
-from alloykit.methods.registry import Method, MethodInputs, Param
+from alloykit.methods.registry import Method, MethodInputs, Param, Property
 from alloykit.methods.spherical import run_slerp
 from alloykit.methods.task_vectors import (
+    INVERSE_DELLA,
     ZERO_WEIGHT_SUM,
     Rescale,
     Sparsifier,
     Steps,
+    della_bounds_problem,
     merge_deltas,
 )
 
@@ -53,6 +55,14 @@ GAMMA = Param(
     low=0.0,
     high=1.0,
     doc="fraction of the largest-magnitude entries dropped as outliers",
+)
+EPSILON = Param(
+    "epsilon",
+    default=0.15,
+    per_model=True,
+    low=0.0,
+    high=1.0,
+    doc="DELLA: keep probabilities run from density − epsilon (smallest) to density + epsilon",
 )
 LAMBDA = Param("lambda", default=1.0, doc="scales the combined task vector")
 DELTA_NORM = Param(
@@ -110,6 +120,7 @@ def run_task_vectors(inputs: MethodInputs, *, preset: Preset) -> torch.Tensor:
         inputs.per_model.get("density"),
         inputs.per_model.get("gamma"),
         inputs.generator,
+        inputs.per_model.get("epsilon"),
     )
     return combined.add_(inputs.base)
 
@@ -133,6 +144,8 @@ def task_vector_method(
         params.append(DENSITY)
     if sparsify == "breadcrumbs":
         params.append(GAMMA)
+    if sparsify == "della":
+        params.append(EPSILON)
     if elect:
         params.append(
             Param(
@@ -167,7 +180,33 @@ def task_vector_method(
         summary=summary,
         formula=formula,
         citation=citation,
+        check=_della_check if sparsify == "della" else None,
+        properties=_task_vector_properties(sparsify, normalize),
     )
+
+
+def _task_vector_properties(sparsify: Sparsifier, normalize: bool) -> frozenset[Property]:
+    """Identical models (base included) give zero task vectors, so every preset returns the
+    model; a constant is kept likewise. Order matters only where draws are made per model."""
+    properties: set[Property] = {"idempotent", "constant"}
+    if sparsify not in ("random", "della"):
+        properties.add("symmetric")
+    return frozenset(properties)
+
+
+def _della_check(
+    per_model: Mapping[str, tuple[float, ...]], params: Mapping[str, Any]
+) -> str | None:
+    """DELLA's keep probabilities density ± epsilon must be probabilities (MergeKit's rule)."""
+    if params.get("rescale") and params.get("rescale_mode") == "inverse":
+        return INVERSE_DELLA
+    for i, (density, epsilon) in enumerate(
+        zip(per_model["density"], per_model["epsilon"], strict=True)
+    ):
+        problem = della_bounds_problem(density, epsilon)
+        if problem:
+            return f"model {i + 1}: {problem}"
+    return None
 
 
 def _weights_must_not_cancel(
@@ -185,6 +224,7 @@ def _weights_must_not_cancel(
 
 TIES = "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708"
 DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099"
+DELLA = "Deep et al. 2024, DELLA-Merging (MagPrune), arXiv:2406.11617"
 BREADCRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795"
 TASK_VECTOR = "u_i = w_i·{sparse}(x_i − base)"
 
@@ -200,6 +240,7 @@ METHODS: dict[str, Method] = {
             ),
             base="input",
             check=_weights_must_not_cancel,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
             summary="weighted average of the models' weights (model soup)",
             formula="out = Σ w_i·x_i / Σ w_i   (no division when normalize: false)",
             citation="Wortsman et al. 2022, Model soups, arXiv:2203.05482",
@@ -216,6 +257,8 @@ METHODS: dict[str, Method] = {
                 ),
             ),
             base="required",
+            max_models=1,
+            properties=frozenset({"idempotent", "constant"}),
             summary="spherical interpolation between the base and one other model",
             formula="θ = angle(base, x); out = sin((1−t)θ)/sin θ·base + sin(tθ)/sin θ·x  (lerp when |cos θ| > 0.9995)",
             citation="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); MergeKit's slerp",
@@ -233,6 +276,7 @@ METHODS: dict[str, Method] = {
             ),
             base="input",
             check=exactly_one_model,
+            properties=frozenset({"idempotent", "constant"}),
             summary="copy one model's tensors: layer stacking and frankenmerges with slices",
             formula="out = scale·x",
             citation="Kim et al. 2023, SOLAR 10.7B depth up-scaling, arXiv:2312.15166; MergeKit's passthrough",
@@ -288,6 +332,26 @@ METHODS: dict[str, Method] = {
             citation=DARE,
         ),
         task_vector_method(
+            "della",
+            sparsify="della",
+            elect=True,
+            normalize=True,
+            rescale=True,
+            summary="drop task-vector entries at random, larger ones kept more often (DELLA), then TIES election",
+            formula=f"{TASK_VECTOR.format(sparse='magprune_(d±ε)')}; s = sign(Σ u_i); out = base + λ·Σ_(sign u_i = s) u_i / Σ_(agreeing) w_i",
+            citation=DELLA,
+        ),
+        task_vector_method(
+            "della_linear",
+            sparsify="della",
+            elect=False,
+            normalize=False,
+            rescale=True,
+            summary="DELLA's magnitude-ranked drop and rescale, then a weighted sum",
+            formula=f"{TASK_VECTOR.format(sparse='magprune_(d±ε)')}; out = base + λ·Σ u_i",
+            citation=DELLA,
+        ),
+        task_vector_method(
             "breadcrumbs",
             sparsify="breadcrumbs",
             elect=False,
@@ -312,11 +376,10 @@ METHODS: dict[str, Method] = {
 
 
 STEP_CHOICES = {
-    "sparsify": ("none", "magnitude", "random", "breadcrumbs"),
+    "sparsify": ("none", "magnitude", "random", "breadcrumbs", "della"),
     "elect": ("none", "mass", "count"),
     "combine": ("sum", "mean"),
 }
-NOT_YET = {"della": "della (DELLA's magnitude-ranked sampling) is not implemented yet"}
 
 
 def compose_method(steps: Mapping[str, Any]) -> Method:
@@ -333,8 +396,6 @@ def compose_method(steps: Mapping[str, Any]) -> Method:
             problems.append(
                 f"{where}: unknown step{did_you_mean(str(key), STEP_CHOICES)}; steps are sparsify, elect, combine"
             )
-        elif value in NOT_YET:
-            problems.append(f"{where}: {NOT_YET[value]}")
         elif value not in STEP_CHOICES[key]:
             problems.append(f"{where}: '{value}' is not one of {', '.join(STEP_CHOICES[key])}")
     if problems:
@@ -348,10 +409,10 @@ def compose_method(steps: Mapping[str, Any]) -> Method:
         sparsify=sparsify,
         elect=elect != "none",
         normalize=elect != "none",
-        rescale=sparsify == "random",
+        rescale=sparsify in ("random", "della"),
         summary="a composition of the task-vector steps",
         formula=f"out = base + λ·{combine}_{elect}(w_i·{sparsify}(x_i − base))",
-        citation="the steps' papers: " + "; ".join((TIES, DARE, BREADCRUMBS)),
+        citation="the steps' papers: " + "; ".join((TIES, DARE, BREADCRUMBS, DELLA)),
         elect_default=elect if elect != "none" else "mass",
         combine_default=combine,
     )

@@ -6,7 +6,8 @@ arithmetic", arXiv:2212.04089). Every method here is the same three steps, each 
 1. **sparsify** each task vector: ``none``; ``magnitude`` (TIES trim: keep the top-k by
    magnitude, Yadav et al. 2023, arXiv:2306.01708); ``random`` (DARE drop-and-rescale, Yu et al.
    2023, arXiv:2311.03099); ``breadcrumbs`` (drop the smallest and the largest, Davari &
-   Belilovsky 2023, arXiv:2312.06795);
+   Belilovsky 2023, arXiv:2312.06795); ``della`` (keep each entry with a probability that grows
+   with its magnitude rank in its row, Deep et al. 2024, DELLA-Merging, arXiv:2406.11617);
 2. **elect** a sign per element: ``none``; ``mass`` (the sign of the weighted sum, TIES);
    ``count`` (the sign most models have, PEFT's option);
 3. **combine** the agreeing, weighted task vectors: ``sum`` (optionally divided by the sum of
@@ -16,7 +17,8 @@ Named methods (``ties``, ``dare_ties``, ...) are presets: a choice of steps and 
 
 Every magnitude ranking uses one total order: larger ``|δ|`` first, and among equal magnitudes
 the lower flat index first, so exactly k elements are kept, deterministically. Selection is
-O(n) (``torch.kthvalue`` plus a count of ties), never a sort. Sums that decide a result
+O(n) (``torch.kthvalue`` plus a count of ties), never a sort; DELLA's ranks come from a
+histogram of the magnitudes' float bits (see :func:`della_mask`). Sums that decide a result
 (norms, sign votes) run in a fixed order, so outputs do not depend on the thread count.
 """
 
@@ -27,7 +29,7 @@ from typing import Literal
 
 import torch
 
-Sparsifier = Literal["none", "magnitude", "random", "breadcrumbs"]
+Sparsifier = Literal["none", "magnitude", "random", "breadcrumbs", "della"]
 Election = Literal["none", "mass", "count"]
 Combination = Literal["sum", "mean"]
 Rescale = Literal["none", "l1", "inverse"]
@@ -69,6 +71,98 @@ def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view(magnitude.shape)
 
 
+# DELLA's rank buckets, on a magnitude's float32 bit pattern: within 16 binades of the row's
+# largest value the top 9 mantissa bits are kept (512 buckets per binade: fine enough that a
+# bucket mostly holds one value); below that, 5 (32 per binade, down to the smallest float).
+_FINE_SHIFT, _COARSE_SHIFT = 23 - 9, 23 - 5
+_FINE_BINS = 16 * 512
+_RANK_BINS = _FINE_BINS + (1 << (31 - _COARSE_SHIFT))
+_COMPARE_BUDGET = 1 << 22  # elements compared at once when resolving a rank exactly
+
+
+def della_probability(rank: torch.Tensor, n: int, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability of an entry of 0-based magnitude ``rank`` in a row of ``n``.
+
+    ``p = (density − ε) + 2ε·rank/(n − 1)``: the smallest magnitude is kept with probability
+    ``density − ε``, the largest with ``density + ε`` (MagPrune, Deep et al. 2024,
+    arXiv:2406.11617; MergeKit's ``della_magprune``). A row of one entry keeps it with
+    probability ``density``. Computed in float64 with this exact expression, so a reference
+    reading of the formula gives the same bits.
+    """
+    if n == 1:
+        return torch.full(rank.shape, density, dtype=torch.float64, device=rank.device)
+    return (density - epsilon) + (2 * epsilon) * rank.to(torch.float64) / (n - 1)
+
+
+def _average_ranks(keys: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Average 0-based rank of ``keys[rows[j], columns[j]]`` in its row, by counting."""
+    n = keys.shape[1]
+    ranks = torch.empty(rows.numel(), dtype=torch.float64, device=keys.device)
+    step = max(1, _COMPARE_BUDGET // n)
+    for start in range(0, rows.numel(), step):
+        r, c = rows[start : start + step], columns[start : start + step]
+        row_keys = keys[r]  # (m, n)
+        own = keys[r, c].unsqueeze(1)
+        below = (row_keys < own).sum(dim=1)
+        equal = (row_keys == own).sum(dim=1)
+        ranks[start : start + step] = below + (equal - 1) / 2
+    return ranks
+
+
+def della_mask(
+    magnitude: torch.Tensor, density: float, epsilon: float, uniform: torch.Tensor
+) -> torch.Tensor:
+    """DELLA's keep mask: entry ``j`` of a row is kept when ``uniform[j] < p(rank_j)``.
+
+    ``magnitude`` and ``uniform`` are ``(rows, n)``; ``rank_j`` is the 0-based rank of
+    ``|δ_j|`` in its row in ascending order, equal magnitudes sharing the average of their
+    ranks (so the mask does not depend on where equal values sit), and ``p`` is
+    :func:`della_probability`. Nothing is sorted: a per-row histogram of the magnitudes' top
+    bit-pattern bits (a non-negative float's bits order like its value) gives each entry its
+    bucket's rank span ``[lo, hi]``. A bucket holding one value (often a single entry, or the
+    many equal deltas of bfloat16 models) gives the exact rank ``(lo + hi)/2``; elsewhere
+    ``uniform < p(lo)`` keeps and ``uniform ≥ p(hi)`` drops for certain, and only the rare
+    entries whose draw falls between get their exact rank by counting over the row. The
+    result is what exact ranks give, in O(n) expected time.
+    """
+    if magnitude.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"della ranks float32 or float64 magnitudes, not {magnitude.dtype}")
+    rows, n = magnitude.shape
+    mask = torch.empty_like(magnitude, dtype=torch.bool)
+    key_dtype = torch.int32 if magnitude.dtype == torch.float32 else torch.int64
+    keys = magnitude.contiguous().view(key_dtype).to(torch.int64)
+    # rounding to float32 keeps the order, so float64 magnitudes bucket the same way
+    bits = magnitude.to(torch.float32).view(torch.int32).to(torch.int64)
+    chunk = max(1, (1 << 21) // _RANK_BINS)  # rows per histogram: 16 MB per count table
+    for first in range(0, rows, chunk):
+        part = keys[first : first + chunk]
+        fine = bits[first : first + chunk] >> _FINE_SHIFT
+        lowest_fine = (fine.amax(dim=1, keepdim=True) - (_FINE_BINS - 1)).clamp_(min=0)
+        coarse = bits[first : first + chunk] >> _COARSE_SHIFT
+        first_fine = (lowest_fine >> (_COARSE_SHIFT - _FINE_SHIFT)) + 1  # above every coarse one
+        bucket = torch.where(fine >= lowest_fine, first_fine + fine - lowest_fine, coarse)
+        shape = (part.shape[0], _RANK_BINS)
+        counts = torch.zeros(shape, dtype=torch.int64, device=part.device)
+        counts.scatter_add_(1, bucket, torch.ones_like(bucket))
+        smallest = torch.full(shape, torch.iinfo(torch.int64).max, device=part.device)
+        largest = torch.full(shape, -1, dtype=torch.int64, device=part.device)
+        smallest.scatter_reduce_(1, bucket, part, "amin")
+        largest.scatter_reduce_(1, bucket, part, "amax")
+        low = (torch.cumsum(counts, dim=1) - counts).gather(1, bucket)
+        high = low + counts.gather(1, bucket) - 1
+        single = smallest.gather(1, bucket) == largest.gather(1, bucket)
+        draws = uniform[first : first + chunk].to(torch.float64)
+        exact = (low + high) / 2  # right where the bucket holds one value
+        keep = draws < della_probability(torch.where(single, exact, low), n, density, epsilon)
+        unsure = ~single & (keep ^ (draws < della_probability(high, n, density, epsilon)))
+        if bool(unsure.any()):
+            r, c = unsure.nonzero(as_tuple=True)
+            ranks = _average_ranks(part, r, c)
+            keep[r, c] = draws[r, c] < della_probability(ranks, n, density, epsilon)
+        mask[first : first + chunk] = keep
+    return mask
+
+
 def _rescale(
     delta: torch.Tensor, kept: torch.Tensor, density: float, rescale: Rescale
 ) -> torch.Tensor:
@@ -87,6 +181,7 @@ def sparsify(
     *,
     density: float,
     gamma: float = 0.01,
+    epsilon: float = 0.15,
     generator: torch.Generator | None = None,
     rescale: Rescale = "none",
 ) -> torch.Tensor:
@@ -98,6 +193,9 @@ def sparsify(
       (MergeKit up to 0.1.4 kept nothing when ``gamma·N < 1``);
     - ``random``: keep each element with probability ``density`` (DARE), drawn from
       ``generator``;
+    - ``della``: keep each element with probability ``density − ε`` (smallest magnitude of
+      its row) to ``density + ε`` (largest), linear in its rank (:func:`della_mask`); a 1-D
+      tensor is one row, a tensor of more dimensions is ranked along its flattened dims 1..;
     - ``none``: unchanged.
 
     ``rescale`` then scales the kept values: ``inverse`` by ``1/density`` (the DARE paper),
@@ -109,7 +207,9 @@ def sparsify(
         method: ``none``, ``magnitude``, ``random`` or ``breadcrumbs``.
         density: fraction of elements kept, in [0, 1].
         gamma: breadcrumbs' fraction of largest elements dropped (default 0.01).
-        generator: random source for ``random``.
+        epsilon: della's half-width of keep probabilities around ``density`` (default 0.15);
+            ``0 < density − ε`` and ``density + ε < 1`` are required for ``0 < density < 1``.
+        generator: random source for ``random`` and ``della``.
         rescale: ``none`` (default), ``l1`` or ``inverse``.
 
     Returns:
@@ -138,9 +238,38 @@ def sparsify(
             delta.shape, generator=generator, device=delta.device, dtype=torch.float32
         )
         keep = draws < density
+    elif method == "della":
+        problem = della_bounds_problem(density, epsilon)
+        if problem:
+            raise ValueError(problem)
+        if rescale == "inverse":
+            raise ValueError(INVERSE_DELLA)
+        rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+        draws = torch.rand(rows.shape, generator=generator, device=delta.device)
+        keep = della_mask(rows.abs(), density, epsilon, draws).view(delta.shape)
     else:
         raise ValueError(f"unknown sparsify method {method!r}")
     return _rescale(delta, delta * keep, density, rescale)
+
+
+INVERSE_DELLA = (
+    "rescale_mode: inverse divides by one keep probability (DARE); della's differ per entry, "
+    "so della rescales by the L1 norm (rescale_mode: l1)"
+)
+
+
+def della_bounds_problem(density: float, epsilon: float) -> str | None:
+    """Why ``density ± epsilon`` is not a probability range for DELLA, or None when it is.
+
+    Checked only for ``0 < density < 1`` (density 0 keeps nothing, 1 everything), as in
+    MergeKit, whose message this mirrors.
+    """
+    if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        return (
+            f"epsilon {epsilon:g} with density {density:g}: density ± epsilon must lie inside "
+            "(0, 1); lower epsilon or move density away from 0 and 1"
+        )
+    return None
 
 
 def elect(weighted: torch.Tensor, method: Election) -> torch.Tensor:
@@ -259,6 +388,7 @@ def merge_task_vectors(
     gammas: torch.Tensor | None = None,
     delta_norm: DeltaNorm = "none",
     generator: torch.Generator | None = None,
+    epsilons: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole task-vector merge: ``base + combine(elect(w·sparsify(δ)))``.
 
@@ -273,7 +403,8 @@ def merge_task_vectors(
         rescale: how sparsify rescales the kept values.
         gammas: ``(k,)`` breadcrumbs' per-model gamma (default 0.01).
         delta_norm: scale task vectors to a common norm first (``none``, ``l1``, ``l2``).
-        generator: random source for ``random`` sparsification.
+        generator: random source for ``random`` and ``della`` sparsification.
+        epsilons: ``(k,)`` della's per-model epsilon (default 0.15).
 
     Returns:
         The merged tensor (new; the arguments are not modified).
@@ -286,7 +417,7 @@ def merge_task_vectors(
     """
     deltas = tensors - base  # (k, *shape): one task vector per model
     steps = Steps(sparsify, elect, combine, normalize, scale, rescale, delta_norm)
-    return merge_deltas(deltas, weights, steps, densities, gammas, generator).add_(base)
+    return merge_deltas(deltas, weights, steps, densities, gammas, generator, epsilons).add_(base)
 
 
 @dataclass(frozen=True)
@@ -309,6 +440,7 @@ def merge_deltas(
     densities: torch.Tensor | None = None,
     gammas: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    epsilons: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`merge_task_vectors` on task vectors already taken; **overwrites** ``deltas``.
 
@@ -320,11 +452,13 @@ def merge_deltas(
         for i in range(deltas.shape[0]):
             density = 1.0 if densities is None else float(densities[i])
             gamma = 0.01 if gammas is None else float(gammas[i])
+            epsilon = 0.15 if epsilons is None else float(epsilons[i])
             deltas[i] = sparsify(
                 deltas[i],
                 steps.sparsify,
                 density=density,
                 gamma=gamma,
+                epsilon=epsilon,
                 generator=generator,
                 rescale=steps.rescale,
             )
