@@ -31,6 +31,8 @@ NUSLERP_ZERO_WEIGHT_SUM = 1e-6
 # Karcher steps skip inputs within this angle (radians) of the point opposite the current mean:
 # their direction from it is undefined, and acos near −1 is only good to about 1e-8.
 KARCHER_OPPOSITE = 1e-6
+# A coefficient sum this close to one is one: float64 rounding of the coefficients (a few ulps)
+_ROUNDING = 1e-14
 # Elements per partial sum in _row_sums: below torch's parallel grain (32768 elements), so each
 # partial sum is computed by one thread in one order.
 _ROW_CHUNK = 8192
@@ -112,6 +114,12 @@ def _around_first(
     """
     first = tensors[0]
     excess = sum(coefficients, start=-1.0)  # in float64: a small excess must not round away
+    # ...but one of a few float64 ulps is the rounding of the coefficients themselves (they sum
+    # to one exactly for identical inputs); dropping it keeps x_0 bit for bit in float64 too
+    if isinstance(excess, torch.Tensor):
+        excess = torch.where(excess.abs() < _ROUNDING, 0.0, excess)
+    elif abs(excess) < _ROUNDING:
+        excess = 0.0
     out = first.clone()
     if not isinstance(excess, float) or excess != 0.0:
         offset = first if origin is None else first - origin
@@ -163,6 +171,19 @@ def _per_vector(
     return values.transpose(0, -1) if row_wise else values
 
 
+def _unit_rows(
+    tensor: torch.Tensor, *, flatten: bool, row_wise: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NuSLERP's vectors of ``tensor`` as float64 rows divided by their norms clamped at 1e-7,
+    and the norms. The rows are a new contiguous copy, divided in place to save memory."""
+    rows = _vectors(tensor, flatten=flatten, row_wise=row_wise).to(
+        torch.float64, memory_format=torch.contiguous_format, copy=True
+    )
+    norms = _row_sums(rows * rows).sqrt()
+    rows.div_(norms.clamp(min=NUSLERP_NORM_FLOOR).unsqueeze(-1))
+    return rows, norms
+
+
 def nuslerp(
     v0: torch.Tensor,
     v1: torch.Tensor,
@@ -199,19 +220,15 @@ def nuslerp(
     """
     shape = v0.shape
     x0, x1 = (v0, v1) if base is None else (v0 - base, v1 - base)
-    rows0 = _vectors(x0, flatten=flatten, row_wise=row_wise).double()
-    rows1 = _vectors(x1, flatten=flatten, row_wise=row_wise).double()
-    norm0 = _row_sums(rows0 * rows0).sqrt()
-    norm1 = _row_sums(rows1 * rows1).sqrt()
-    unit0 = rows0 / norm0.clamp(min=NUSLERP_NORM_FLOOR).unsqueeze(-1)
-    unit1 = rows1 / norm1.clamp(min=NUSLERP_NORM_FLOOR).unsqueeze(-1)
+    unit0, norm0 = _unit_rows(x0, flatten=flatten, row_wise=row_wise)
+    unit1, norm1 = _unit_rows(x1, flatten=flatten, row_wise=row_wise)
     # θ = 2·atan2(‖û_0 − û_1‖, ‖û_0 + û_1‖) is acos(<û_0, û_1>) for unit vectors, but exact at
     # both ends: x_1 = x_0 gives θ = 0 and x_1 = −x_0 (or any two opposite one-element rows)
     # θ = π, so both are lerped, where acos of a rounded dot product lands a few 1e-8 away
     # and its slerp coefficients blow up. Rows with a norm under the floor are not unit
     # vectors; for them θ = acos(<û_0, û_1>) as in MergeKit, with 4<a, b> = ‖a + b‖² − ‖a − b‖².
-    apart = _row_sums((unit0 - unit1) ** 2)
-    together = _row_sums((unit0 + unit1) ** 2)
+    apart = _row_sums(torch.sub(unit0, unit1).square_())
+    together = _row_sums(torch.add(unit0, unit1).square_())
     is_unit = (norm0 >= NUSLERP_NORM_FLOOR) & (norm1 >= NUSLERP_NORM_FLOOR)
     theta = torch.where(
         is_unit,
@@ -284,12 +301,13 @@ def multislerp(
     if normalize_weights:
         total = sum(weight_list)
         weight_list = [w / total for w in weight_list]
-    deltas = [row if base is None else row - base for row in tensors]
-    norms = [_norm(delta) for delta in deltas]
     # m in float64, so inputs that cancel give exactly zero and ‖m‖ is exact enough to test
     mean = torch.zeros(tensors.shape[1:], dtype=torch.float64, device=tensors.device)
-    for weight, norm, delta in zip(weight_list, norms, deltas, strict=True):
-        mean.add_(delta.double(), alpha=weight / (norm + eps))
+    norms = []
+    for weight, row in zip(weight_list, tensors, strict=True):
+        delta = row if base is None else row - base
+        norms.append(_norm(delta))
+        mean.add_(delta.double(), alpha=weight / (norms[-1] + eps))
     mean_norm = math.sqrt(stable_sum(mean * mean))
     if mean_norm < eps:
         if count == 2 or not any(norms):
