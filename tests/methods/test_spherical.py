@@ -3,14 +3,18 @@ float64 readings of their formulas, hand-worked cases and properties."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alloykit.errors import MergeError
+from alloykit import merge_to_state_dict
+from alloykit.errors import AlloyError, ConfigError, MergeError
 from alloykit.methods.spherical import karcher, multislerp, nuslerp, nuslerp_t, slerp
+from tests.helpers import load_tensors
 
 
 def reference(v0: np.ndarray, v1: np.ndarray, t: float) -> np.ndarray:
@@ -589,3 +593,62 @@ def test_cuda_matches_cpu() -> None:
     for name, out in on_gpu.items():
         assert out.device.type == "cuda", name
         torch.testing.assert_close(out.cpu(), on_cpu[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- through a merge config ------------------------------------------------------------------
+
+
+def config(
+    family: dict[str, Path], method: str, models: dict[str, float | None], **top: object
+) -> dict[str, object]:
+    """A ``models:`` recipe over the toy family; a None weight leaves ``parameters`` out."""
+    entries = [
+        {"model": str(family[name])} | ({} if w is None else {"parameters": {"weight": w}})
+        for name, w in models.items()
+    ]
+    return {"merge_method": method, "models": entries, "dtype": "float32", **top}
+
+
+def test_karcher_takes_a_configured_base_as_one_more_input(family: dict[str, Path]) -> None:
+    # every tensor, the embeddings and the head included (same vocabulary in every toy model)
+    recipe = config(family, "karcher", {"ft1": None, "ft2": None}, base_model=str(family["base"]))
+    merged = merge_to_state_dict(recipe)
+    inputs = [load_tensors(family[name]) for name in ("ft1", "ft2", "base")]
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(merged)
+    for name, out in merged.items():
+        stack = torch.from_numpy(np.stack([m[name] for m in inputs]).astype(np.float32))
+        assert torch.equal(out, karcher(stack)), name
+
+
+def test_nuslerp_and_multislerp_with_a_base_merge_task_vectors(family: dict[str, Path]) -> None:
+    weights = {"ft1": 2.0, "ft2": 1.0}
+    base = str(family["base"])
+    nu = merge_to_state_dict(config(family, "nuslerp", weights, base_model=base))
+    multi = merge_to_state_dict(config(family, "multislerp", weights, base_model=base))
+    tensors = {name: load_tensors(family[name]) for name in ("base", "ft1", "ft2")}
+    for name in nu:
+        b, x1, x2 = (torch.from_numpy(tensors[m][name].astype(np.float32)) for m in tensors)
+        assert torch.equal(nu[name], nuslerp(x1, x2, 1 / 3, base=b)), name
+        assert torch.equal(multi[name], multislerp(torch.stack([x1, x2]), [2.0, 1.0], b)), name
+
+
+def test_nuslerp_takes_exactly_two_models_besides_a_distinct_base(family: dict[str, Path]) -> None:
+    three = config(family, "nuslerp", {"ft1": 1.0, "ft2": 1.0, "ft3": 1.0})
+    with pytest.raises(AlloyError, match="nuslerp takes at most 2 models besides the base, got 3"):
+        merge_to_state_dict(three)
+    base_among_them = config(
+        family, "nuslerp", {"ft1": 1.0, "ft2": 1.0}, base_model=str(family["ft1"])
+    )
+    with pytest.raises(AlloyError, match="nuslerp needs at least 2 models besides the base"):
+        merge_to_state_dict(base_among_them)
+
+
+def test_multislerp_weights_that_cancel_are_a_config_error(family: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="weights sum to 0, and normalize_weights: true"):
+        merge_to_state_dict(config(family, "multislerp", {"ft1": 1.0, "ft2": -1.0}))
+    # without normalising there is nothing to divide by
+    merge_to_state_dict(
+        config(
+            family, "multislerp", {"ft1": 1.0, "ft2": -1.0}, parameters={"normalize_weights": False}
+        )
+    )

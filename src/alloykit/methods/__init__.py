@@ -230,7 +230,7 @@ METHODS: dict[str, Method] = {
             name="nuslerp",
             run=run_nuslerp,
             params=(
-                WEIGHT,
+                replace(WEIGHT, doc="the model's share of the interpolation: t = w_2/(w_1 + w_2)"),
                 Param(
                     "nuslerp_row_wise",
                     default=False,
@@ -256,7 +256,7 @@ METHODS: dict[str, Method] = {
             name="multislerp",
             run=run_multislerp,
             params=(
-                WEIGHT,
+                replace(WEIGHT, doc="the model's weight in the mean direction and the mean norm"),
                 Param(
                     "normalize_weights",
                     default=True,
