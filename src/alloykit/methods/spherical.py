@@ -393,9 +393,8 @@ def karcher(tensors: torch.Tensor, *, max_iter: int = 10, tol: float = 1e-5) -> 
     valid = norms > tol
     if not bool(valid.any()):
         return torch.zeros_like(tensors[0])
-    alphas = valid.double() / int(
-        valid.sum()
-    )  # equal weights over the inputs that have a direction
+    # equal weights over the inputs that have a direction
+    alphas = valid.double() / int(valid.sum())
     inverse_norms = torch.where(valid, 1.0 / torch.where(valid, norms, 1.0), 0.0)
 
     def length(coefficients: torch.Tensor) -> float:
