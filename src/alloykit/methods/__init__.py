@@ -19,7 +19,13 @@ from alloykit.errors import ConfigError, did_you_mean
 from alloykit.methods.linear import run_linear
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
 from alloykit.methods.registry import Method, MethodInputs, Param, Property
-from alloykit.methods.spherical import run_slerp
+from alloykit.methods.spherical import (
+    multislerp_weights_must_not_cancel,
+    run_karcher,
+    run_multislerp,
+    run_nuslerp,
+    run_slerp,
+)
 from alloykit.methods.task_vectors import (
     INVERSE_DELLA,
     ZERO_WEIGHT_SUM,
@@ -262,6 +268,81 @@ METHODS: dict[str, Method] = {
             summary="spherical interpolation between the base and one other model",
             formula="θ = angle(base, x); out = sin((1−t)θ)/sin θ·base + sin(tθ)/sin θ·x  (lerp when |cos θ| > 0.9995)",
             citation="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); MergeKit's slerp",
+        ),
+        Method(
+            name="nuslerp",
+            run=run_nuslerp,
+            params=(
+                replace(WEIGHT, doc="the model's share of the interpolation: t = w_2/(w_1 + w_2)"),
+                Param(
+                    "nuslerp_row_wise",
+                    default=False,
+                    kind="bool",
+                    doc="without nuslerp_flatten: interpolate each column (dim 0), not each row",
+                ),
+                Param(
+                    "nuslerp_flatten",
+                    default=True,
+                    kind="bool",
+                    doc="treat the whole tensor as one vector (false: one vector per row)",
+                ),
+            ),
+            base="optional",
+            summary="slerp of two models, or of their task vectors around a base; t from their weights",
+            formula="t = w_2/(w_1 + w_2); θ = angle(x_1, x_2); out = base + (sin((1−t)θ)·x_1 + sin(tθ)·x_2)/sin θ   (x_i = model_i − base; no base: x_i = model_i)",
+            citation="Goddard et al. 2024, Arcee's MergeKit, arXiv:2403.13257 (MergeKit's nuslerp); Shoemake 1985",
+            min_models=2,
+            max_models=2,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+        ),
+        Method(
+            name="multislerp",
+            run=run_multislerp,
+            params=(
+                replace(WEIGHT, doc="the model's weight in the mean direction and the mean norm"),
+                Param(
+                    "normalize_weights",
+                    default=True,
+                    kind="bool",
+                    doc="divide the weights by their sum",
+                ),
+                Param(
+                    "eps",
+                    default=1e-8,
+                    low=0.0,
+                    doc="added to each norm; a smaller weighted mean direction counts as cancelled",
+                ),
+            ),
+            base="optional",
+            check=multislerp_weights_must_not_cancel,
+            summary="weighted mean direction on the sphere of any number of models (or task vectors)",
+            formula="u_i = x_i/(‖x_i‖ + eps); m = Σ w_i·u_i; out = base + m/‖m‖·Σ w_i·‖x_i‖   (x_i = model_i − base; no base: x_i = model_i)",
+            citation="Goddard 2025, Multi-SLERP (goddard.blog; MergeKit's multislerp); Buss & Fillmore 2001, Spherical averages (ACM TOG)",
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+        ),
+        Method(
+            name="karcher",
+            run=run_karcher,
+            params=(
+                Param(
+                    "max_iter",
+                    default=10,
+                    kind="int",
+                    low=0,
+                    doc="the most Riemannian gradient steps",
+                ),
+                Param(
+                    "tol",
+                    default=1e-5,
+                    low=0.0,
+                    doc="step size that counts as converged; smaller norms and angles are skipped",
+                ),
+            ),
+            base="input",
+            summary="Karcher (Riemannian) mean of the models' directions times their mean norm; equal weights",
+            formula="u = argmin_(‖u‖=1) Σ_i angle(u, x_i)²  (gradient steps on the sphere); out = u·Σ_i ‖x_i‖/k",
+            citation="Karcher 1977, Riemannian center of mass and mollifier smoothing; MergeKit's karcher (its docs cite arXiv:2603.04972)",
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
         ),
         Method(
             name="passthrough",
