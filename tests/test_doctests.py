@@ -11,7 +11,9 @@ MODULES = [
     "alloykit.config",
     "alloykit.io.writer",
     "alloykit.methods.linear",
+    "alloykit.methods.model_stock",
     "alloykit.methods.passthrough",
+    "alloykit.methods.reductions",
     "alloykit.methods.spherical",
     "alloykit.methods.task_vectors",
 ]

@@ -17,6 +17,7 @@ import torch
 
 from alloykit.errors import ConfigError, did_you_mean
 from alloykit.methods.linear import run_linear
+from alloykit.methods.model_stock import run_model_stock
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
 from alloykit.methods.registry import Method, MethodInputs, Param
 from alloykit.methods.spherical import run_slerp
@@ -306,6 +307,24 @@ METHODS: dict[str, Method] = {
             summary="breadcrumbs masks, then TIES sign election",
             formula=f"{TASK_VECTOR.format(sparse='mask_(gamma, density)')}; s = sign(Σ u_i); out = base + λ·Σ_(sign u_i = s) u_i",
             citation=BREADCRUMBS + "; " + TIES,
+        ),
+        Method(
+            name="model_stock",
+            run=run_model_stock,
+            params=(
+                Param(
+                    "filter_wise",
+                    default=False,
+                    kind="bool",
+                    doc="one ratio per row (last dimension) instead of one per tensor",
+                ),
+            ),
+            base="required",
+            min_models=2,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="move from the base toward the fine-tunes' average as far as they agree",
+            formula="cos θ = mean_(i<j) cos(x_i − base, x_j − base); t = N·cos θ / (1 + (N−1)·cos θ); out = t·mean(x_i) + (1−t)·base",
+            citation="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models, arXiv:2403.19522",
         ),
     )
 }
