@@ -14,6 +14,7 @@ MODULES = [
     "alloykit.methods.model_stock",
     "alloykit.methods.passthrough",
     "alloykit.methods.reductions",
+    "alloykit.methods.sce",
     "alloykit.methods.spherical",
     "alloykit.methods.task_vectors",
 ]

@@ -20,6 +20,7 @@ from alloykit.methods.linear import run_linear
 from alloykit.methods.model_stock import run_model_stock
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
 from alloykit.methods.registry import Method, MethodInputs, Param
+from alloykit.methods.sce import run_sce
 from alloykit.methods.spherical import run_slerp
 from alloykit.methods.task_vectors import (
     ZERO_WEIGHT_SUM,
@@ -325,6 +326,25 @@ METHODS: dict[str, Method] = {
             summary="move from the base toward the fine-tunes' average as far as they agree",
             formula="cos θ = mean_(i<j) cos(x_i − base, x_j − base); t = N·cos θ / (1 + (N−1)·cos θ); out = t·mean(x_i) + (1−t)·base",
             citation="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models, arXiv:2403.19522",
+        ),
+        Method(
+            name="sce",
+            run=run_sce,
+            params=(
+                Param(
+                    "select_topk",
+                    default=1.0,
+                    low=0.0,
+                    high=1.0,
+                    doc="fraction of the positions (by variance over the models) kept (1: all)",
+                ),
+                INT8_MASK,
+            ),
+            base="required",
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="keep high-variance positions, weight task vectors by mean square, TIES election",
+            formula="δ_i = (x_i − base)·topk_τ(Var_i δ); s_i = mean(δ_i²)/Σ_j mean(δ_j²); m_i = [sign δ_i = sign Σ_j δ_j]; out = base + Σ s_i·m_i·δ_i / max(Σ s_i·m_i, 1e-6)",
+            citation="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE), arXiv:2408.07990",
         ),
     )
 }
