@@ -13,6 +13,7 @@ MODULES = [
     "alloykit.methods.linear",
     "alloykit.methods.model_stock",
     "alloykit.methods.passthrough",
+    "alloykit.methods.ram",
     "alloykit.methods.reductions",
     "alloykit.methods.sce",
     "alloykit.methods.spherical",

@@ -19,6 +19,7 @@ from alloykit.errors import ConfigError, did_you_mean
 from alloykit.methods.linear import run_linear
 from alloykit.methods.model_stock import run_model_stock
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
+from alloykit.methods.ram import run_ram, run_ramplus_tl
 from alloykit.methods.registry import Method, MethodInputs, Param
 from alloykit.methods.sce import run_sce
 from alloykit.methods.spherical import run_slerp
@@ -185,6 +186,14 @@ def _weights_must_not_cancel(
     return None
 
 
+# ram's global threshold: a different parameter from della's per-model epsilon, declared apart.
+RAM_EPSILON = Param(
+    "epsilon",
+    default=1e-5,
+    low=0.0,
+    doc="a task-vector entry counts as changed when its magnitude exceeds this",
+)
+RAM = "Reinforced Agent Merging (RAM, RAM+) 2026, arXiv:2601.13572; MergeKit's ram and ramplus_tl"
 TIES = "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708"
 DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099"
 BREADCRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795"
@@ -345,6 +354,39 @@ METHODS: dict[str, Method] = {
             summary="keep high-variance positions, weight task vectors by mean square, TIES election",
             formula="δ_i = (x_i − base)·topk_τ(Var_i δ); s_i = mean(δ_i²)/Σ_j mean(δ_j²); m_i = [sign δ_i = sign Σ_j δ_j]; out = base + Σ s_i·m_i·δ_i / max(Σ s_i·m_i, 1e-6)",
             citation="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE), arXiv:2408.07990",
+        ),
+        Method(
+            name="ram",
+            run=run_ram,
+            params=(RAM_EPSILON,),
+            base="required",
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="sum the changes only one model made, average the changes several made",
+            formula="a_i = |x_i − base| > ε; c = Σ a_i; out = base + Σ a_i·(x_i − base) / (c if c > 1 else 1)",
+            citation=RAM,
+        ),
+        Method(
+            name="ramplus_tl",
+            run=run_ramplus_tl,
+            params=(
+                Param(
+                    "r",
+                    default=0.1,
+                    doc="how strongly a model's unique changes are amplified",
+                ),
+                Param(
+                    "alpha",
+                    default=0.2,
+                    low=0.0,
+                    doc="cap on the ratio of a model's shared to unique changes",
+                ),
+                RAM_EPSILON,
+            ),
+            base="required",
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="RAM with each model's unique changes scaled up by how much it shares (per tensor)",
+            formula="ρ_i = |a_i ∧ shared| / max(|a_i ∧ unique|, ε); λ_i = 1 + r·clamp(ρ_i, 0, α); as ram, unique changes times λ_i",
+            citation=RAM,
         ),
     )
 }
