@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "alloykit.config",
     "alloykit.io.writer",
+    "alloykit.methods.fusion",
     "alloykit.methods.linear",
     "alloykit.methods.model_stock",
     "alloykit.methods.passthrough",

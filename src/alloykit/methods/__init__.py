@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from alloykit.errors import ConfigError, did_you_mean
+from alloykit.methods.fusion import run_nearswap
 from alloykit.methods.linear import run_linear
 from alloykit.methods.model_stock import run_model_stock
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
@@ -387,6 +388,23 @@ METHODS: dict[str, Method] = {
             summary="RAM with each model's unique changes scaled up by how much it shares (per tensor)",
             formula="ρ_i = |a_i ∧ shared| / max(|a_i ∧ unique|, ε); λ_i = 1 + r·clamp(ρ_i, 0, α); as ram, unique changes times λ_i",
             citation=RAM,
+        ),
+        Method(
+            name="nearswap",
+            run=run_nearswap,
+            params=(
+                Param(
+                    "t",
+                    low=0.0,
+                    doc="closeness threshold: entries within t of the base take the other model",
+                ),
+            ),
+            base="required",
+            max_models=1,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="take the other model where it is close to the base, blend less the farther it is",
+            formula="w = clamp(t / max(|base − x|, 1e-6), 0, 1); out = w·x + (1−w)·base",
+            citation="alchemonaut 2024, QuartetAnemoi-70B-t0.0001 model card (NearSwap); MergeKit's nearswap",
         ),
     )
 }
