@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from alloykit.errors import ConfigError, did_you_mean
-from alloykit.methods.fusion import run_nearswap
+from alloykit.methods.fusion import run_arcee_fusion, run_nearswap
 from alloykit.methods.linear import run_linear
 from alloykit.methods.model_stock import run_model_stock
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
@@ -405,6 +405,17 @@ METHODS: dict[str, Method] = {
             summary="take the other model where it is close to the base, blend less the farther it is",
             formula="w = clamp(t / max(|base − x|, 1e-6), 0, 1); out = w·x + (1−w)·base",
             citation="alchemonaut 2024, QuartetAnemoi-70B-t0.0001 model card (NearSwap); MergeKit's nearswap",
+        ),
+        Method(
+            name="arcee_fusion",
+            run=run_arcee_fusion,
+            params=(),
+            base="required",
+            max_models=1,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="keep only the other model's outstanding changes (importance above median + 1.5 IQR)",
+            formula="I = |x − base|·KL_row(softmax x ‖ softmax base); out = base + (x − base)·[I ≥ median(I) + 1.5·IQR(I)]",
+            citation="Arcee AI 2025, Arcee Fusion (MergeKit's arcee_fusion)",
         ),
     )
 }
