@@ -10,8 +10,13 @@ import pytest
 MODULES = [
     "alloykit.config",
     "alloykit.io.writer",
+    "alloykit.methods.fusion",
     "alloykit.methods.linear",
+    "alloykit.methods.model_stock",
     "alloykit.methods.passthrough",
+    "alloykit.methods.ram",
+    "alloykit.methods.reductions",
+    "alloykit.methods.sce",
     "alloykit.methods.spherical",
     "alloykit.methods.task_vectors",
 ]

@@ -22,6 +22,14 @@ from tests.helpers import load_tensors
 
 GOLDEN = load_golden()
 
+# Configs where MergeKit's own rounding decides discrete choices, with the norm tolerance that
+# follows. arcee_fusion: MergeKit computes each row's KL divergence between two nearly equal
+# softmax rows in float32, where cancellation errs by up to ~10% (checked against float64 on
+# lm_head); that moves a few elements across the median + 1.5·IQR cut, so tensor norms differ
+# by up to 1.1e-3 relative (which elements flip even depends on the CPU's vector unit).
+# alloykit computes the KL in float64; every sampled value still agrees to 1e-6.
+NORM_TOLERANCE = {"arcee_fusion": 2e-3}
+
 
 @pytest.fixture(scope="module")
 def models_root(family: dict[str, Path]) -> Path:
@@ -59,7 +67,8 @@ def test_matches_mergekit(name: str, models_root: Path) -> None:
         values = ours[tensor]
         assert list(values.shape) == reference["shape"], tensor
         norm = float(np.sqrt(np.sum(values * values)))
-        assert norm == pytest.approx(reference["norm"], rel=relative), tensor
+        norm_tolerance = NORM_TOLERANCE.get(name, relative)
+        assert norm == pytest.approx(reference["norm"], rel=norm_tolerance), tensor
         flat = values.reshape(-1)
         indices = sample_indices(tensor, flat.size)
         sample = flat[indices]

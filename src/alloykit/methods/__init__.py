@@ -16,9 +16,13 @@ from typing import Any
 import torch
 
 from alloykit.errors import ConfigError, did_you_mean
+from alloykit.methods.fusion import run_arcee_fusion, run_nearswap
 from alloykit.methods.linear import run_linear
+from alloykit.methods.model_stock import run_model_stock
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
+from alloykit.methods.ram import run_ram, run_ramplus_tl
 from alloykit.methods.registry import Method, MethodInputs, Param, Property
+from alloykit.methods.sce import run_sce
 from alloykit.methods.spherical import (
     multislerp_weights_must_not_cancel,
     run_karcher,
@@ -228,6 +232,14 @@ def _weights_must_not_cancel(
     return None
 
 
+# ram's global threshold: a different parameter from della's per-model epsilon, declared apart.
+RAM_EPSILON = Param(
+    "epsilon",
+    default=1e-5,
+    low=0.0,
+    doc="a task-vector entry counts as changed when its magnitude exceeds this",
+)
+RAM = "Reinforced Agent Merging (RAM, RAM+) 2026, arXiv:2601.13572; MergeKit's ram and ramplus_tl"
 TIES = "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708"
 DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099"
 DELLA = "Deep et al. 2024, DELLA-Merging (MagPrune), arXiv:2406.11617"
@@ -451,6 +463,104 @@ METHODS: dict[str, Method] = {
             summary="breadcrumbs masks, then TIES sign election",
             formula=f"{TASK_VECTOR.format(sparse='mask_(gamma, density)')}; s = sign(Σ u_i); out = base + λ·Σ_(sign u_i = s) u_i",
             citation=BREADCRUMBS + "; " + TIES,
+        ),
+        Method(
+            name="model_stock",
+            run=run_model_stock,
+            params=(
+                Param(
+                    "filter_wise",
+                    default=False,
+                    kind="bool",
+                    doc="one ratio per row (last dimension) instead of one per tensor",
+                ),
+            ),
+            base="required",
+            min_models=2,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="move from the base toward the fine-tunes' average as far as they agree",
+            formula="cos θ = mean_(i<j) cos(x_i − base, x_j − base); t = N·cos θ / (1 + (N−1)·cos θ); out = t·mean(x_i) + (1−t)·base",
+            citation="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models, arXiv:2403.19522",
+        ),
+        Method(
+            name="sce",
+            run=run_sce,
+            params=(
+                Param(
+                    "select_topk",
+                    default=1.0,
+                    low=0.0,
+                    high=1.0,
+                    doc="fraction of the positions (by variance over the models) kept (1: all)",
+                ),
+                INT8_MASK,
+            ),
+            base="required",
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="keep high-variance positions, weight task vectors by mean square, TIES election",
+            formula="δ_i = (x_i − base)·topk_τ(Var_i δ); s_i = mean(δ_i²)/Σ_j mean(δ_j²); m_i = [sign δ_i = sign Σ_j δ_j]; out = base + Σ s_i·m_i·δ_i / max(Σ s_i·m_i, 1e-6)",
+            citation="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE), arXiv:2408.07990",
+        ),
+        Method(
+            name="ram",
+            run=run_ram,
+            params=(RAM_EPSILON,),
+            base="required",
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="sum the changes only one model made, average the changes several made",
+            formula="a_i = |x_i − base| > ε; c = Σ a_i; out = base + Σ a_i·(x_i − base) / (c if c > 1 else 1)",
+            citation=RAM,
+        ),
+        Method(
+            name="ramplus_tl",
+            run=run_ramplus_tl,
+            params=(
+                Param(
+                    "r",
+                    default=0.1,
+                    doc="how strongly a model's unique changes are amplified",
+                ),
+                Param(
+                    "alpha",
+                    default=0.2,
+                    low=0.0,
+                    doc="cap on the ratio of a model's shared to unique changes",
+                ),
+                RAM_EPSILON,
+            ),
+            base="required",
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="RAM with each model's unique changes scaled up by how much it shares (per tensor)",
+            formula="ρ_i = |a_i ∧ shared| / max(|a_i ∧ unique|, ε); λ_i = 1 + r·clamp(ρ_i, 0, α); as ram, unique changes times λ_i",
+            citation=RAM,
+        ),
+        Method(
+            name="nearswap",
+            run=run_nearswap,
+            params=(
+                Param(
+                    "t",
+                    low=0.0,
+                    doc="closeness threshold: entries within t of the base take the other model",
+                ),
+            ),
+            base="required",
+            max_models=1,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="take the other model where it is close to the base, blend less the farther it is",
+            formula="w = clamp(t / max(|base − x|, 1e-6), 0, 1); out = w·x + (1−w)·base",
+            citation="alchemonaut 2024, QuartetAnemoi-70B-t0.0001 model card (NearSwap); MergeKit's nearswap",
+        ),
+        Method(
+            name="arcee_fusion",
+            run=run_arcee_fusion,
+            params=(),
+            base="required",
+            max_models=1,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="keep only the other model's outstanding changes (importance above median + 1.5 IQR)",
+            formula="I = |x − base|·KL_row(softmax x ‖ softmax base); out = base + (x − base)·[I ≥ median(I) + 1.5·IQR(I)]",
+            citation="Arcee AI 2025, Arcee Fusion (MergeKit's arcee_fusion)",
         ),
     )
 }
