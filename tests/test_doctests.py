@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "alloykit.config",
     "alloykit.io.writer",
+    "alloykit.methods.extrapolate",
     "alloykit.methods.linear",
     "alloykit.methods.passthrough",
     "alloykit.methods.spherical",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from alloykit.errors import ConfigError, did_you_mean
+from alloykit.methods.extrapolate import run_expo
 from alloykit.methods.linear import run_linear
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
 from alloykit.methods.registry import Method, MethodInputs, Param
@@ -306,6 +307,24 @@ METHODS: dict[str, Method] = {
             summary="breadcrumbs masks, then TIES sign election",
             formula=f"{TASK_VECTOR.format(sparse='mask_(gamma, density)')}; s = sign(Σ u_i); out = base + λ·Σ_(sign u_i = s) u_i",
             citation=BREADCRUMBS + "; " + TIES,
+        ),
+        Method(
+            name="expo",
+            run=run_expo,
+            params=(
+                Param(
+                    "alpha",
+                    default=0.1,
+                    doc="extrapolation strength: 0 returns the fine-tune, larger goes further",
+                ),
+            ),
+            base="required",
+            summary="extrapolate past one fine-tune, away from its base (alignment boost)",
+            formula="out = x + α·(x − base)",
+            citation="Zheng et al. 2024, Weak-to-Strong Extrapolation Expedites Alignment (ExPO), arXiv:2404.16792",
+            min_models=1,
+            max_models=1,
+            properties=frozenset({"idempotent", "constant"}),
         ),
     )
 }
