@@ -12,6 +12,7 @@ MODULES = [
     "alloykit.io.writer",
     "alloykit.methods.extrapolate",
     "alloykit.methods.linear",
+    "alloykit.methods.masks",
     "alloykit.methods.passthrough",
     "alloykit.methods.spherical",
     "alloykit.methods.task_vectors",

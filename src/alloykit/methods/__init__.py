@@ -18,6 +18,7 @@ import torch
 from alloykit.errors import ConfigError, did_you_mean
 from alloykit.methods.extrapolate import run_expo
 from alloykit.methods.linear import run_linear
+from alloykit.methods.masks import run_consensus, run_magmax
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
 from alloykit.methods.registry import Method, MethodInputs, Param
 from alloykit.methods.spherical import run_slerp
@@ -324,6 +325,51 @@ METHODS: dict[str, Method] = {
             citation="Zheng et al. 2024, Weak-to-Strong Extrapolation Expedites Alignment (ExPO), arXiv:2404.16792",
             min_models=1,
             max_models=1,
+            properties=frozenset({"idempotent", "constant"}),
+        ),
+        Method(
+            name="magmax",
+            run=run_magmax,
+            params=(
+                Param(
+                    "lambda",
+                    default=0.5,
+                    doc="scales the selected task vector (the paper's reproduction setting: 0.5)",
+                ),
+            ),
+            base="required",
+            summary="per element, the task-vector entry of largest magnitude, scaled",
+            formula="τ_i = x_i − base; t* = argmax_i |τ_i| per element; out = base + λ·τ_t*",
+            citation="Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Continual Learning (ECCV), arXiv:2407.06322",
+            min_models=1,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+        ),
+        Method(
+            name="consensus",
+            run=run_consensus,
+            params=(
+                replace(WEIGHT, default=1.0),
+                Param(
+                    "tall_lambda",
+                    default=0.6,
+                    per_model=True,
+                    low=0.0,
+                    doc="TALL-mask threshold: keep entries where |u_t| ≥ tall_lambda·|Σu − u_t|",
+                ),
+                Param(
+                    "k",
+                    default=2,
+                    kind="int",
+                    low=0,
+                    doc="keep an entry only where at least k TALL masks select it",
+                ),
+                LAMBDA,
+            ),
+            base="required",
+            summary="task arithmetic on the entries that at least k tasks' TALL masks select",
+            formula="u_i = w_i·(x_i − base); m_i = |u_i| ≥ λ_i·|Σu − u_i|; out = base + λ·[Σ m_i ≥ k]·Σ u_i",
+            citation="Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression (ICML), arXiv:2405.07813",
+            min_models=2,
             properties=frozenset({"idempotent", "constant"}),
         ),
     )
