@@ -21,6 +21,7 @@ from alloykit.methods.linear import run_linear
 from alloykit.methods.masks import run_consensus, run_magmax
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
 from alloykit.methods.registry import Method, MethodInputs, Param
+from alloykit.methods.spectral import run_iso_c, run_iso_cts, run_tsv
 from alloykit.methods.spherical import run_slerp
 from alloykit.methods.task_vectors import (
     ZERO_WEIGHT_SUM,
@@ -186,6 +187,10 @@ def _weights_must_not_cancel(
 
 
 TIES = "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708"
+ISO = "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces (ICML), arXiv:2502.04959"
+SPECTRAL_ALPHA = Param(
+    "alpha", default=1.0, doc="scales the merged task vector (tuned on validation)"
+)
 DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099"
 BREADCRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795"
 TASK_VECTOR = "u_i = w_i·{sparse}(x_i − base)"
@@ -370,6 +375,48 @@ METHODS: dict[str, Method] = {
             formula="u_i = w_i·(x_i − base); m_i = |u_i| ≥ λ_i·|Σu − u_i|; out = base + λ·[Σ m_i ≥ k]·Σ u_i",
             citation="Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression (ICML), arXiv:2405.07813",
             min_models=2,
+            properties=frozenset({"idempotent", "constant"}),
+        ),
+        Method(
+            name="tsv",
+            run=run_tsv,
+            params=(SPECTRAL_ALPHA,),
+            base="required",
+            summary="per matrix, each task's top singular vectors, orthogonalised across tasks (TSV-M)",
+            formula="τ_i = U_i S_i V_iᵀ, top ⌊r/T⌋ each; out = base + α·⊥[U_1..U_T]·diag(S)·⊥[V_1..V_T]ᵀ  (not 2-D: base + α·mean τ_i)",
+            citation="Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging (CVPR), arXiv:2412.00081",
+            min_models=1,
+            properties=frozenset({"idempotent", "constant"}),
+        ),
+        Method(
+            name="iso_c",
+            run=run_iso_c,
+            params=(SPECTRAL_ALPHA,),
+            base="required",
+            summary="per matrix, the task-arithmetic sum with a flat singular spectrum (Iso-C)",
+            formula="Σ τ_i = U S Vᵀ; out = base + α·mean(S)·U Vᵀ  (not 2-D: base + α·mean τ_i)",
+            citation=ISO,
+            min_models=1,
+            properties=frozenset({"idempotent", "constant"}),
+        ),
+        Method(
+            name="iso_cts",
+            run=run_iso_cts,
+            params=(
+                SPECTRAL_ALPHA,
+                Param(
+                    "common_space_fraction",
+                    default=0.8,
+                    low=0.0,
+                    high=1.0,
+                    doc="share of the singular directions taken from the sum (the common space)",
+                ),
+            ),
+            base="required",
+            summary="Iso-C's common subspace plus task-specific subspaces, flat spectrum (Iso-CTS)",
+            formula="U_c = top k_c of Σ τ_i; task i: top k of (I − U_c U_cᵀ)τ_i; out = base + α·mean(S)·⊥[U]·⊥[V]ᵀ  (not 2-D: base + α·mean τ_i)",
+            citation=ISO,
+            min_models=1,
             properties=frozenset({"idempotent", "constant"}),
         ),
     )
