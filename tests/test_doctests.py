@@ -14,6 +14,7 @@ MODULES = [
     "alloykit.methods.linear",
     "alloykit.methods.masks",
     "alloykit.methods.passthrough",
+    "alloykit.methods.soups",
     "alloykit.methods.spectral",
     "alloykit.methods.spherical",
     "alloykit.methods.task_vectors",
