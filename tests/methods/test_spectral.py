@@ -348,6 +348,7 @@ def test_large_matrix_peak_memory_is_bounded(name: str) -> None:
     growth, seconds = result.stdout.split()
     matrix_bytes = rows * cols * 4
     bound = MEMORY_BOUND_MATRICES * matrix_bytes + MEMORY_SLACK_BYTES
+    print(f"{name}: +{int(growth) / matrix_bytes:.2f} matrices in {float(seconds):.0f} s")  # -s
     assert int(growth) <= bound, (
         f"{name}: peak RSS grew by {int(growth) / matrix_bytes:.1f} matrices "
         f"({int(growth) / 2**20:.0f} MiB in {float(seconds):.0f} s), bound {bound / 2**20:.0f} MiB"

@@ -187,13 +187,13 @@ def _weights_must_not_cancel(
 
 
 TIES = "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708"
+DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099"
+BREADCRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795"
+TASK_VECTOR = "u_i = w_i·{sparse}(x_i − base)"
 ISO = "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces (ICML), arXiv:2502.04959"
 SPECTRAL_ALPHA = Param(
     "alpha", default=1.0, doc="scales the merged task vector (tuned on validation)"
 )
-DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099"
-BREADCRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795"
-TASK_VECTOR = "u_i = w_i·{sparse}(x_i − base)"
 
 METHODS: dict[str, Method] = {
     m.name: m
