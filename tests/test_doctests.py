@@ -10,13 +10,17 @@ import pytest
 MODULES = [
     "alloykit.config",
     "alloykit.io.writer",
+    "alloykit.methods.extrapolate",
     "alloykit.methods.fusion",
     "alloykit.methods.linear",
+    "alloykit.methods.masks",
     "alloykit.methods.model_stock",
     "alloykit.methods.passthrough",
     "alloykit.methods.ram",
     "alloykit.methods.reductions",
     "alloykit.methods.sce",
+    "alloykit.methods.soups",
+    "alloykit.methods.spectral",
     "alloykit.methods.spherical",
     "alloykit.methods.task_vectors",
 ]

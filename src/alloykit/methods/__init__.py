@@ -16,13 +16,16 @@ from typing import Any
 import torch
 
 from alloykit.errors import ConfigError, did_you_mean
+from alloykit.methods.extrapolate import run_expo
 from alloykit.methods.fusion import run_arcee_fusion, run_nearswap
 from alloykit.methods.linear import run_linear
+from alloykit.methods.masks import run_consensus, run_magmax
 from alloykit.methods.model_stock import run_model_stock
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
 from alloykit.methods.ram import run_ram, run_ramplus_tl
 from alloykit.methods.registry import Method, MethodInputs, Param, Property
 from alloykit.methods.sce import run_sce
+from alloykit.methods.spectral import run_iso_c, run_iso_cts, run_tsv
 from alloykit.methods.spherical import (
     multislerp_weights_must_not_cancel,
     run_karcher,
@@ -245,6 +248,10 @@ DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099
 DELLA = "Deep et al. 2024, DELLA-Merging (MagPrune), arXiv:2406.11617"
 BREADCRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795"
 TASK_VECTOR = "u_i = w_i·{sparse}(x_i − base)"
+ISO = "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces (ICML), arXiv:2502.04959"
+SPECTRAL_ALPHA = Param(
+    "alpha", default=1.0, doc="scales the merged task vector (tuned on validation)"
+)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -561,6 +568,111 @@ METHODS: dict[str, Method] = {
             summary="keep only the other model's outstanding changes (importance above median + 1.5 IQR)",
             formula="I = |x − base|·KL_row(softmax x ‖ softmax base); out = base + (x − base)·[I ≥ median(I) + 1.5·IQR(I)]",
             citation="Arcee AI 2025, Arcee Fusion (MergeKit's arcee_fusion)",
+        ),
+        Method(
+            name="expo",
+            run=run_expo,
+            params=(
+                Param(
+                    "alpha",
+                    default=0.1,
+                    doc="extrapolation strength: 0 returns the fine-tune, larger goes further",
+                ),
+            ),
+            base="required",
+            summary="extrapolate past one fine-tune, away from its base (alignment boost)",
+            formula="out = x + α·(x − base)",
+            citation="Zheng et al. 2024, Weak-to-Strong Extrapolation Expedites Alignment (ExPO), arXiv:2404.16792",
+            min_models=1,
+            max_models=1,
+            properties=frozenset({"idempotent", "constant"}),
+        ),
+        Method(
+            name="magmax",
+            run=run_magmax,
+            params=(
+                Param(
+                    "lambda",
+                    default=0.5,
+                    doc="scales the selected task vector (the paper's reproduction setting: 0.5)",
+                ),
+            ),
+            base="required",
+            summary="per element, the task-vector entry of largest magnitude, scaled",
+            formula="τ_i = x_i − base; t* = argmax_i |τ_i| per element; out = base + λ·τ_t*",
+            citation="Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Continual Learning (ECCV), arXiv:2407.06322",
+            min_models=1,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+        ),
+        Method(
+            name="consensus",
+            run=run_consensus,
+            params=(
+                replace(WEIGHT, default=1.0),
+                Param(
+                    "tall_lambda",
+                    default=0.6,
+                    per_model=True,
+                    low=0.0,
+                    doc="TALL-mask threshold: keep entries where |u_t| ≥ tall_lambda·|Σu − u_t|",
+                ),
+                Param(
+                    "k",
+                    default=2,
+                    kind="int",
+                    low=0,
+                    doc="keep an entry only where at least k TALL masks select it",
+                ),
+                LAMBDA,
+            ),
+            base="required",
+            summary="task arithmetic on the entries that at least k tasks' TALL masks select",
+            formula="u_i = w_i·(x_i − base); m_i = |u_i| ≥ λ_i·|Σu − u_i|; out = base + λ·[Σ m_i ≥ k]·Σ u_i",
+            citation="Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression (ICML), arXiv:2405.07813",
+            min_models=2,
+            properties=frozenset({"idempotent", "constant"}),
+        ),
+        Method(
+            name="tsv",
+            run=run_tsv,
+            params=(SPECTRAL_ALPHA,),
+            base="required",
+            summary="per matrix, each task's top singular vectors, orthogonalised across tasks (TSV-M)",
+            formula="τ_i = U_i S_i V_iᵀ, top ⌊r/T⌋ each; out = base + α·⊥[U_1..U_T]·diag(S)·⊥[V_1..V_T]ᵀ  (not 2-D: base + α·mean τ_i)",
+            citation="Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging (CVPR), arXiv:2412.00081",
+            min_models=1,
+            properties=frozenset({"idempotent", "constant"}),
+        ),
+        Method(
+            name="iso_c",
+            run=run_iso_c,
+            params=(SPECTRAL_ALPHA,),
+            base="required",
+            summary="per matrix, the task-arithmetic sum with a flat singular spectrum (Iso-C)",
+            formula="Σ τ_i = U S Vᵀ; out = base + α·mean(S)·U Vᵀ  (not 2-D: base + α·mean τ_i)",
+            citation=ISO,
+            min_models=1,
+            properties=frozenset({"idempotent", "constant"}),
+        ),
+        Method(
+            name="iso_cts",
+            run=run_iso_cts,
+            params=(
+                SPECTRAL_ALPHA,
+                Param(
+                    "common_space_fraction",
+                    default=0.8,
+                    low=0.0,
+                    high=1.0,
+                    doc="share of the singular directions taken from the sum (the common space)",
+                ),
+            ),
+            base="required",
+            summary="Iso-C's common subspace plus task-specific subspaces, flat spectrum (Iso-CTS)",
+            formula="U_c = top k_c of Σ τ_i; task i: top k of (I − U_c U_cᵀ)τ_i; out = base + α·mean(S)·⊥[U]·⊥[V]ᵀ  (not 2-D: base + α·mean τ_i)",
+            citation=ISO,
+            min_models=1,
+            properties=frozenset({"idempotent", "constant"}),
         ),
     )
 }
