@@ -71,10 +71,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
 
 
 def test_methods_lists_and_describes() -> None:
+    from alloykit.methods import METHODS
+
     listing = run_cli("methods").stdout
-    assert "linear" in listing and "task_arithmetic" in listing
+    assert [line.split()[0] for line in listing.splitlines()] == list(METHODS)
     detail = run_cli("methods", "task_arithmetic").stdout
     assert "lambda" in detail and "arXiv:2212.04089" in detail
+    assert "properties: idempotent, constant, symmetric" in detail
+    nuslerp = run_cli("methods", "nuslerp").stdout
+    assert "at least 2, at most 2" in nuslerp and "base_model: optional" in nuslerp
     wrong = run_cli("methods", "tie")
     assert wrong.returncode == 1 and "unknown method 'tie'" in wrong.stderr
 

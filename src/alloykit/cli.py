@@ -166,6 +166,7 @@ def methods(
     """List the merge methods, or show one method's formula, parameters and paper."""
     from alloykit import _output
     from alloykit.methods import METHODS, get_method
+    from alloykit.methods.registry import PROPERTIES
 
     if name is None:
         width = max(len(n) for n in METHODS)
@@ -177,10 +178,15 @@ def methods(
     _output.out.print(f"  {method.formula}\n")
     base = {"required": "required", "optional": "optional", "input": "an ordinary input"}
     _output.out.print(f"  base_model: {base[method.base]}")
+    most = "" if method.max_models is None else f", at most {method.max_models}"
+    _output.out.print(f"  models besides the base: at least {method.min_models}{most}")
+    holds = ", ".join(p for p in PROPERTIES if p in method.properties) or "none"
+    _output.out.print(f"  properties: {holds} (docs/methods.md says what each means)\n")
+    width = max((len(p.name) for p in method.params), default=0)
     for param in method.params:
         scope = "per model" if param.per_model else "global"
         default = "required" if param.required else f"default {param.default}"
-        _output.out.print(f"  {param.name:<10} {scope:<9} {default:<16} {param.doc}")
+        _output.out.print(f"  {param.name:<{width}} {scope:<9} {default:<16} {param.doc}")
     _output.out.print(f"\n  {method.citation}")
 
 

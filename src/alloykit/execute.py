@@ -21,6 +21,7 @@ from alloykit.errors import AlloyError, MergeError
 from alloykit.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from alloykit.methods import Method, MethodInputs
 from alloykit.plan import COPY, MergePlan, TensorJob
+from alloykit.prepass import needs_model_scope, with_model_thresholds
 
 
 class TensorSink(Protocol):
@@ -104,14 +105,22 @@ def execute(
             base = read(job.base.model, job.base.tensor).to(device=device, dtype=work_dtype)
         return _Loaded(job, stack, base)
 
-    if not plan.jobs:
+    jobs = plan.jobs
+    if needs_model_scope(plan.kernel, jobs):  # model-wide top-k: two statistics passes first
+
+        def inputs(job: TensorJob) -> tuple[torch.Tensor, torch.Tensor | None]:
+            loaded = load(job)
+            return loaded.tensors, loaded.base
+
+        jobs = with_model_thresholds(jobs, inputs)
+    if not jobs:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloykit-read") as reader:
-        pending = reader.submit(load, plan.jobs[0])
-        for index in range(len(plan.jobs)):
+        pending = reader.submit(load, jobs[0])
+        for index in range(len(jobs)):
             loaded = pending.result()
-            if index + 1 < len(plan.jobs):
-                pending = reader.submit(load, plan.jobs[index + 1])
+            if index + 1 < len(jobs):
+                pending = reader.submit(load, jobs[index + 1])
             sink.write(loaded.job.output, _compute(plan.kernel, loaded, seed, device))
             if on_job_done is not None:
                 on_job_done(loaded.job)

@@ -134,8 +134,27 @@ def run_task_vectors(inputs: MethodInputs, *, preset: Preset) -> torch.Tensor:
         inputs.per_model.get("gamma"),
         inputs.generator,
         inputs.per_model.get("epsilon"),
+        _model_thresholds(inputs.per_model),
     )
     return combined.add_(inputs.base)
+
+
+def _model_thresholds(
+    per_model: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Model-wide top-k's per-model threshold and tie quota, when the prepass set them."""
+    if "threshold" not in per_model:
+        return None
+    return per_model["threshold"], per_model["tie_quota"]
+
+
+DENSITY_SCOPE = Param(
+    "density_scope",
+    default="tensor",
+    kind="choice",
+    choices=("tensor", "model"),
+    doc="top-k within each tensor (MergeKit) or over the whole model (the TIES paper's code)",
+)
 
 
 def task_vector_method(
@@ -159,6 +178,8 @@ def task_vector_method(
         params.append(GAMMA)
     if sparsify == "della":
         params.append(EPSILON)
+    if sparsify == "magnitude":
+        params.append(DENSITY_SCOPE)
     if elect:
         params.append(
             Param(

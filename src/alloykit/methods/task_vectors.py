@@ -63,11 +63,15 @@ def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(magnitude, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
-    above = flat > threshold
-    missing = k - int(above.sum())
+    threshold = float(torch.kthvalue(flat, n - k + 1).values)  # the k-th largest value
+    return threshold_mask(magnitude, threshold, k - int((flat > threshold).sum()))
+
+
+def threshold_mask(magnitude: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
+    """Keep the magnitudes above ``threshold`` and the first ``ties`` equal to it (by index)."""
+    flat = magnitude.reshape(-1)
     tied = flat == threshold
-    keep = above | (tied & (torch.cumsum(tied, dim=0) <= missing))
+    keep = (flat > threshold) | (tied & (torch.cumsum(tied, dim=0) <= ties))
     return keep.view(magnitude.shape)
 
 
@@ -184,6 +188,7 @@ def sparsify(
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
     rescale: Rescale = "none",
+    model_threshold: tuple[float, int] | None = None,
 ) -> torch.Tensor:
     """Sparsify step: keep a ``density`` fraction of one task vector.
 
@@ -211,6 +216,8 @@ def sparsify(
             ``0 < density − ε`` and ``density + ε < 1`` are required for ``0 < density < 1``.
         generator: random source for ``random`` and ``della``.
         rescale: ``none`` (default), ``l1`` or ``inverse``.
+        model_threshold: for ``magnitude`` with model-wide top-k (:mod:`alloykit.prepass`):
+            keep what is above this threshold and this many of the entries equal to it.
 
     Returns:
         A new tensor of ``delta``'s shape.
@@ -224,7 +231,9 @@ def sparsify(
     if density <= 0:
         return torch.zeros_like(delta)
     n = delta.numel()
-    if method == "magnitude":
+    if method == "magnitude" and model_threshold is not None:
+        keep = threshold_mask(delta.abs(), model_threshold[0], model_threshold[1])
+    elif method == "magnitude":
         keep = top_mask(delta.abs(), max(1, int(density * n)))
     elif method == "breadcrumbs":
         target, n_top = int(density * n), int(gamma * n)
@@ -441,11 +450,13 @@ def merge_deltas(
     gammas: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     epsilons: torch.Tensor | None = None,
+    model_thresholds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`merge_task_vectors` on task vectors already taken; **overwrites** ``deltas``.
 
     For callers that own their ``(k, *shape)`` buffer (the executor), which saves one copy of
-    it; returns the combined task vector (without the base).
+    it; returns the combined task vector (without the base). ``model_thresholds`` holds, per
+    model, the threshold and tie quota of model-wide top-k (:mod:`alloykit.prepass`).
     """
     normalize_deltas(deltas, steps.delta_norm)
     if steps.sparsify != "none":
@@ -453,6 +464,9 @@ def merge_deltas(
             density = 1.0 if densities is None else float(densities[i])
             gamma = 0.01 if gammas is None else float(gammas[i])
             epsilon = 0.15 if epsilons is None else float(epsilons[i])
+            threshold = None
+            if model_thresholds is not None:
+                threshold = (float(model_thresholds[0][i]), int(model_thresholds[1][i]))
             deltas[i] = sparsify(
                 deltas[i],
                 steps.sparsify,
@@ -461,6 +475,7 @@ def merge_deltas(
                 epsilon=epsilon,
                 generator=generator,
                 rescale=steps.rescale,
+                model_threshold=threshold,
             )
     for i in range(deltas.shape[0]):
         deltas[i] *= float(weights[i])
