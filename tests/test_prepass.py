@@ -10,7 +10,9 @@ import torch
 
 from alloykit import merge_to_state_dict, plan_merge
 from alloykit.errors import ConfigError
-from alloykit.plan import COPY
+from alloykit.methods.task_vectors import sparsify
+from alloykit.plan import COPY, TensorInput, TensorJob
+from alloykit.prepass import with_model_thresholds
 from tests.helpers import load_tensors
 
 
@@ -98,3 +100,37 @@ def test_ties_with_model_scope_and_one_density_per_model(family: dict[str, Path]
     }
     with pytest.raises(ConfigError, match="density_scope: model needs one density per model"):
         merge_to_state_dict(varying)
+
+
+def test_hand_worked_thresholds_and_tie_quotas() -> None:
+    # One model, two tensors: δ = [3, −1, 2] then [2, 0.5]; density 0.4 of N = 5 keeps k = 2.
+    # The two largest |δ| are 3 and one of the two 2s: the tie goes to the earlier tensor, so
+    # the threshold is 2, the first tensor keeps its one entry equal to 2 and the second none.
+    deltas = {"a": torch.tensor([3.0, -1.0, 2.0]), "b": torch.tensor([2.0, 0.5])}
+
+    def job(name: str) -> TensorJob:
+        size = deltas[name].numel()
+        return TensorJob(
+            name,
+            (size,),
+            "F32",
+            "magnitude_prune",
+            (TensorInput("ft", name),),
+            TensorInput("base", name),
+            {"weight": (1.0,), "density": (0.4,)},
+            {"density_scope": "model", "delta_norm": "none"},
+            4 * size,
+        )
+
+    def load(j: TensorJob) -> tuple[torch.Tensor, torch.Tensor | None]:
+        base = torch.ones_like(deltas[j.output])
+        return (base + deltas[j.output]).unsqueeze(0), base
+
+    first, second = with_model_thresholds([job("a"), job("b")], load)
+    assert first.per_model["threshold"] == (2.0,) and first.per_model["tie_quota"] == (1.0,)
+    assert second.per_model["threshold"] == (2.0,) and second.per_model["tie_quota"] == (0.0,)
+    kept = [
+        sparsify(deltas[j.output], "magnitude", density=0.4, model_threshold=(2.0, int(q)))
+        for j, q in ((first, 1), (second, 0))
+    ]
+    assert kept[0].tolist() == [3.0, 0.0, 2.0] and kept[1].tolist() == [0.0, 0.0]
