@@ -75,12 +75,7 @@ def threshold_mask(magnitude: torch.Tensor, threshold: float, ties: int) -> torc
     return keep.view(magnitude.shape)
 
 
-# DELLA's rank buckets, on a magnitude's float32 bit pattern: within 16 binades of the row's
-# largest value the top 9 mantissa bits are kept (512 buckets per binade: fine enough that a
-# bucket mostly holds one value); below that, 5 (32 per binade, down to the smallest float).
-_FINE_SHIFT, _COARSE_SHIFT = 23 - 9, 23 - 5
-_FINE_BINS = 16 * 512
-_RANK_BINS = _FINE_BINS + (1 << (31 - _COARSE_SHIFT))
+_TABLE_BUDGET = 1 << 21  # histogram cells per chunk of rows (16 MB of int64 counts)
 _COMPARE_BUDGET = 1 << 22  # elements compared at once when resolving a rank exactly
 
 
@@ -99,7 +94,9 @@ def della_probability(rank: torch.Tensor, n: int, density: float, epsilon: float
 
 
 def _average_ranks(keys: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Average 0-based rank of ``keys[rows[j], columns[j]]`` in its row, by counting."""
+    """Average 0-based rank of ``keys[rows[j], columns[j]]`` in its row, by counting.
+
+    ``keys`` are non-negative magnitudes (or anything ordered like them)."""
     n = keys.shape[1]
     ranks = torch.empty(rows.numel(), dtype=torch.float64, device=keys.device)
     step = max(1, _COMPARE_BUDGET // n)
@@ -121,9 +118,10 @@ def della_mask(
     ``magnitude`` and ``uniform`` are ``(rows, n)``; ``rank_j`` is the 0-based rank of
     ``|δ_j|`` in its row in ascending order, equal magnitudes sharing the average of their
     ranks (so the mask does not depend on where equal values sit), and ``p`` is
-    :func:`della_probability`. Nothing is sorted: a per-row histogram of the magnitudes' top
-    bit-pattern bits (a non-negative float's bits order like its value) gives each entry its
-    bucket's rank span ``[lo, hi]``. A bucket holding one value (often a single entry, or the
+    :func:`della_probability`. Nothing is sorted: a per-row histogram of the magnitudes' bit
+    patterns (a non-negative float's bits order like its value), about two buckets per entry
+    between the row's smallest and largest, gives each entry its bucket's rank span
+    ``[lo, hi]``. A bucket holding one value (often a single entry, or the
     many equal deltas of bfloat16 models) gives the exact rank ``(lo + hi)/2``; elsewhere
     ``uniform < p(lo)`` keeps and ``uniform ≥ p(hi)`` drops for certain, and only the rare
     entries whose draw falls between get their exact rank by counting over the row. The
@@ -133,23 +131,27 @@ def della_mask(
         raise ValueError(f"della ranks float32 or float64 magnitudes, not {magnitude.dtype}")
     rows, n = magnitude.shape
     mask = torch.empty_like(magnitude, dtype=torch.bool)
-    key_dtype = torch.int32 if magnitude.dtype == torch.float32 else torch.int64
-    keys = magnitude.contiguous().view(key_dtype).to(torch.int64)
-    # rounding to float32 keeps the order, so float64 magnitudes bucket the same way
+    # buckets come from float32 bits (rounding keeps the order; the int32 range keeps the
+    # arithmetic below exact), the exact keys decide within a bucket
     bits = magnitude.to(torch.float32).view(torch.int32).to(torch.int64)
-    chunk = max(1, (1 << 21) // _RANK_BINS)  # rows per histogram: 16 MB per count table
+    bins = max(64, 2 * n)  # about two buckets per entry: O(n) work per row
+    chunk = max(1, _TABLE_BUDGET // (bins + 1))
     for first in range(0, rows, chunk):
-        part = keys[first : first + chunk]
-        fine = bits[first : first + chunk] >> _FINE_SHIFT
-        lowest_fine = (fine.amax(dim=1, keepdim=True) - (_FINE_BINS - 1)).clamp_(min=0)
-        coarse = bits[first : first + chunk] >> _COARSE_SHIFT
-        first_fine = (lowest_fine >> (_COARSE_SHIFT - _FINE_SHIFT)) + 1  # above every coarse one
-        bucket = torch.where(fine >= lowest_fine, first_fine + fine - lowest_fine, coarse)
-        shape = (part.shape[0], _RANK_BINS)
+        part = magnitude[first : first + chunk]
+        pattern = bits[first : first + chunk]
+        zero = pattern == 0
+        # nonzero magnitudes spread over buckets 1..bins, linearly in their bit pattern (so
+        # about uniformly in log-magnitude between the row's smallest and largest); zeros,
+        # the smallest value, get bucket 0 to themselves
+        lowest = torch.where(zero, torch.iinfo(torch.int32).max, pattern).amin(dim=1, keepdim=True)
+        span = (pattern.amax(dim=1, keepdim=True) - lowest).clamp_(min=0) + 1
+        bucket = ((pattern - lowest).clamp_(min=0) * bins).div_(span, rounding_mode="floor")
+        bucket = torch.where(zero, 0, bucket.add_(1).clamp_(max=bins))
+        shape = (part.shape[0], bins + 1)
         counts = torch.zeros(shape, dtype=torch.int64, device=part.device)
         counts.scatter_add_(1, bucket, torch.ones_like(bucket))
-        smallest = torch.full(shape, torch.iinfo(torch.int64).max, device=part.device)
-        largest = torch.full(shape, -1, dtype=torch.int64, device=part.device)
+        smallest = torch.full(shape, torch.inf, dtype=part.dtype, device=part.device)
+        largest = torch.full(shape, -1.0, dtype=part.dtype, device=part.device)
         smallest.scatter_reduce_(1, bucket, part, "amin")
         largest.scatter_reduce_(1, bucket, part, "amax")
         low = (torch.cumsum(counts, dim=1) - counts).gather(1, bucket)
