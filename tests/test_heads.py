@@ -189,6 +189,17 @@ def test_integer_buffers_come_from_the_base(bert: dict[str, Path], tmp_path: Pat
     assert torch.equal(buffer, torch.arange(32)[None])
 
 
+def test_a_model_without_config_json_is_matched_too(bert: dict[str, Path], tmp_path: Path) -> None:
+    shutil.copytree(bert["ft1"], tmp_path / "ft1")
+    (tmp_path / "ft1" / "config.json").unlink()
+    folders = {**bert, "ft1": tmp_path / "ft1"}
+    state = merge_to_state_dict(_config(folders))
+    _assert_close(
+        {name: value.double().numpy() for name, value in state.items()},
+        _reference(bert, "linear"),
+    )
+
+
 def test_cli_merges_backbone_and_heads(bert: dict[str, Path], tmp_path: Path) -> None:
     from transformers import BertForSequenceClassification
 

@@ -304,9 +304,16 @@ class _Planner:
         shapes = [{n: i.shape for n, i in c.tensors.items()} for c in checkpoints.values()]
         # finding prefixes imports transformers (seconds): only models that differ need them
         differ = any(other != shapes[0] for other in shapes[1:]) or self.heads_source is not None
+        found = (
+            {backbone_prefix(c.config, c.tensors) for c in checkpoints.values()}
+            if differ
+            else set()
+        )
+        # a prefix found from one model's config applies to every model whose layer stack
+        # starts with it, so a model without a config.json is matched too
         self.prefix = {
-            label: backbone_prefix(c.config, c.tensors) if differ else ""
-            for label, c in checkpoints.items()
+            label: next((p for p in sorted(found) if p and (stack or "").startswith(p)), "")
+            for label, stack in self.stack.items()
         }
         # task heads: a prefixed model's tensors outside its backbone (LM heads have their own
         # rule, the tied-embedding fallback of _lookup)
