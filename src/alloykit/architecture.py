@@ -9,6 +9,7 @@ head), which is what MergeKit's slicing and layer fractions need.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -142,3 +143,51 @@ def input_embedding_name(names: Iterable[str]) -> str | None:
     """The token-embedding tensor among ``names`` (what a tied head falls back to)."""
     candidates = [n for n in names if is_vocabulary_tensor(n) and n not in HEAD_NAMES]
     return min(candidates, key=len) if candidates else None
+
+
+def architecture_family(architecture: str) -> str:
+    """``BertModel``, ``BertForSequenceClassification`` -> ``Bert``: the backbone's name stem.
+
+    A backbone and the task models built on it share the stem, so a ``BertModel`` base and
+    ``BertForSequenceClassification`` fine-tunes are one family (``LlamaForCausalLM`` and
+    ``MistralForCausalLM`` are not).
+    """
+    stem, found, _ = architecture.partition("For")
+    return stem if found and stem else architecture.removesuffix("Model")
+
+
+@functools.cache
+def base_model_prefix(model_type: str) -> str | None:
+    """transformers' ``base_model_prefix`` for ``model_type`` (``bert`` -> ``bert``), or None.
+
+    A task model (``BertForSequenceClassification``) stores its backbone under this prefix
+    while the bare backbone (``BertModel``) stores the same tensors without it. transformers is
+    imported only here, and only for merges whose models' tensors differ, because importing it
+    takes seconds.
+    """
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    class_name = MODEL_MAPPING_NAMES.get(model_type)
+    if not isinstance(class_name, str):
+        return None
+    prefix = getattr(getattr(transformers, class_name, None), "base_model_prefix", None)
+    return prefix if isinstance(prefix, str) and prefix else None
+
+
+def backbone_prefix(config: Mapping[str, Any] | None, names: Iterable[str]) -> str:
+    """``"bert."`` for a model that stores its backbone under its ``base_model_prefix``, else ``""``.
+
+    The rule: the model's layer stack starts with ``<base_model_prefix>.``, where the prefix is
+    transformers' for the config's ``model_type`` (``bert.encoder.layer.`` in
+    ``BertForSequenceClassification``; ``encoder.layer.`` in ``BertModel`` gives ``""``).
+    """
+    stack = layer_stack_prefix(names) or ""
+    model_type = (config or {}).get("model_type")
+    first, dot, rest = stack.partition(".")
+    if not isinstance(model_type, str) or not dot or not rest:
+        return ""  # a one-component stack (``layers.``, ``h.``) is a bare backbone
+    prefix = base_model_prefix(model_type)
+    return f"{prefix}." if prefix == first else ""

@@ -132,6 +132,13 @@ class TokenizerConfig(BaseModel):
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
+class HeadsConfig(BaseModel):
+    """The ``heads:`` block: the model whose task-head tensors (``classifier.*``) are copied."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ModelRef
+
+
 class MergeConfig(BaseModel):
     """A merge recipe, as written in YAML (MergeKit's schema)."""
 
@@ -148,6 +155,7 @@ class MergeConfig(BaseModel):
     chat_template: str | None = None
     name: str | None = None
     keep_from_base: list[str] | None = None
+    heads: HeadsConfig | None = None
 
     def to_yaml(self) -> str:
         """The recipe as YAML that :func:`load_config` reads back to an equal config."""
@@ -290,6 +298,7 @@ def _fields_at(parent: str | None) -> list[str]:
         "slices": OutputSlice,
         "sources": SliceSource,
         "tokenizer": TokenizerConfig,
+        "heads": HeadsConfig,
     }
     owner = owners.get(parent) if parent is None or not parent.isdigit() else None
     return list(owner.model_fields) if owner else []
@@ -342,6 +351,14 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
         if config.base_model is None:
             problems.append("keep_from_base: needs a base_model to keep tensors from")
     problems.extend(_check_tokenizer(config))
+    if config.heads is not None:
+        labels = [str(ref) for ref in model_refs(config)]
+        if str(config.heads.source) not in labels:
+            listing = ", ".join(f"'{label}'" for label in labels)
+            problems.append(
+                f"heads.source: '{config.heads.source}' is not one of the config's models "
+                f"({listing}){did_you_mean(str(config.heads.source), labels)}"
+            )
     if method is not None:
         for path, name, value in _parameter_sites(config):
             per_model_site = path[0] in ("models",) or "sources" in path

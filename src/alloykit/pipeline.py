@@ -321,6 +321,8 @@ def portable_recipe(config: MergeConfig, stage_names: set[str] | None = None) ->
         data.base_model = absolute(data.base_model)
     for entry in data.models or []:
         entry.model = absolute(entry.model)
+    if data.heads is not None:
+        data.heads.source = absolute(data.heads.source)
     for output_slice in data.slices or []:
         if output_slice.base_model is not None:
             output_slice.base_model = absolute(output_slice.base_model)

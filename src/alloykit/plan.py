@@ -9,6 +9,14 @@ MergeKit's slice rules: the ``models:`` form is one slice spanning every layer o
 output layers are numbered slice after slice; embeddings come from the first slice's sources
 and the final norm and head from the last slice's; layer ``k`` of a slice of ``L`` layers gets
 the layer fraction ``t = k/(L−1)`` (``t = 1`` when ``L = 1``), embeddings and head ``t = 0``.
+
+Backbones and heads: a task model (``BertForSequenceClassification``) stores its backbone under
+its ``base_model_prefix`` (``bert.embeddings...``) and its task head outside it
+(``classifier.weight``); the bare backbone (``BertModel``) stores the same tensors without the
+prefix. Tensors are matched across that prefix, and the output is named like the base (or first)
+model, or like the ``heads.source`` model when the config has one. Task-head tensors that only
+some models have, or that differ in shape, are left out with one warning, unless ``heads.source``
+names the model to copy them from.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from typing import Any
 
 from alloykit.architecture import (
     HEAD_NAMES,
+    architecture_family,
+    backbone_prefix,
     input_embedding_name,
     is_vocabulary_tensor,
     layer_count,
@@ -149,9 +159,12 @@ def build_plan(
         offset += output_slice.length
     jobs += planner.non_layer_jobs(last, "post")
     planner.raise_problems()
+    planner.warn_heads()
     if config.models is not None:  # with slices, leaving layers out is the point
         planner.warn_unused(jobs)
 
+    # the heads' model gives the config too, so the output loads as that task model
+    donor = planner.heads_source or donor
     donor_ckpt = checkpoints[donor]
     output_config = _output_config(donor_ckpt, slices, offset, jobs)
     if out_dtype is None:  # the donor's own dtype, as its config or its first tensor says
@@ -196,12 +209,25 @@ def check_architectures(
         if ckpt.config is None:
             continue
         for key in ("model_type", "architectures"):
-            if ckpt.config.get(key) != reference.get(key):
+            ours, theirs = reference.get(key), ckpt.config.get(key)
+            if ours != theirs and not (key == "architectures" and _same_family(ours, theirs)):
                 raise IncompatibleModels(
                     f"models '{donor}' and '{label}' have different {key} "
                     f"({reference.get(key)} vs {ckpt.config.get(key)}); "
                     "pass --allow-crimes to merge them anyway"
                 )
+
+
+def _same_family(ours: Any, theirs: Any) -> bool:
+    """True for a backbone and task models built on it (``BertModel``, ``BertFor...``)."""
+    if not isinstance(ours, list) or not isinstance(theirs, list) or len(ours) != len(theirs):
+        return False
+    return all(
+        isinstance(a, str)
+        and isinstance(b, str)
+        and architecture_family(a) == architecture_family(b)
+        for a, b in zip(ours, theirs, strict=True)
+    )
 
 
 def _slices(
@@ -274,6 +300,31 @@ class _Planner:
         self.stack = {label: layer_stack_prefix(c.tensors) for label, c in checkpoints.items()}
         self.problems: dict[str, tuple[str, int]] = {}  # key -> (message, count)
         self.warnings: list[str] = []
+        self.heads_source = str(config.heads.source) if config.heads else None
+        shapes = [{n: i.shape for n, i in c.tensors.items()} for c in checkpoints.values()]
+        # finding prefixes imports transformers (seconds): only models that differ need them
+        differ = any(other != shapes[0] for other in shapes[1:]) or self.heads_source is not None
+        found = (
+            {backbone_prefix(c.config, c.tensors) for c in checkpoints.values()}
+            if differ
+            else set()
+        )
+        # a prefix found from one model's config applies to every model whose layer stack
+        # starts with it, so a model without a config.json is matched too
+        self.prefix = {
+            label: next((p for p in sorted(found) if p and (stack or "").startswith(p)), "")
+            for label, stack in self.stack.items()
+        }
+        # task heads: a prefixed model's tensors outside its backbone (LM heads have their own
+        # rule, the tied-embedding fallback of _lookup)
+        self.heads: dict[str, None] = {  # a dict keeps first-seen order
+            name: None
+            for label, c in checkpoints.items()
+            if self.prefix[label]
+            for name in c.tensors
+            if not name.startswith(self.prefix[label]) and name not in HEAD_NAMES
+        }
+        self.left_out: list[str] = []  # head tensors no output has
 
     def _donor(self, output_slice: _Slice) -> str:
         return output_slice.base or output_slice.sources[0].model
@@ -293,10 +344,18 @@ class _Planner:
                     for h in HEAD_NAMES
                     if h in self.checkpoints[source.model].tensors and h not in names
                 ]
-        return [
-            self._job(output_slice, name, {s.model: name for s in output_slice.sources}, 0.0, name)
+            names += [h for h in self.heads if h not in names]
+        jobs = [
+            self._job(
+                output_slice,
+                self._output_name(name, donor),
+                {s.model: self._name_in(name, donor, s.model) for s in output_slice.sources},
+                0.0,
+                name,
+            )
             for name in names
         ]
+        return [job for job in jobs if job is not None]
 
     def layer_jobs(self, output_slice: _Slice, k: int, out_index: int, t: float) -> list[TensorJob]:
         """Jobs for layer ``k`` of a slice, written as output layer ``out_index``."""
@@ -313,9 +372,44 @@ class _Planner:
                 or parts.index != donor_source.start + k
             ):
                 continue
-            names = {s.model: parts.renumber(s.start + k) for s in output_slice.sources}
-            jobs.append(self._job(output_slice, parts.renumber(out_index), names, t, name))
+            names = {
+                s.model: self._name_in(parts.renumber(s.start + k), donor, s.model)
+                for s in output_slice.sources
+            }
+            output = self._output_name(parts.renumber(out_index), donor)
+            job = self._job(output_slice, output, names, t, name)
+            if job is not None:
+                jobs.append(job)
         return jobs
+
+    def _name_in(self, name: str, source: str, target: str) -> str:
+        """Tensor ``name`` of model ``source`` as model ``target`` names it.
+
+        Backbone tensors differ by the models' backbone prefixes (``bert.``); heads keep their
+        names in every model.
+        """
+        have, want = self.prefix[source], self.prefix[target]
+        if have == want or name in self.heads:
+            return name
+        return want + name.removeprefix(have)
+
+    def _output_name(self, name: str, donor: str) -> str:
+        """The output's name for the donor's tensor ``name``: the heads' model's naming if any."""
+        return self._name_in(name, donor, self.heads_source) if self.heads_source else name
+
+    def warn_heads(self) -> None:
+        """One warning naming the task-head tensors the output leaves out."""
+        if not self.left_out:
+            return
+        names = ", ".join(f"'{name}'" for name in self.left_out)
+        if self.heads_source is not None:
+            reason = f"model '{self.heads_source}' (heads.source) does not have them"
+        else:
+            reason = (
+                "only some models have them, or their shapes differ; set heads: {source: MODEL} "
+                "to copy them from one model"
+            )
+        self.warnings.append(f"task-head tensors left out of the output: {names} ({reason})")
 
     def warn_unused(self, jobs: list[TensorJob]) -> None:
         """Warn about input tensors no job reads (the donor decides the output's tensors)."""
@@ -323,7 +417,12 @@ class _Planner:
             (i.model, i.tensor) for j in jobs for i in (*j.inputs, *([j.base] if j.base else []))
         }
         for label, checkpoint in self.checkpoints.items():
-            unused = [name for name in checkpoint.tensors if (label, name) not in used]
+            # heads are reported by warn_heads, or copied from heads.source by choice
+            unused = [
+                name
+                for name in checkpoint.tensors
+                if (label, name) not in used and name not in self.heads
+            ]
             if unused:
                 self.warnings.append(
                     f"model '{label}': {len(unused)} tensors are not in the output (e.g. "
@@ -362,7 +461,14 @@ class _Planner:
         names: Mapping[str, str],
         t: float,
         donor_name: str,
-    ) -> TensorJob:
+    ) -> TensorJob | None:
+        """The job for ``output``; None for a task head the output leaves out."""
+        if output in self.heads:
+            head = self._head(output, names)
+            if head is not None:
+                return head
+            if output in self.left_out:
+                return None
         donor = self._donor(output_slice)
         infos: dict[str, TensorInfo] = {}
         for label, name in names.items():
@@ -392,30 +498,9 @@ class _Planner:
         input_bytes = sum(i.nbytes for i in infos.values())
         kept = output_slice.base is not None and module_kind(output) in self.keep
         if kept and output_slice.base in infos:  # keep_from_base: the base's tensor, unchanged
-            info = infos[output_slice.base]
-            return TensorJob(
-                output,
-                info.shape,
-                dtype,
-                COPY,
-                (TensorInput(output_slice.base, info.name),),
-                None,
-                {},
-                {},
-                info.nbytes,
-            )
-        if reference.dtype not in FLOAT_CODES:  # integer buffers are copied, not merged
-            return TensorJob(
-                output,
-                reference.shape,
-                reference.dtype,
-                COPY,
-                (TensorInput(donor, reference.name),),
-                None,
-                {},
-                {},
-                reference.nbytes,
-            )
+            return _copy_job(output, output_slice.base, infos[output_slice.base], dtype)
+        if reference.dtype not in FLOAT_CODES:  # integer buffers are copied from the base
+            return _copy_job(output, donor, reference, reference.dtype)
 
         base_label = output_slice.base if self.method.base != "input" else None
         sources = [s for s in output_slice.sources if s.model != base_label]
@@ -450,6 +535,23 @@ class _Planner:
         if self.method.check is not None and (problem := self.method.check(per_model, params)):
             self._problem(f"param:check:{problem}", f"tensor '{output}': {problem}")
         return job
+
+    def _head(self, output: str, names: Mapping[str, str]) -> TensorJob | None:
+        """A task head: copied from heads.source, else merged only where every model agrees.
+
+        Returns the copy job, or None with ``output`` added to ``left_out`` when the head is
+        left out, or None when it is merged like any other tensor.
+        """
+        if self.heads_source is not None:
+            info = self.checkpoints[self.heads_source].tensors.get(output)
+            if info is None:
+                self.left_out.append(output)
+                return None
+            return _copy_job(output, self.heads_source, info, self.out_dtype or info.dtype)
+        infos = [self.checkpoints[label].tensors.get(name) for label, name in names.items()]
+        if any(info is None for info in infos) or len({i.shape for i in infos if i}) > 1:
+            self.left_out.append(output)
+        return None
 
     def _parameters(
         self,
@@ -505,6 +607,13 @@ class _Planner:
 def reference_label(infos: Mapping[str, TensorInfo], reference: TensorInfo) -> str:
     """The label of the model whose tensor is ``reference``."""
     return next(label for label, info in infos.items() if info is reference)
+
+
+def _copy_job(output: str, model: str, info: TensorInfo, dtype: str) -> TensorJob:
+    """A job that copies tensor ``info`` of ``model`` unchanged (but for ``dtype``)."""
+    return TensorJob(
+        output, info.shape, dtype, COPY, (TensorInput(model, info.name),), None, {}, {}, info.nbytes
+    )
 
 
 def _empty_job(output: str) -> TensorJob:
