@@ -206,7 +206,9 @@ class Checkpoint:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise CheckpointError(
-                f"'{file}': cannot load safely ({e}); re-save it as safetensors"
+                f"'{file}': cannot load safely with torch.load(weights_only=True) "
+                f"({_refusal_reason(e)}); it holds pickled objects besides tensors: save only "
+                "the tensors (torch.save(model.state_dict(), ...)) or as safetensors"
             ) from e
         if not isinstance(state, dict):
             raise CheckpointError(f"'{file}': holds a {type(state).__name__}, not a state dict")
@@ -238,6 +240,15 @@ def open_checkpoint(path: Path, label: str | None = None) -> Checkpoint:
         f"model '{label or path}': '{path}' is not a model folder, a .safetensors, .pt or .bin "
         "state dict, nor a .gguf file"
     )
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The line of torch.load's many-line refusal that says what it refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.removeprefix("WeightsUnpickler error: ")
+    return lines[0] if lines else type(error).__name__
 
 
 def _read_config(folder: Path) -> dict[str, Any] | None:
