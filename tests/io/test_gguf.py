@@ -211,3 +211,22 @@ def test_truncated_gguf_is_a_one_line_error_naming_the_file(
 def test_folder_with_several_ggufs_asks_for_one(ggufs: dict[str, Path]) -> None:
     with pytest.raises(CheckpointError, match="holds 2 GGUF files"):
         open_checkpoint(ggufs["F16"].parent)
+
+
+def test_only_the_tensor_read_is_dequantised(
+    ggufs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, ...]] = []
+    dequantize = gguf.quants.dequantize
+
+    def counting(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+        calls.append(data.shape)
+        return dequantize(data, qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", counting)
+    with open_checkpoint(ggufs["Q8_0"]) as checkpoint:
+        assert calls == []  # opening reads the header and tensor table only
+        checkpoint.read("model.layers.1.mlp.down_proj.weight")
+        assert calls == [(32, 64 // 32 * 34)]  # one tensor's rows of Q8_0 blocks (34 bytes)
+        checkpoint.read("model.layers.1.input_layernorm.weight")  # float32: no dequantising
+        assert len(calls) == 1

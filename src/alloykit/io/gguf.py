@@ -19,6 +19,7 @@ original Hugging Face model).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,8 @@ class GGUFCheckpoint(Checkpoint):
         if not self.config.get("architectures"):
             self.config["architectures"] = [_causal_lm_class(file, hf_config)]
         shapes = _hf_parameter_shapes(file, hf_config)
-        names = _gguf_to_hf_names(file, architecture, shapes, hf_config.num_hidden_layers)
+        blocks = [int(e.name.split(".")[1]) for e in entries if e.name.startswith("blk.")]
+        names = _gguf_to_hf_names(file, architecture, shapes, max(blocks, default=-1) + 1)
         self._entries: dict[str, _Entry] = {}
         self.tensors = {}
         self.skipped: list[str] = []
@@ -167,24 +169,32 @@ DTYPE_TORCH = {
 }
 
 
+@dataclass
 class _Entry:
     """Where one GGUF tensor lies and how to decode it."""
 
-    def __init__(
-        self, name: str, ggml_type: Any, shape: tuple[int, ...], offset: int, nbytes: int
-    ) -> None:
-        self.name = name
-        self.ggml_type = ggml_type
-        self.shape = shape  # PyTorch order (GGUF lists dimensions innermost first)
-        self.offset = offset
-        self.nbytes = nbytes
-        self.quantized = ggml_type.name not in DTYPE_TORCH
-        self.dtype = "F32" if self.quantized else ggml_type.name
-        self.heads: int | None = None  # set for llama.cpp-permuted query/key rows
-        if self.quantized:
-            import gguf
+    name: str
+    ggml_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # PyTorch order (GGUF lists dimensions innermost first)
+    offset: int
+    nbytes: int
+    heads: int | None = None  # set for llama.cpp-permuted query/key rows
 
-            self.byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, ggml_type)
+    @property
+    def quantized(self) -> bool:
+        return str(self.ggml_type.name) not in DTYPE_TORCH
+
+    @property
+    def dtype(self) -> str:
+        """The safetensors code of the tensor :meth:`GGUFCheckpoint.read` returns."""
+        return "F32" if self.quantized else str(self.ggml_type.name)
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        """The shape of the raw bytes ``gguf.quants.dequantize`` expects (rows of blocks)."""
+        import gguf
+
+        return tuple(gguf.quants.quant_shape_to_byte_shape(self.shape, self.ggml_type))
 
 
 def _read_table(file: Path) -> tuple[list[_Entry], str]:
