@@ -102,7 +102,8 @@ class GGUFCheckpoint(Checkpoint):
         if not self.config.get("architectures"):
             self.config["architectures"] = [_causal_lm_class(file, hf_config)]
         shapes = _hf_parameter_shapes(file, hf_config)
-        blocks = [int(e.name.split(".")[1]) for e in entries if e.name.startswith("blk.")]
+        indices = [e.name.split(".")[1] for e in entries if e.name.startswith("blk.")]
+        blocks = [int(index) for index in indices if index.isdigit()]
         names = _gguf_to_hf_names(file, architecture, shapes, max(blocks, default=-1) + 1)
         self._entries: dict[str, _Entry] = {}
         self.tensors = {}
