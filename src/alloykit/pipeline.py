@@ -19,7 +19,7 @@ import torch
 from alloykit.config import MergeConfig, model_refs, recipe_hash
 from alloykit.errors import AlloyError
 from alloykit.execute import ExecutionOptions, StateDictSink, execute
-from alloykit.io.checkpoint import Checkpoint
+from alloykit.io.checkpoint import Checkpoint, open_checkpoint
 from alloykit.io.hub import resolve_model
 from alloykit.io.writer import (
     OutputFolder,
@@ -102,7 +102,7 @@ def open_models(
             if provided is not None and label in provided:
                 checkpoints[label] = provided[label]
                 continue
-            checkpoint = Checkpoint(resolve_model(ref.path, ref.revision), label)
+            checkpoint = open_checkpoint(resolve_model(ref.path, ref.revision), label)
             opened.append(checkpoint)
             if ref.override_architecture and checkpoint.config is not None:
                 checkpoint.config["architectures"] = [ref.override_architecture]
@@ -304,7 +304,7 @@ def _execution(options: MergeOptions) -> ExecutionOptions:
 
 
 def portable_recipe(config: MergeConfig, stage_names: set[str] | None = None) -> MergeConfig:
-    """The recipe with local model folders made absolute, so it runs again from anywhere.
+    """The recipe with local model folders and files made absolute, so it runs again anywhere.
 
     References to earlier stages (``stage_names``) are left as they are.
     """
@@ -312,7 +312,7 @@ def portable_recipe(config: MergeConfig, stage_names: set[str] | None = None) ->
 
     def absolute(ref: ModelRef) -> ModelRef:
         local = Path(ref.path).expanduser()
-        if ref.path not in (stage_names or set()) and local.is_dir():
+        if ref.path not in (stage_names or set()) and local.exists():
             return ref.model_copy(update={"path": str(local.resolve())})
         return ref
 

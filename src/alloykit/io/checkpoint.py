@@ -116,6 +116,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 class Checkpoint:
     """A model folder opened for reading: its ``config.json`` and an index of its tensors.
 
+    ``folder`` may also be a single ``.safetensors``, ``.pt`` or ``.bin`` file: a raw state
+    dict (a non-Hugging Face model) with no config, whose tensors are merged by name.
+
     Tensors are read on demand with :meth:`read`; nothing is loaded when the checkpoint is
     opened. A checkpoint holds open file handles, so close it (or use it as a context manager).
 
@@ -127,7 +130,8 @@ class Checkpoint:
     def __init__(self, folder: Path, label: str | None = None) -> None:
         self.folder = folder
         self.label = label or str(folder)
-        self.config = _read_config(folder)
+        # a lone weight file is a raw state dict: no config, its tensors merged by name
+        self.config = None if folder.is_file() else _read_config(folder)
         quantization = (self.config or {}).get("quantization_config")
         if quantization is not None:
             method = (
@@ -143,7 +147,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._descriptors: dict[Path, int] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
-        for file in _weight_files(folder, self.label):
+        for file in [folder] if folder.is_file() else _weight_files(folder, self.label):
             infos = (
                 read_safetensors_header(file)
                 if file.suffix == ".safetensors"
@@ -171,21 +175,26 @@ class Checkpoint:
             raise CheckpointError(f"model '{self.label}' has no tensor '{name}'")
         if info.file.suffix != ".safetensors":
             return self._pickles[info.file][name]
+        buffer = self._read_bytes(info.file, info.offset, info.nbytes, name)
+        return buffer.view(SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
+
+    def _read_bytes(self, file: Path, offset: int, count: int, name: str) -> torch.Tensor:
+        """``count`` bytes of ``file`` from ``offset`` (tensor ``name``'s), as a uint8 tensor."""
         try:
-            descriptor = self._descriptors.get(info.file)
+            descriptor = self._descriptors.get(file)
             if descriptor is None:
-                descriptor = self._descriptors[info.file] = os.open(info.file, os.O_RDONLY)
-            buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+                descriptor = self._descriptors[file] = os.open(file, os.O_RDONLY)
+            buffer = torch.empty(count, dtype=torch.uint8)
             view = buffer.numpy().data
             done = 0
-            while done < info.nbytes:  # pread may return less than asked
-                count = os.preadv(descriptor, [view[done:]], info.offset + done)
-                if count == 0:
+            while done < count:  # pread may return less than asked
+                got = os.preadv(descriptor, [view[done:]], offset + done)
+                if got == 0:
                     raise OSError("unexpected end of file")
-                done += count
+                done += got
         except OSError as e:
-            raise CheckpointError(f"'{info.file}': cannot read tensor '{name}' ({e})") from e
-        return buffer.view(SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
+            raise CheckpointError(f"'{file}': cannot read tensor '{name}' ({e})") from e
+        return buffer
 
     def _index_pickle(self, file: Path) -> dict[str, TensorInfo]:
         if not zipfile.is_zipfile(file):
@@ -197,7 +206,9 @@ class Checkpoint:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise CheckpointError(
-                f"'{file}': cannot load safely ({e}); re-save it as safetensors"
+                f"'{file}': cannot load safely with torch.load(weights_only=True) "
+                f"({_refusal_reason(e)}); it holds pickled objects besides tensors: save only "
+                "the tensors (torch.save(model.state_dict(), ...)) or as safetensors"
             ) from e
         if not isinstance(state, dict):
             raise CheckpointError(f"'{file}': holds a {type(state).__name__}, not a state dict")
@@ -208,6 +219,36 @@ class Checkpoint:
                 raise CheckpointError(f"'{file}': entry '{name}' is not a supported tensor")
             infos[name] = TensorInfo(name, tuple(tensor.shape), DTYPE_CODES[tensor.dtype], file)
         return infos
+
+
+RAW_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def open_checkpoint(path: Path, label: str | None = None) -> Checkpoint:
+    """Open a model folder, a raw state-dict file or a GGUF file (or a folder holding one).
+
+    Raises CheckpointError naming ``path`` when it is none of these.
+    """
+    from alloykit.io.gguf import GGUFCheckpoint, find_gguf
+
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return GGUFCheckpoint(gguf_file, label or str(path))
+    if path.is_dir() or (path.is_file() and path.suffix in RAW_SUFFIXES):
+        return Checkpoint(path, label)
+    raise CheckpointError(
+        f"model '{label or path}': '{path}' is not a model folder, a .safetensors, .pt or .bin "
+        "state dict, nor a .gguf file"
+    )
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The line of torch.load's many-line refusal that says what it refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.removeprefix("WeightsUnpickler error: ")
+    return lines[0] if lines else type(error).__name__
 
 
 def _read_config(folder: Path) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Model references to local folders: a folder as is, a repo id through the Hugging Face Hub.
+"""Model references to local paths: a folder or weight file as is, a repo id through the Hub.
 
 Repo ids are fetched with ``huggingface_hub.snapshot_download`` (weights, configs and tokenizer
 files only), which uses the local cache when the hub cannot be reached or ``HF_HUB_OFFLINE=1``.
@@ -14,6 +14,8 @@ from alloykit.errors import CheckpointError
 # What a merge needs from a repository; safetensors are preferred, so *.bin is fetched only
 # when a repository has no safetensors weights.
 _PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "tokenizer*"]
+# single files a model reference may name: raw state dicts and GGUF files
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -23,16 +25,24 @@ def looks_like_repo_id(text: str) -> bool:
 
 
 def resolve_model(path: str, revision: str | None = None) -> Path:
-    """The local folder holding model ``path`` (a folder, or a repo id fetched or cached).
+    """The local folder or file holding model ``path``: a folder, a weight file (``.safetensors``,
+    ``.pt``, ``.bin``, ``.gguf``), or a repo id fetched or cached.
 
-    Raises CheckpointError naming the model when it is neither an existing folder nor a
-    repository the hub (or its local cache) can provide.
+    Raises CheckpointError naming the model when it is none of these, nor a repository the hub
+    (or its local cache) can provide.
     """
     local = Path(path).expanduser()
     if local.is_dir():
         return local
     if local.exists():
-        raise CheckpointError(f"model '{path}': is a file, expected a model folder or repo id")
+        if local.is_file() and local.suffix in WEIGHT_FILE_SUFFIXES:
+            return local
+        raise CheckpointError(
+            f"model '{path}': not a model folder, a .safetensors, .pt or .bin state dict, "
+            "nor a .gguf file"
+        )
+    if local.suffix in WEIGHT_FILE_SUFFIXES:
+        raise CheckpointError(f"model '{path}': no such file")
     if not looks_like_repo_id(path):
         raise CheckpointError(f"model '{path}': no such folder")
     from huggingface_hub import snapshot_download
