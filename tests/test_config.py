@@ -193,7 +193,7 @@ def test_unknown_method_lists_known_ones() -> None:
 
 
 def test_models_or_slices_exactly_one() -> None:
-    with pytest.raises(ConfigError, match="exactly one of 'models' or 'slices'"):
+    with pytest.raises(ConfigError, match="exactly one of 'models', 'slices' or 'modules'$"):
         load_config({"merge_method": "linear"})
 
 

@@ -59,6 +59,25 @@ def layer_stack_prefix(names: Iterable[str]) -> str | None:
     return max(layers_per_prefix, key=lambda p: (len(layers_per_prefix[p]), -len(p)))
 
 
+_OUTER_LAYER = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|layer|h|blocks|block)\.)\d+\.")
+
+
+def layer_stacks(names: Iterable[str]) -> list[str]:
+    """The prefixes of every outermost layer stack, in first-seen order.
+
+    A decoder-only model has one (``model.layers.``); an encoder-decoder model has two
+    (``model.encoder.layers.``, ``model.decoder.layers.``), a vision-language model one per
+    tower (``vision_tower.vision_model.encoder.layers.``, ``language_model.model.layers.``).
+    Stacks nested in a layer (T5's ``encoder.block.0.layer.1``) count as their outer stack.
+    """
+    stacks: dict[str, None] = {}
+    for name in names:
+        match = _OUTER_LAYER.match(name)
+        if match is not None:
+            stacks.setdefault(match["prefix"], None)
+    return list(stacks)
+
+
 def tensor_position(name: str, stack_prefix: str | None) -> Literal["pre", "layer", "post"]:
     """Where a tensor sits: before the layer stack (embeddings), in it, or after it (norm, head)."""
     parts = split_layer_name(name)

@@ -139,6 +139,19 @@ class HeadsConfig(BaseModel):
     source: ModelRef
 
 
+class ModuleConfig(BaseModel):
+    """One entry of ``modules:``: the tensors under ``<name>.``, merged like a whole config.
+
+    Exactly one of ``models`` or ``slices``; ``parameters`` rank between the slice's and the
+    top-level ones (MergeKit's precedence).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 class MergeConfig(BaseModel):
     """A merge recipe, as written in YAML (MergeKit's schema)."""
 
@@ -147,6 +160,7 @@ class MergeConfig(BaseModel):
     base_model: ModelRef | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, ModuleConfig] | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -188,10 +202,16 @@ def _plain(config: MergeConfig) -> dict[str, Any]:
 
 def model_refs(config: MergeConfig) -> list[ModelRef]:
     """Every model reference in the config, in first-mention order, each once."""
-    refs = [m.model for m in config.models or []]
-    for output_slice in config.slices or []:
-        refs += [s.model for s in output_slice.sources]
-        refs += [output_slice.base_model] if output_slice.base_model else []
+    groups: list[tuple[list[InputModel], list[OutputSlice]]] = [
+        (config.models or [], config.slices or [])
+    ]
+    groups += [(m.models or [], m.slices or []) for m in (config.modules or {}).values()]
+    refs: list[ModelRef] = []
+    for models, slices in groups:
+        refs += [m.model for m in models]
+        for output_slice in slices:
+            refs += [s.model for s in output_slice.sources]
+            refs += [output_slice.base_model] if output_slice.base_model else []
     refs += [config.base_model] if config.base_model else []
     unique: dict[str, ModelRef] = {}
     for ref in refs:
@@ -282,6 +302,8 @@ def _format_pydantic_error(error: Mapping[str, Any]) -> str:
     path = yaml_path(*[int(p) if p.isdigit() else p for p in location])
     if error["type"] == "extra_forbidden":
         parent = location[-2] if len(location) > 1 else None
+        if len(location) == 3 and location[0] == "modules":
+            parent = "modules.*"
         fields = _fields_at(parent)
         hint = did_you_mean(location[-1], fields) if fields else ""
         return f"{path}: unknown key{hint}"
@@ -299,6 +321,7 @@ def _fields_at(parent: str | None) -> list[str]:
         "sources": SliceSource,
         "tokenizer": TokenizerConfig,
         "heads": HeadsConfig,
+        "modules.*": ModuleConfig,
     }
     owner = owners.get(parent) if parent is None or not parent.isdigit() else None
     return list(owner.model_fields) if owner else []
@@ -332,8 +355,15 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
         method = resolve_method(config.merge_method)
     except ConfigError as e:
         problems.extend(e.problems)
-    if (config.models is None) == (config.slices is None):
-        problems.append("config: give exactly one of 'models' or 'slices'")
+    given = [k for k in ("models", "slices", "modules") if getattr(config, k) is not None]
+    if len(given) != 1:
+        found = f" (got {', '.join(given)})" if given else ""
+        problems.append(f"config: give exactly one of 'models', 'slices' or 'modules'{found}")
+    for name, module in (config.modules or {}).items():
+        if (module.models is None) == (module.slices is None):
+            problems.append(
+                f"{yaml_path('modules', name)}: give exactly one of 'models' or 'slices'"
+            )
     for key in ("dtype", "out_dtype"):
         value = getattr(config, key)
         if value is not None and normalize_dtype(value) is None:
@@ -361,7 +391,7 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
             )
     if method is not None:
         for path, name, value in _parameter_sites(config):
-            per_model_site = path[0] in ("models",) or "sources" in path
+            per_model_site = "models" in path or "sources" in path
             param = method.param(name)
             where = yaml_path(*path)
             if param is None:
@@ -389,22 +419,42 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
 
 
 def _slice_bases(config: MergeConfig) -> bool:
-    return bool(config.slices) and all(s.base_model is not None for s in config.slices or [])
+    slices = [s for _, _, group in _input_groups(config) for s in group or []]
+    has_models = any(models is not None for _, models, _ in _input_groups(config))
+    return bool(slices) and not has_models and all(s.base_model is not None for s in slices)
+
+
+def _input_groups(
+    config: MergeConfig,
+) -> list[tuple[tuple[str, ...], list[InputModel] | None, list[OutputSlice] | None]]:
+    """(YAML path prefix, models, slices) of the config and of each of its modules."""
+    groups: list[tuple[tuple[str, ...], list[InputModel] | None, list[OutputSlice] | None]] = [
+        ((), config.models, config.slices)
+    ]
+    for name, module in (config.modules or {}).items():
+        groups.append((("modules", name), module.models, module.slices))
+    return groups
 
 
 def _parameter_sites(config: MergeConfig) -> list[tuple[tuple[str | int, ...], str, Any]]:
     """Every (YAML path, parameter name, value) in the config."""
     sites: list[tuple[tuple[str | int, ...], str, Any]] = []
     sites += [(("parameters", k), k, v) for k, v in config.parameters.items()]
-    for i, entry in enumerate(config.models or []):
-        sites += [(("models", i, "parameters", k), k, v) for k, v in entry.parameters.items()]
-    for i, output_slice in enumerate(config.slices or []):
-        sites += [
-            (("slices", i, "parameters", k), k, v) for k, v in output_slice.parameters.items()
-        ]
-        for j, source in enumerate(output_slice.sources):
-            prefix = ("slices", i, "sources", j, "parameters")
-            sites += [((*prefix, k), k, v) for k, v in source.parameters.items()]
+    for name, module in (config.modules or {}).items():
+        sites += [(("modules", name, "parameters", k), k, v) for k, v in module.parameters.items()]
+    for top, models, slices in _input_groups(config):
+        for i, entry in enumerate(models or []):
+            sites += [
+                ((*top, "models", i, "parameters", k), k, v) for k, v in entry.parameters.items()
+            ]
+        for i, output_slice in enumerate(slices or []):
+            sites += [
+                ((*top, "slices", i, "parameters", k), k, v)
+                for k, v in output_slice.parameters.items()
+            ]
+            for j, source in enumerate(output_slice.sources):
+                prefix: tuple[str | int, ...] = (*top, "slices", i, "sources", j, "parameters")
+                sites += [((*prefix, k), k, v) for k, v in source.parameters.items()]
     return sites
 
 
@@ -438,16 +488,44 @@ def _check_setting(param: Any, value: Any, path: tuple[str | int, ...]) -> list[
 
 
 def _check_inputs(config: MergeConfig) -> list[str]:
-    problems = []
+    problems: list[str] = []
     refs: list[tuple[str, ModelRef]] = []
-    for i, entry in enumerate(config.models or []):
-        refs.append((yaml_path("models", i, "model"), entry.model))
-    for i, output_slice in enumerate(config.slices or []):
+    for top, models, slices in _input_groups(config):
+        problems += _check_group(top, models, slices, refs)
+    if config.base_model is not None:
+        refs.append(("base_model", config.base_model))
+    for where, ref in refs:
+        if ref.lora:
+            problems.append(
+                f"{where}: '{ref}' names a LoRA adapter; adapters as merge inputs are not "
+                "supported yet: merge the adapter into its base with peft first"
+            )
+    return problems
+
+
+def _check_group(
+    top: tuple[str, ...],
+    models: list[InputModel] | None,
+    slices: list[OutputSlice] | None,
+    refs: list[tuple[str, ModelRef]],
+) -> list[str]:
+    """Problems with one ``models``/``slices`` group (the config's or a module's)."""
+    problems = []
+    listed: dict[str, str] = {}
+    for i, entry in enumerate(models or []):
+        where = yaml_path(*top, "models", i, "model")
+        if str(entry.model) in listed:
+            problems.append(
+                f"{where}: '{entry.model}' is already listed at {listed[str(entry.model)]}"
+            )
+        listed.setdefault(str(entry.model), where)
+        refs.append((where, entry.model))
+    for i, output_slice in enumerate(slices or []):
         if not output_slice.sources:
-            problems.append(f"{yaml_path('slices', i, 'sources')}: a slice needs sources")
+            problems.append(f"{yaml_path(*top, 'slices', i, 'sources')}: a slice needs sources")
         lengths = set()
         for j, source in enumerate(output_slice.sources):
-            where = yaml_path("slices", i, "sources", j)
+            where = yaml_path(*top, "slices", i, "sources", j)
             if source.model in [s.model for s in output_slice.sources[:j]]:
                 problems.append(f"{where}.model: '{source.model}' appears twice in one slice")
             refs.append((f"{where}.model", source.model))
@@ -459,25 +537,13 @@ def _check_inputs(config: MergeConfig) -> list[str]:
             lengths.add(end - start)
         if len(lengths) > 1:
             problems.append(
-                f"{yaml_path('slices', i, 'sources')}: layer ranges of one slice must have the "
-                f"same length (got {sorted(lengths)})"
+                f"{yaml_path(*top, 'slices', i, 'sources')}: layer ranges of one slice must have "
+                f"the same length (got {sorted(lengths)})"
             )
         if output_slice.base_model is not None:
-            refs.append((yaml_path("slices", i, "base_model"), output_slice.base_model))
-    if config.base_model is not None:
-        refs.append(("base_model", config.base_model))
-    seen: dict[str, str] = {}
-    for where, ref in refs:
-        if where.startswith("models[") and str(ref) in seen:
-            problems.append(f"{where}: '{ref}' is already listed at {seen[str(ref)]}")
-        seen.setdefault(str(ref), where)
-        if ref.lora:
-            problems.append(
-                f"{where}: '{ref}' names a LoRA adapter; adapters as merge inputs are not "
-                "supported yet: merge the adapter into its base with peft first"
-            )
-    if config.models is not None and not config.models:
-        problems.append("models: the list is empty")
+            refs.append((yaml_path(*top, "slices", i, "base_model"), output_slice.base_model))
+    if models is not None and not models:
+        problems.append(f"{yaml_path(*top, 'models')}: the list is empty")
     return problems
 
 
@@ -558,7 +624,8 @@ def resolve_parameter(
     """MergeKit's precedence: the first level whose setting matches gives the value.
 
     ``levels`` is, highest first: the source's own parameters (per-model parameters only),
-    the slice's, the top-level ones. Per-model parameters match filters against the input
+    the slice's, the module's (``modules.<name>.parameters``, when planning a module), the
+    top-level ones. Per-model parameters match filters against the input
     model's tensor name, global parameters against the output tensor name. Returns None when
     no level gives a value (the caller applies the default or reports a missing parameter).
     """

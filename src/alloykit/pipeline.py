@@ -319,13 +319,16 @@ def portable_recipe(config: MergeConfig, stage_names: set[str] | None = None) ->
     data = config.model_copy(deep=True)
     if data.base_model is not None:
         data.base_model = absolute(data.base_model)
-    for entry in data.models or []:
-        entry.model = absolute(entry.model)
     if data.heads is not None:
         data.heads.source = absolute(data.heads.source)
-    for output_slice in data.slices or []:
-        if output_slice.base_model is not None:
-            output_slice.base_model = absolute(output_slice.base_model)
-        for source in output_slice.sources:
-            source.model = absolute(source.model)
+    groups = [(data.models, data.slices)]
+    groups += [(module.models, module.slices) for module in (data.modules or {}).values()]
+    for models, slices in groups:
+        for entry in models or []:
+            entry.model = absolute(entry.model)
+        for output_slice in slices or []:
+            if output_slice.base_model is not None:
+                output_slice.base_model = absolute(output_slice.base_model)
+            for source in output_slice.sources:
+                source.model = absolute(source.model)
     return data

@@ -21,6 +21,7 @@ names the model to copy them from.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,13 @@ from alloykit.architecture import (
     is_vocabulary_tensor,
     layer_count,
     layer_stack_prefix,
+    layer_stacks,
     module_kind,
     split_layer_name,
     tensor_position,
 )
 from alloykit.config import MergeConfig, model_refs, normalize_dtype, resolve_parameter, yaml_path
-from alloykit.errors import ConfigError, IncompatibleModels
+from alloykit.errors import ConfigError, IncompatibleModels, did_you_mean
 from alloykit.io.checkpoint import (
     DTYPE_CODES,
     FLOAT_CODES,
@@ -143,25 +145,12 @@ def build_plan(
     method = resolve_method(config.merge_method)
     donor = str(config.base_model) if config.base_model else _first_model(config)
     check_architectures(checkpoints, donor, allow_crimes=allow_crimes)
-    slices = _slices(config, checkpoints, method)
     load_dtype = normalize_dtype(config.dtype) if config.dtype else None
     out_dtype = normalize_dtype(config.out_dtype or config.dtype or "") or None
-    planner = _Planner(method, config, checkpoints, out_dtype)
-
-    jobs: list[TensorJob] = []
-    first, last = slices[0], slices[-1]
-    jobs += planner.non_layer_jobs(first, "pre")
-    offset = 0
-    for output_slice in slices:
-        for k in range(output_slice.length):
-            t = k / (output_slice.length - 1) if output_slice.length > 1 else 1.0
-            jobs += planner.layer_jobs(output_slice, k, offset + k, t)
-        offset += output_slice.length
-    jobs += planner.non_layer_jobs(last, "post")
-    planner.raise_problems()
-    planner.warn_heads()
-    if config.models is not None:  # with slices, leaving layers out is the point
-        planner.warn_unused(jobs)
+    if config.modules is not None:
+        return _module_plan(config, checkpoints, method, donor, load_dtype, out_dtype)
+    check_one_stack(config, checkpoints)
+    jobs, slices, offset, planner = _plan_jobs(config, checkpoints, method, out_dtype, {})
 
     # the heads' model gives the config too, so the output loads as that task model
     donor = planner.heads_source or donor
@@ -186,6 +175,147 @@ def build_plan(
     )
 
 
+def _plan_jobs(
+    config: MergeConfig,
+    checkpoints: Mapping[str, Checkpoint],
+    method: Method,
+    out_dtype: str | None,
+    module_parameters: Mapping[str, Any],
+) -> tuple[list[TensorJob], list[_Slice], int, _Planner]:
+    """The jobs of a config's ``models``/``slices`` over ``checkpoints``: (jobs, slices, layers,
+    planner)."""
+    slices = _slices(config, checkpoints, method)
+    planner = _Planner(method, config, checkpoints, out_dtype, module_parameters)
+    jobs: list[TensorJob] = []
+    first, last = slices[0], slices[-1]
+    jobs += planner.non_layer_jobs(first, "pre")
+    offset = 0
+    for output_slice in slices:
+        for k in range(output_slice.length):
+            t = k / (output_slice.length - 1) if output_slice.length > 1 else 1.0
+            jobs += planner.layer_jobs(output_slice, k, offset + k, t)
+        offset += output_slice.length
+    jobs += planner.non_layer_jobs(last, "post")
+    planner.raise_problems()
+    planner.warn_heads()
+    if config.models is not None:  # with slices, leaving layers out is the point
+        planner.warn_unused(jobs)
+    return jobs, slices, offset, planner
+
+
+def check_one_stack(
+    config: MergeConfig, checkpoints: Mapping[str, Checkpoint], where: str = "slices"
+) -> None:
+    """Refuse ``slices:`` over a model with several layer stacks (encoder-decoder, VLM).
+
+    A ``layer_range`` cannot say which stack it means; MergeKit refuses it too and asks for
+    ``modules:``.
+    """
+    if config.slices is None:
+        return
+    for label in model_labels(config):
+        stacks = layer_stacks(checkpoints[label].tensors)
+        if len(stacks) > 1:
+            listing = ", ".join(f"'{stack}'" for stack in stacks)
+            raise ConfigError(
+                f"{where}: model '{label}' has {len(stacks)} layer stacks ({listing}), so a "
+                "layer_range is ambiguous; use modules: with one module per stack prefix "
+                "(e.g. modules: {" + stacks[0].split(".")[0] + ": {slices: [...]}})"
+            )
+
+
+def _restricted(checkpoint: Checkpoint, prefix: str) -> Checkpoint:
+    """A view of ``checkpoint`` holding only its tensors under ``prefix`` (for planning).
+
+    Its config is dropped, so layer counts come from the module's own tensors, not from a
+    config key that may describe another module's stack.
+    """
+    view = copy.copy(checkpoint)
+    view.tensors = {n: i for n, i in checkpoint.tensors.items() if n.startswith(prefix)}
+    view.config = None
+    return view
+
+
+def _module_plan(
+    config: MergeConfig,
+    checkpoints: Mapping[str, Checkpoint],
+    method: Method,
+    donor: str,
+    load_dtype: str | None,
+    out_dtype: str | None,
+) -> MergePlan:
+    """Plan ``modules:``: each module merges the tensors under ``<name>.`` like a whole config.
+
+    Tensors under no module's prefix are copied from the donor (base or first model).
+    """
+    assert config.modules is not None
+    jobs: list[TensorJob] = []
+    warnings: list[str] = []
+    layers = 0
+    donor_tensors = checkpoints[donor].tensors
+    for name, module in config.modules.items():
+        prefix = name + "."
+        where = yaml_path("modules", name)
+        if not any(n.startswith(prefix) for n in donor_tensors):
+            tops = sorted({n.split(".")[0] for n in donor_tensors})
+            raise ConfigError(
+                f"{where}: model '{donor}' has no tensors under '{prefix}' (a module is named "
+                f"by its tensor prefix; this model's are {', '.join(tops)})"
+                + did_you_mean(name, tops)
+            )
+        sub = config.model_copy(
+            update={"models": module.models, "slices": module.slices, "modules": None}
+        )
+        labels = model_labels(sub)
+        views = {label: _restricted(checkpoints[label], prefix) for label in labels}
+        check_one_stack(sub, views, where=f"{where}.slices")
+        module_jobs, _, module_layers, planner = _plan_jobs(
+            sub, views, method, out_dtype, module.parameters
+        )
+        jobs += module_jobs
+        layers += module_layers
+        warnings += [f"{where}: {w}" for w in planner.warnings]
+        stacks = layer_stacks(views[donor].tensors) if donor in views else []
+        donor_layers = layer_count(None, views[donor].tensors)[0] if donor in views else 0
+        if stacks and module_layers != donor_layers:
+            warnings.append(
+                f"{where}: the output has {module_layers} layers under '{stacks[0]}' where "
+                f"model '{donor}' has {donor_layers}; config.json is copied from '{donor}' "
+                "unchanged, so update its layer count for this module by hand"
+            )
+    prefixes = tuple(name + "." for name in config.modules)
+    rest = [n for n in donor_tensors if not n.startswith(prefixes)]
+    if rest:
+        out_code = DTYPE_CODES[_torch_dtype(out_dtype)] if out_dtype else None
+        for name in rest:
+            info = donor_tensors[name]
+            dtype = out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
+            jobs.append(_copy_job(name, donor, info, dtype))
+        warnings.append(
+            f"modules: {len(rest)} tensors of model '{donor}' are under no module (e.g. "
+            f"'{rest[0]}'); they are copied from '{donor}' unchanged"
+        )
+    donor_ckpt = checkpoints[donor]
+    if out_dtype is None:
+        named = (donor_ckpt.config or {}).get("dtype") or (donor_ckpt.config or {}).get(
+            "torch_dtype"
+        )
+        first_float = next((j.dtype for j in jobs if j.dtype in FLOAT_CODES), "F32")
+        out_dtype = normalize_dtype(named) if isinstance(named, str) else None
+        out_dtype = out_dtype or _torch_name(first_float)
+    return MergePlan(
+        jobs=jobs,
+        kernel=method,
+        models={label: ckpt.folder for label, ckpt in checkpoints.items()},
+        donor=donor,
+        config=dict(donor_ckpt.config) if donor_ckpt.config is not None else None,
+        output_dtype=out_dtype,
+        load_dtype=load_dtype,
+        layers=layers,
+        warnings=warnings,
+    )
+
+
 def model_labels(config: MergeConfig) -> list[str]:
     """Every model the config references, as labels, in first-mention order."""
     return [str(ref) for ref in model_refs(config)]
@@ -194,8 +324,9 @@ def model_labels(config: MergeConfig) -> list[str]:
 def _first_model(config: MergeConfig) -> str:
     if config.models:
         return str(config.models[0].model)
-    assert config.slices  # the validator guarantees models or slices
-    return str(config.slices[0].sources[0].model)
+    if config.slices:
+        return str(config.slices[0].sources[0].model)
+    return model_labels(config)[0]  # modules: the first model of the first module
 
 
 def check_architectures(
@@ -291,9 +422,11 @@ class _Planner:
         config: MergeConfig,
         checkpoints: Mapping[str, Checkpoint],
         out_dtype: str | None,
+        module_parameters: Mapping[str, Any],
     ) -> None:
         self.method = method
         self.top = config.parameters
+        self.module = module_parameters  # modules.<name>.parameters, between slice and top
         self.keep = set(config.keep_from_base or ())
         self.checkpoints = checkpoints
         self.out_dtype = DTYPE_CODES[_torch_dtype(out_dtype)] if out_dtype else None
@@ -566,7 +699,7 @@ class _Planner:
         params: dict[str, Any] = {}
 
         def value(param: Param, own: Mapping[str, Any] | None, input_name: str) -> Any:
-            levels = [own, output_slice.parameters, self.top]
+            levels = [own, output_slice.parameters, self.module, self.top]
             found = resolve_parameter(
                 param.name,
                 per_model=param.per_model,
