@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from alloykit import merge_to_state_dict, plan_merge
 from alloykit.architecture import layer_stacks
 from alloykit.config import load_config
 from alloykit.errors import ConfigError
-from tests.helpers import load_tensors
+from tests.helpers import load_tensors, run_cli, write_yaml
 
 ENCODER, DECODER = "model.encoder", "model.decoder"
 
@@ -228,3 +229,53 @@ def test_a_module_with_no_tensors_is_a_config_error(bart: dict[str, Path]) -> No
         ConfigError, match=r"^modules\.encoder: model '.*' has no tensors under 'encoder\.'"
     ):
         plan_merge(config)
+
+
+def test_layer_stacks_of_vision_language_and_t5_names() -> None:
+    llava = [
+        "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+        "model.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
+        "model.multi_modal_projector.linear_1.weight",
+        "model.language_model.layers.0.mlp.up_proj.weight",
+        "lm_head.weight",
+    ]
+    assert layer_stacks(llava) == [
+        "model.vision_tower.vision_model.encoder.layers.",
+        "model.language_model.layers.",
+    ]
+    t5 = ["encoder.block.0.layer.1.DenseReluDense.wi.weight", "decoder.block.1.layer.0.x.weight"]
+    assert layer_stacks(t5) == ["encoder.block.", "decoder.block."]
+
+
+def test_modules_recipe_round_trips_through_yaml(bart: dict[str, Path]) -> None:
+    config = load_config(
+        _linear(
+            bart,
+            modules={ENCODER: {"models": _models(bart, 1.0, 0.0), "parameters": {"weight": 2}}},
+        )
+    )
+    again = load_config(config.to_yaml())
+    assert again == config
+
+
+def test_cli_merges_modules_and_the_output_loads(bart: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import BartForConditionalGeneration
+
+    recipe = _linear(
+        bart,
+        modules={
+            ENCODER: {"models": _models(bart, 0.5, 0.5)},
+            DECODER: {"models": _models(bart, 0.0, 1.0)},
+        },
+    )
+    path = write_yaml(tmp_path / "modules.yml", yaml.safe_dump(recipe))
+    result = run_cli("merge", path, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    model, info = BartForConditionalGeneration.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    a, b = load_tensors(bart["a"]), load_tensors(bart["b"])
+    name = "model.encoder.layers.1.fc2.weight"
+    merged = model.state_dict()[name].double().numpy()
+    np.testing.assert_allclose(merged, 0.5 * a[name] + 0.5 * b[name], atol=1e-6)
