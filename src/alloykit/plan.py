@@ -217,11 +217,24 @@ def check_one_stack(
         stacks = layer_stacks(checkpoints[label].tensors)
         if len(stacks) > 1:
             listing = ", ".join(f"'{stack}'" for stack in stacks)
+            names = ", ".join(f"{name}: {{slices: [...]}}" for name in stack_module_names(stacks))
             raise ConfigError(
                 f"{where}: model '{label}' has {len(stacks)} layer stacks ({listing}), so a "
-                "layer_range is ambiguous; use modules: with one module per stack prefix "
-                "(e.g. modules: {" + stacks[0].split(".")[0] + ": {slices: [...]}})"
+                f"layer_range is ambiguous; use modules: {{{names}}} (one module per stack)"
             )
+
+
+def stack_module_names(stacks: list[str]) -> list[str]:
+    """The shortest tensor-name prefixes that tell ``stacks`` apart: their module names.
+
+    ``model.encoder.layers.``, ``model.decoder.layers.`` -> ``model.encoder``, ``model.decoder``.
+    """
+    parts = [stack.rstrip(".").split(".") for stack in stacks]
+    depth = 0
+    while all(len(p) > depth + 1 for p in parts) and len({p[depth] for p in parts}) == 1:
+        depth += 1
+    names: dict[str, None] = {".".join(p[: depth + 1]): None for p in parts}
+    return list(names)
 
 
 def _restricted(checkpoint: Checkpoint, prefix: str) -> Checkpoint:
@@ -279,7 +292,7 @@ def _module_plan(
         donor_layers = layer_count(None, views[donor].tensors)[0] if donor in views else 0
         if stacks and module_layers != donor_layers:
             warnings.append(
-                f"{where}: the output has {module_layers} layers under '{stacks[0]}' where "
+                f"{where}: the output has {module_layers} layer(s) under '{stacks[0]}' where "
                 f"model '{donor}' has {donor_layers}; config.json is copied from '{donor}' "
                 "unchanged, so update its layer count for this module by hand"
             )
