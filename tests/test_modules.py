@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from alloykit import merge_to_state_dict, plan_merge
+from alloykit import merge, merge_to_state_dict, plan_merge
 from alloykit.architecture import layer_stacks
 from alloykit.config import load_config
 from alloykit.errors import ConfigError
@@ -227,6 +227,34 @@ def test_module_slices_pick_layers_of_one_stack(bart: dict[str, Path]) -> None:
         atol=1e-6,
     )
     assert plan.layers == 3  # two encoder layers and one decoder layer
+    assert plan.config is not None
+    assert (plan.config["encoder_layers"], plan.config["decoder_layers"]) == (2, 1)
+    assert not any("layer(s) under" in w for w in plan.warnings)
+
+
+def test_module_slices_output_loads_with_its_new_depth(
+    bart: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import BartForConditionalGeneration
+
+    decoder = {"slices": [{"sources": [{"model": str(bart["b"]), "layer_range": [1, 2]}]}]}
+    config = _linear(
+        bart,
+        parameters={"weight": 1.0},
+        modules={ENCODER: {"models": _models(bart, 1.0, 0.0)}, DECODER: decoder},
+    )
+    merge(config, tmp_path / "out")
+    model, info = BartForConditionalGeneration.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert model.config.decoder_layers == 1 and len(model.model.decoder.layers) == 1
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_a_layer_count_no_key_holds_is_a_warning(bart: dict[str, Path]) -> None:
+    decoder = {"slices": [{"sources": [{"model": str(bart["b"]), "layer_range": [1, 2]}]}]}
+    config = _linear(bart, parameters={"weight": 1.0}, modules={"model.decoder.layers": decoder})
+    plan = plan_merge(config)
     assert any("1 layer(s) under 'model.decoder.layers.'" in w for w in plan.warnings)
 
 

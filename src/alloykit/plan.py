@@ -29,6 +29,7 @@ from typing import Any
 
 from alloykit.architecture import (
     HEAD_NAMES,
+    LAYER_COUNT_KEYS,
     architecture_family,
     backbone_prefix,
     input_embedding_name,
@@ -266,6 +267,8 @@ def _module_plan(
     warnings: list[str] = []
     layers = 0
     donor_tensors = checkpoints[donor].tensors
+    donor_config = checkpoints[donor].config
+    output_config = copy.deepcopy(donor_config) if donor_config is not None else None
     for name, module in config.modules.items():
         prefix = name + "."
         where = yaml_path("modules", name)
@@ -291,11 +294,13 @@ def _module_plan(
         stacks = layer_stacks(views[donor].tensors) if donor in views else []
         donor_layers = layer_count(None, views[donor].tensors)[0] if donor in views else 0
         if stacks and module_layers != donor_layers:
-            warnings.append(
-                f"{where}: the output has {module_layers} layer(s) under '{stacks[0]}' where "
-                f"model '{donor}' has {donor_layers}; config.json is copied from '{donor}' "
-                "unchanged, so update its layer count for this module by hand"
-            )
+            key = _set_module_layers(output_config, name, donor_layers, module_layers)
+            if key is None:
+                warnings.append(
+                    f"{where}: the output has {module_layers} layer(s) under '{stacks[0]}' where "
+                    f"model '{donor}' has {donor_layers}, and no config.json key of '{donor}' "
+                    "holds this module's layer count; update it in the output's config.json"
+                )
     prefixes = tuple(name + "." for name in config.modules)
     rest = [n for n in donor_tensors if not n.startswith(prefixes)]
     if rest:
@@ -321,12 +326,47 @@ def _module_plan(
         kernel=method,
         models={label: ckpt.folder for label, ckpt in checkpoints.items()},
         donor=donor,
-        config=dict(donor_ckpt.config) if donor_ckpt.config is not None else None,
+        config=output_config,
         output_dtype=out_dtype,
         load_dtype=load_dtype,
         layers=layers,
         warnings=warnings,
     )
+
+
+_MODULE_SECTIONS = {
+    "language_model": "text_config",
+    "text_model": "text_config",
+    "vision_tower": "vision_config",
+    "vision_model": "vision_config",
+    "audio_tower": "audio_config",
+}
+
+
+def _set_module_layers(
+    config: dict[str, Any] | None, module: str, old: int, new: int
+) -> str | None:
+    """Set the layer count of ``module`` in ``config`` to ``new``; the key set, or None.
+
+    The key is ``<last>_layers`` / ``num_<last>_layers`` (BART's ``decoder_layers``) or a layer
+    count key of the module's sub-config (``text_config.num_hidden_layers`` for
+    ``language_model``), where ``<last>`` is the module name's last component; only a key whose
+    value is the module's input layer count ``old`` is changed.
+    """
+    if config is None:
+        return None
+    last = module.rsplit(".", 1)[-1]
+    for key in (f"{last}_layers", f"num_{last}_layers", f"{last}_num_layers"):
+        if config.get(key) == old:
+            config[key] = new
+            return key
+    section = config.get(_MODULE_SECTIONS.get(last, f"{last}_config"))
+    if isinstance(section, dict):
+        for key in LAYER_COUNT_KEYS:
+            if section.get(key) == old:
+                section[key] = new
+                return key
+    return None
 
 
 def model_labels(config: MergeConfig) -> list[str]:
