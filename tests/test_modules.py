@@ -114,6 +114,19 @@ def test_module_parameters_are_checked_with_their_path() -> None:
         load_config(data)
 
 
+def test_global_parameter_set_per_model_in_a_module_is_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    models = [{"model": "a", "parameters": {"t": 0.5}}, {"model": "b"}]
+    data = {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.3}}
+    load_config({**data, "modules": {"models": {"models": models, "parameters": {"t": 0.2}}}})
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(
+        w.startswith("modules.models.models[0].parameters.t: 't' is a global") for w in warned
+    )
+    assert not any(w.startswith("modules.models.parameters.t") for w in warned)
+
+
 def test_module_models_listed_twice_is_an_error() -> None:
     twice = [{"model": "a", "parameters": {"weight": 1}}] * 2
     with pytest.raises(ConfigError, match=r"modules\.t\.models\[1\]\.model: 'a' is already listed"):

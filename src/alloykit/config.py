@@ -391,7 +391,8 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
             )
     if method is not None:
         for path, name, value in _parameter_sites(config):
-            per_model_site = "models" in path or "sources" in path
+            group = path[2:] if path[0] == "modules" else path  # a module's own models/slices
+            per_model_site = group[0] == "models" or "sources" in group
             param = method.param(name)
             where = yaml_path(*path)
             if param is None:
