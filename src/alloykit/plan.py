@@ -22,7 +22,7 @@ names the model to copy them from.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,23 +157,26 @@ def build_plan(
     donor = planner.heads_source or donor
     donor_ckpt = checkpoints[donor]
     output_config = _output_config(donor_ckpt, slices, offset, jobs)
-    if out_dtype is None:  # the donor's own dtype, as its config or its first tensor says
-        donor_config = donor_ckpt.config or {}
-        first_float = next((j.dtype for j in jobs if j.dtype in FLOAT_CODES), "F32")
-        named = donor_config.get("dtype") or donor_config.get("torch_dtype")
-        out_dtype = normalize_dtype(named) if isinstance(named, str) else None
-        out_dtype = out_dtype or _torch_name(first_float)
     return MergePlan(
         jobs=jobs,
         kernel=method,
         models={label: ckpt.folder for label, ckpt in checkpoints.items()},
         donor=donor,
         config=output_config,
-        output_dtype=out_dtype,
+        output_dtype=out_dtype or _donor_dtype(donor_ckpt, jobs),
         load_dtype=load_dtype,
         layers=offset,
         warnings=planner.warnings,
     )
+
+
+def _donor_dtype(donor: Checkpoint, jobs: Sequence[TensorJob]) -> str:
+    """The output dtype when none is configured: the donor's, as its config or first tensor says."""
+    config = donor.config or {}
+    named = config.get("dtype") or config.get("torch_dtype")
+    from_config = normalize_dtype(named) if isinstance(named, str) else None
+    first_float = next((j.dtype for j in jobs if j.dtype in FLOAT_CODES), "F32")
+    return from_config or _torch_name(first_float)
 
 
 def _plan_jobs(
@@ -314,20 +317,13 @@ def _module_plan(
             f"'{rest[0]}'); they are copied from '{donor}' unchanged"
         )
     donor_ckpt = checkpoints[donor]
-    if out_dtype is None:
-        named = (donor_ckpt.config or {}).get("dtype") or (donor_ckpt.config or {}).get(
-            "torch_dtype"
-        )
-        first_float = next((j.dtype for j in jobs if j.dtype in FLOAT_CODES), "F32")
-        out_dtype = normalize_dtype(named) if isinstance(named, str) else None
-        out_dtype = out_dtype or _torch_name(first_float)
     return MergePlan(
         jobs=jobs,
         kernel=method,
         models={label: ckpt.folder for label, ckpt in checkpoints.items()},
         donor=donor,
         config=output_config,
-        output_dtype=out_dtype,
+        output_dtype=out_dtype or _donor_dtype(donor_ckpt, jobs),
         load_dtype=load_dtype,
         layers=layers,
         warnings=warnings,
