@@ -1,17 +1,17 @@
-"""Sums along the last dimension in an order fixed by the shape alone.
+"""Sums in an order fixed by the shape alone, so results do not depend on the thread count.
 
-:func:`alloykit.methods.task_vectors.stable_sum` reduces a whole tensor; the methods that need
-one value per row (Model Stock's filter-wise cosines, Arcee Fusion's per-row KL divergence) use
-:func:`stable_row_sums`, which splits long rows into the same fixed-size chunks, so each
-partial sum is done by one thread and the result does not depend on the thread count.
+:func:`stable_row_sums` gives one value per row (Model Stock's filter-wise cosines, Arcee
+Fusion's per-row KL divergence, the spherical methods' norms);
+:func:`alloykit.methods.task_vectors.stable_sum` is the same on the flattened tensor. Long rows
+are split into fixed-size chunks, so each partial sum is done by one thread.
 """
 
 from __future__ import annotations
 
 import torch
 
-# elements per partial sum, as in stable_sum: below torch's parallel grain, so one thread each
-_CHUNK = 32768
+# elements per partial sum: strictly below torch's parallel grain (32768), so one thread each
+_CHUNK = 8192
 
 
 def stable_row_sums(values: torch.Tensor) -> torch.Tensor:
@@ -25,6 +25,8 @@ def stable_row_sums(values: torch.Tensor) -> torch.Tensor:
     """
     if values.dim() == 0:
         return values.to(torch.float64)
+    if values.shape[-1] == 0:  # empty rows sum to zero (reshape cannot infer their count)
+        return torch.zeros(values.shape[:-1], dtype=torch.float64, device=values.device)
     rows = values.reshape(-1, values.shape[-1]).to(torch.float64)
     while rows.shape[1] > _CHUNK:
         padded = torch.nn.functional.pad(rows, (0, -rows.shape[1] % _CHUNK))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from alloykit.errors import MergeError
+from alloykit.methods.reductions import stable_row_sums
 from alloykit.methods.registry import MethodInputs
 from alloykit.methods.task_vectors import ZERO_WEIGHT_SUM, stable_sum
 
@@ -33,22 +34,6 @@ NUSLERP_ZERO_WEIGHT_SUM = 1e-6
 KARCHER_OPPOSITE = 1e-6
 # A coefficient sum this close to one is one: float64 rounding of the coefficients (a few ulps)
 _ROUNDING = 1e-14
-# Elements per partial sum in _row_sums: below torch's parallel grain (32768 elements), so each
-# partial sum is computed by one thread in one order.
-_ROW_CHUNK = 8192
-
-
-def _row_sums(values: torch.Tensor) -> torch.Tensor:
-    """Float64 sums over the last dimension, each in an order fixed by the shape alone.
-
-    Long rows are summed in chunks of ``_ROW_CHUNK`` and the partial sums summed again, so no
-    single reduction is split across threads (torch splits one long reduction by thread count).
-    """
-    sums = values.to(torch.float64).contiguous()
-    while sums.shape[-1] > _ROW_CHUNK:
-        sums = torch.nn.functional.pad(sums, (0, -sums.shape[-1] % _ROW_CHUNK))
-        sums = sums.view(*sums.shape[:-1], -1, _ROW_CHUNK).sum(dim=-1)
-    return sums.sum(dim=-1)
 
 
 def _norm(tensor: torch.Tensor) -> float:
@@ -179,7 +164,7 @@ def _unit_rows(
     rows = _vectors(tensor, flatten=flatten, row_wise=row_wise).to(
         torch.float64, memory_format=torch.contiguous_format, copy=True
     )
-    norms = _row_sums(rows * rows).sqrt()
+    norms = stable_row_sums(rows * rows).sqrt()
     rows.div_(norms.clamp(min=NUSLERP_NORM_FLOOR).unsqueeze(-1))
     return rows, norms
 
@@ -227,8 +212,8 @@ def nuslerp(
     # θ = π, so both are lerped, where acos of a rounded dot product lands a few 1e-8 away
     # and its slerp coefficients blow up. Rows with a norm under the floor are not unit
     # vectors; for them θ = acos(<û_0, û_1>) as in MergeKit, with 4<a, b> = ‖a + b‖² − ‖a − b‖².
-    apart = _row_sums(torch.sub(unit0, unit1).square_())
-    together = _row_sums(torch.add(unit0, unit1).square_())
+    apart = stable_row_sums(torch.sub(unit0, unit1).square_())
+    together = stable_row_sums(torch.add(unit0, unit1).square_())
     is_unit = (norm0 >= NUSLERP_NORM_FLOOR) & (norm1 >= NUSLERP_NORM_FLOOR)
     theta = torch.where(
         is_unit,

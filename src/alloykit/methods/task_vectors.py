@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from alloykit.methods.reductions import stable_row_sums
+
 Sparsifier = Literal["none", "magnitude", "random", "breadcrumbs", "della"]
 Election = Literal["none", "mass", "count"]
 Combination = Literal["sum", "mean"]
@@ -39,16 +41,11 @@ DeltaNorm = Literal["none", "l1", "l2"]
 ZERO_WEIGHT_SUM = 1e-8
 # MergeKit's L1 rescale is skipped when either norm is below this (reference §1.3).
 RESCALE_EPSILON = 1e-7
-_CHUNK = 32768  # elements per partial sum: below torch's parallel grain, so each is one thread
 
 
 def stable_sum(values: torch.Tensor) -> float:
     """Sum of all elements in float64, in an order fixed by the size alone (not by threads)."""
-    flat = values.reshape(-1).to(torch.float64)
-    while flat.numel() > _CHUNK:
-        padded = torch.nn.functional.pad(flat, (0, -flat.numel() % _CHUNK))
-        flat = padded.view(-1, _CHUNK).sum(dim=1)
-    return float(flat.sum())
+    return float(stable_row_sums(values.reshape(-1)))
 
 
 def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
