@@ -22,6 +22,7 @@ from alloykit.methods.linear import run_linear
 from alloykit.methods.masks import run_consensus, run_magmax
 from alloykit.methods.model_stock import run_model_stock
 from alloykit.methods.passthrough import exactly_one_model, run_passthrough
+from alloykit.methods.pcb import run_pcb
 from alloykit.methods.ram import run_ram, run_ramplus_tl
 from alloykit.methods.registry import Method, MethodInputs, Param, Property
 from alloykit.methods.sce import run_sce
@@ -652,6 +653,34 @@ METHODS: dict[str, Method] = {
             citation="Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression (ICML), arXiv:2405.07813",
             min_models=2,
             properties=frozenset({"idempotent", "constant"}),
+        ),
+        Method(
+            name="pcb",
+            run=run_pcb,
+            params=(
+                replace(WEIGHT, default=1.0),
+                Param(
+                    "pcb_ratio",
+                    default=0.1,
+                    low=0.0,
+                    high=1.0,
+                    doc="share of each task's entries kept, by PCB score (the authors: 0.05-0.2)",
+                ),
+                Param(
+                    "clamp_ratio",
+                    default=0.0001,
+                    low=0.0,
+                    high=0.5,
+                    doc="share of each task's smallest and largest magnitudes clipped first",
+                ),
+                LAMBDA,
+            ),
+            base="required",
+            summary="task vectors weighted per entry by intra- and inter-task competition scores",
+            formula="β_i = exp(k·minmax|τ_i|²)·tanh(τ_i·Σ τ_j); s_i = minmax(top-r of β_i); out = base + λ·Σ w_i·s_i·τ_i / Σ s_i",
+            citation="Du et al. 2024, Parameter Competition Balancing for Model Merging (NeurIPS), arXiv:2410.02396",
+            min_models=1,
+            properties=frozenset({"constant", "symmetric"}),
         ),
         Method(
             name="tsv",
