@@ -264,7 +264,7 @@ RAM_EPSILON = Param(
     low=0.0,
     doc="a task-vector entry counts as changed when its magnitude exceeds this",
 )
-RAM = "Reinforced Agent Merging (RAM, RAM+) 2026, arXiv:2601.13572; MergeKit's ram and ramplus_tl"
+RAM = "Yuan et al. 2026, Behavior Knowledge Merge in Reinforced Agentic Models (Reinforced Agent Merging, RAM/RAM+), arXiv:2601.13572; MergeKit's ram and ramplus_tl"
 TIES = "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708"
 DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099"
 DELLA = "Deep et al. 2024, DELLA-Merging (MagPrune), arXiv:2406.11617"

@@ -1,6 +1,7 @@
 """RAM and RAM+ (tensor-local): sum the changes one model alone made, average the shared ones.
 
-Reinforced Agent Merging, arXiv:2601.13572; MergeKit's ``ram`` and ``ramplus_tl``
+Reinforced Agent Merging (Yuan, Shi, Zhang, Liu, Yao, Vosoughi, Lee 2026, "Behavior Knowledge
+Merge in Reinforced Agentic Models", arXiv:2601.13572); MergeKit's ``ram`` and ``ramplus_tl``
 (reference §1.11). An entry of a task vector ``δ_i = x_i − base`` is *active* when
 ``|δ_i| > epsilon``; a position changed by exactly one model is *unique*, by more than one
 *shared*. Inactive entries never contribute, so a position no model changed keeps the base.
