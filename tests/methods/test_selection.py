@@ -1,0 +1,113 @@
+"""kth_largest: the sampled-bracket selection equals torch.kthvalue on every input.
+
+The shortcut runs for tensors above 4 × the sample size; the tests shrink the sample so that
+small tensors take it, and include inputs built to defeat the sample (periodic data aliasing
+with the stride, heavy ties, NaNs), where the full ``kthvalue`` must take over.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alloykit.methods import task_vectors
+from alloykit.methods.task_vectors import kth_largest, top_mask
+
+
+def expected(flat: torch.Tensor, k: int) -> float:
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+
+
+def same(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)  # NaN equals NaN here
+
+
+@pytest.fixture
+def small_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(task_vectors, "_SAMPLE", 32)
+
+
+def make(kind: str, n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        return torch.randn(n, generator=generator).abs()
+    if kind == "ties":
+        return torch.randint(0, 4, (n,), generator=generator).float()
+    if kind == "constant":
+        return torch.full((n,), 0.25)
+    if kind == "sorted":
+        return torch.randn(n, generator=generator).abs().sort().values
+    if kind == "periodic":  # every sampled element (stride n // 32) is the same value
+        return (torch.arange(n) % (n // 32)).float()
+    if kind == "nan":
+        values = torch.randn(n, generator=generator).abs()
+        values[torch.randint(0, n, (max(1, n // 50),), generator=generator)] = float("nan")
+        return values
+    raise AssertionError(kind)
+
+
+KINDS = ["normal", "ties", "constant", "sorted", "periodic", "nan"]
+
+
+@pytest.mark.usefixtures("small_sample")
+@settings(max_examples=120, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    n=st.integers(129, 5000),
+    fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_kth_largest_equals_kthvalue(kind: str, n: int, fraction: float, seed: int) -> None:
+    flat = make(kind, n, seed)
+    k = min(n, max(1, round(fraction * n)))
+    assert same(kth_largest(flat, k), expected(flat, k))
+
+
+@pytest.mark.usefixtures("small_sample")
+@pytest.mark.parametrize("kind", KINDS)
+def test_extreme_ranks(kind: str) -> None:
+    flat = make(kind, 4096, 3)
+    for k in (1, 2, 4095, 4096, 2048):
+        assert same(kth_largest(flat, k), expected(flat, k)), k
+
+
+@pytest.mark.usefixtures("small_sample")
+def test_top_mask_keeps_exactly_k_with_ties_by_index() -> None:
+    flat = make("ties", 3000, 1)
+    for k in (1, 700, 1500, 2999):
+        keep = top_mask(flat, k)
+        assert int(keep.sum()) == k
+        threshold = expected(flat, k)
+        assert bool((flat[keep] >= threshold).all())
+        tied = (flat == threshold).nonzero().squeeze(1)
+        kept_ties = tied[keep[tied]]
+        assert torch.equal(kept_ties, tied[: kept_ties.numel()])  # the lowest indices
+
+
+def test_default_sample_path_on_a_large_tensor() -> None:
+    """At the real sample size: a 300k-element tensor takes the shortcut."""
+    flat = make("normal", 300_000, 7)
+    for k in (1, 3_000, 150_000, 299_999):
+        assert kth_largest(flat, k) == expected(flat, k)
+
+
+@pytest.mark.usefixtures("small_sample")
+@pytest.mark.parametrize(
+    ("kind", "shortcut"), [("normal", True), ("periodic", False), ("nan", False)]
+)
+def test_shortcut_taken_only_when_the_bracket_holds(
+    kind: str, shortcut: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+    real = torch.kthvalue
+
+    def recording(values: torch.Tensor, k: int, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        sizes.append(values.numel())
+        return real(values, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "kthvalue", recording)
+    flat = make(kind, 20_000, 5)
+    kth_largest(flat, 5_000)
+    assert (sizes[-1] < flat.numel()) is shortcut, sizes
