@@ -141,7 +141,7 @@ def _compute(method: Method, loaded: _Loaded, seed: int, device: torch.device) -
     result = method.run(inputs).to(device="cpu", dtype=out_dtype)
     finite = torch.isfinite(result)
     if not bool(finite.all()):
-        bad = int((~finite).sum())
+        bad = int(torch.count_nonzero(~finite))
         raise MergeError(
             f"tensor '{job.output}': {job.method} produced {bad} non-finite values (NaN or inf, "
             f"in {str(out_dtype).removeprefix('torch.')}); check the inputs for NaN and the weights and parameters for "

@@ -107,7 +107,7 @@ def with_model_thresholds(jobs: Sequence[TensorJob], load: Loader) -> list[Tenso
         inside = wanted[model] - above_bucket[model]  # how many of the bucket are kept
         key = int(torch.kthvalue(values, values.numel() - inside + 1).values)
         thresholds[model] = key
-        quota_left[model] = inside - int((values > key).sum())
+        quota_left[model] = inside - int(torch.count_nonzero(values > key))
 
     # per job: the threshold and how many of its ties to T it keeps (first come, first kept)
     out = []
@@ -118,7 +118,7 @@ def with_model_thresholds(jobs: Sequence[TensorJob], load: Loader) -> list[Tenso
             continue
         threshold, quota = [], []
         for item in job.inputs:
-            ties = int((members[item.model].pop(0) == thresholds[item.model]).sum())
+            ties = int(torch.count_nonzero(members[item.model].pop(0) == thresholds[item.model]))
             take = min(ties, quota_left[item.model])
             quota_left[item.model] -= take
             threshold.append(_key_value(thresholds[item.model], shift))

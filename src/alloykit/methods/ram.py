@@ -93,8 +93,8 @@ def unique_scales(
     """
     scales = []
     for active in found.active:
-        shared = int((active & found.shared).sum())
-        unique = int((active & found.unique).sum())
+        shared = int(torch.count_nonzero(active & found.shared))
+        unique = int(torch.count_nonzero(active & found.unique))
         floor = max(unique, epsilon)
         # epsilon = 0 and no unique entry: λ_i scales nothing, any value does (MergeKit: NaN)
         ratio = shared / floor if floor > 0 else 0.0
