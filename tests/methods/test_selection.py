@@ -111,3 +111,50 @@ def test_shortcut_taken_only_when_the_bracket_holds(
     flat = make(kind, 20_000, 5)
     kth_largest(flat, 5_000)
     assert (sizes[-1] < flat.numel()) is shortcut, sizes
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(task_vectors, "_CHUNK", 16)
+
+
+@pytest.mark.usefixtures("small_sample", "small_chunks")
+@settings(max_examples=150, deadline=None)
+@given(
+    kind=st.sampled_from(["normal", "ties", "constant", "sorted"]),
+    n=st.integers(1, 3000),
+    fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    negate=st.booleans(),
+)
+def test_top_values_equal_delta_times_top_mask(
+    kind: str, n: int, fraction: float, seed: int, negate: bool
+) -> None:
+    """Signed deltas with heavy ties: the float path keeps exactly the entries top_mask keeps."""
+    magnitudes = make(kind, max(n, 129), seed)[:n]
+    signs = torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0) * (-1.0 if negate else 1.0)
+    delta = magnitudes * signs
+    k = round(fraction * n)
+    expected_values = delta * top_mask(delta.abs(), k)
+    assert torch.equal(task_vectors.top_values(delta, k), expected_values)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("ties", [0, 1, 15, 16, 17, 40, 1000])
+def test_threshold_values_take_the_first_ties_by_index(ties: int) -> None:
+    delta = torch.tensor([0.5, -0.25, 0.25, 0.1] * 25)  # 50 entries of magnitude 0.25
+    out = task_vectors.threshold_values(delta, 0.25, ties)
+    tied = (delta.abs() == 0.25).nonzero().squeeze(1)
+    keep = delta.abs() > 0.25
+    keep[tied[:ties]] = True
+    assert torch.equal(out, delta * keep)
+
+
+def test_dare_keeps_exactly_where_the_draw_is_below_the_density() -> None:
+    delta = torch.randn(5000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for density in (0.1, 0.5, 0.9, 1 / 3):
+        out = task_vectors.sparsify(
+            delta, "random", density=density, generator=torch.Generator().manual_seed(4)
+        )
+        draws = torch.rand(5000, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(out, delta * (draws < density))

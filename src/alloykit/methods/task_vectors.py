@@ -65,6 +65,71 @@ def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return threshold_mask(magnitude, threshold, k - int(torch.count_nonzero(flat > threshold)))
 
 
+def top_values(delta: torch.Tensor, k: int, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """``delta`` with all but its ``k`` largest-magnitude entries zeroed (a new tensor).
+
+    The same entries as :func:`top_mask` (ties at the threshold go to the lower flat index),
+    computed with float kernels only: ``hardshrink`` keeps what is above the threshold and the
+    tied entries are added back from the front. Boolean masks are avoided because applying
+    one (``masked_fill``, ``where``, multiplying by it) costs 5-10x an elementwise float op.
+    ``magnitude`` may pass ``delta.abs()`` when the caller has it.
+    """
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(delta)
+    if k >= n:
+        return delta.clone()
+    magnitudes = flat.abs() if magnitude is None else magnitude.reshape(-1)
+    threshold = kth_largest(magnitudes, k)
+    return threshold_values(delta, threshold, k - int(torch.count_nonzero(magnitudes > threshold)))
+
+
+def threshold_values(delta: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
+    """``delta`` keeping ``|δ| > threshold`` and the first ``ties`` entries with ``|δ| ==
+    threshold`` (by flat index), zero elsewhere: :func:`threshold_mask` applied, as floats."""
+    flat = delta.reshape(-1)
+    kept = torch.nn.functional.hardshrink(flat, threshold)  # |δ| > threshold
+    if ties > 0 and threshold > 0:  # tied zeros add nothing, so threshold 0 needs no fix-up
+        rest = flat - kept  # the entries with |δ| <= threshold
+        below = float(
+            torch.nextafter(
+                torch.tensor(threshold, dtype=flat.dtype), torch.tensor(0.0, dtype=flat.dtype)
+            )
+        )
+        tied = torch.nn.functional.hardshrink(rest, below)  # exactly the |δ| == threshold
+        end = _prefix_holding(tied, ties)
+        kept[:end] += tied[:end]
+    return kept.view(delta.shape)
+
+
+_CHUNK = 1 << 16  # elements per block when locating the n-th nonzero entry
+
+
+def _prefix_holding(values: torch.Tensor, count: int) -> int:
+    """The shortest prefix length of 1-D ``values`` that holds ``count`` nonzero entries (all
+    of them when there are fewer): per-block counts, then one block scanned."""
+    n = values.numel()
+    full = n - n % _CHUNK
+    counts = torch.count_nonzero(values[:full].view(-1, _CHUNK), dim=1) if full else None
+    start, seen = 0, 0
+    if counts is not None:
+        cumulative = torch.cumsum(counts, dim=0)
+        block = int(torch.searchsorted(cumulative, count))  # first block reaching count
+        if block < counts.numel():
+            start = block * _CHUNK
+            seen = int(cumulative[block - 1]) if block else 0
+        else:
+            start, seen = full, int(cumulative[-1])
+    positions = torch.nonzero(values[start : start + _CHUNK] if start < full else values[start:])
+    needed = count - seen
+    if needed <= 0:
+        return start
+    if needed > positions.shape[0]:
+        return n
+    return start + int(positions[needed - 1, 0]) + 1
+
+
 _SAMPLE = 1 << 16  # elements sampled to bracket a selection
 _BRACKET_SIGMAS = 6.0  # half-width of the bracket, in binomial standard deviations
 
@@ -209,18 +274,6 @@ def della_mask(
     return mask
 
 
-def _rescale(
-    delta: torch.Tensor, kept: torch.Tensor, density: float, rescale: Rescale
-) -> torch.Tensor:
-    if rescale == "inverse":  # the DARE paper's 1/(1−p), p the drop rate
-        return kept / density
-    if rescale == "l1":  # MergeKit: match the L1 norm of the whole task vector
-        before, after = stable_sum(delta.abs()), stable_sum(kept.abs())
-        if before > RESCALE_EPSILON and after > RESCALE_EPSILON:
-            return kept * (before / after)
-    return kept
-
-
 def sparsify(
     delta: torch.Tensor,
     method: Sparsifier,
@@ -268,27 +321,58 @@ def sparsify(
         >>> sparsify(torch.tensor([0.1, -3.0, 2.0, 0.5]), "magnitude", density=0.5)
         tensor([ 0., -3.,  2.,  0.])
     """
+    return sparsify_(
+        delta.clone(),
+        method,
+        density=density,
+        gamma=gamma,
+        epsilon=epsilon,
+        generator=generator,
+        rescale=rescale,
+        model_threshold=model_threshold,
+    )
+
+
+def sparsify_(
+    delta: torch.Tensor,
+    method: Sparsifier,
+    *,
+    density: float,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    generator: torch.Generator | None = None,
+    rescale: Rescale = "none",
+    model_threshold: tuple[float, int] | None = None,
+) -> torch.Tensor:
+    """:func:`sparsify` in place: zeroes the dropped entries of ``delta`` and rescales the
+    rest, returning ``delta`` (no copy of the task vector is made)."""
     if method == "none" or density >= 1:
-        return delta.clone()
+        return delta
     if density <= 0:
-        return torch.zeros_like(delta)
+        return delta.zero_()
     n = delta.numel()
+    before = stable_sum(delta.abs()) if rescale == "l1" else 0.0
+    kept: torch.Tensor | None = None
     if method == "magnitude" and model_threshold is not None:
-        keep = threshold_mask(delta.abs(), model_threshold[0], model_threshold[1])
+        kept = threshold_values(delta, model_threshold[0], model_threshold[1])
     elif method == "magnitude":
-        keep = top_mask(delta.abs(), max(1, int(density * n)))
+        kept = top_values(delta, max(1, int(density * n)))
     elif method == "breadcrumbs":
         target, n_top = int(density * n), int(gamma * n)
         n_bottom = n - target - n_top
         if n_bottom < 0:
             n_top, n_bottom = n_top + n_bottom, 0
         magnitude = delta.abs()
-        keep = top_mask(magnitude, n - n_bottom) & ~top_mask(magnitude, n_top)
+        # the top n_top entries are a subset of the top n − n_bottom (same tie order)
+        kept = top_values(delta, n - n_bottom, magnitude)
+        kept -= top_values(delta, n_top, magnitude)
     elif method == "random":
         draws = torch.rand(
             delta.shape, generator=generator, device=delta.device, dtype=torch.float32
         )
-        keep = draws < density
+        # keep where draw < density, as a 0/1 float (in float32, like the comparison would
+        # be): sign(density − draw) is +1 exactly when draw < density, then clamp −1 to 0
+        kept = delta.mul_(draws.neg_().add_(density).sign_().clamp_(min=0.0))
     elif method == "della":
         problem = della_bounds_problem(density, epsilon)
         if problem:
@@ -300,7 +384,17 @@ def sparsify(
         keep = della_mask(rows.abs(), density, epsilon, draws).view(delta.shape)
     else:
         raise ValueError(f"unknown sparsify method {method!r}")
-    return _rescale(delta, delta * keep, density, rescale)
+    if kept is None:
+        delta.mul_(keep)
+    elif kept is not delta:
+        delta.copy_(kept)
+    if rescale == "inverse":  # the DARE paper's 1/(1−p), p the drop rate
+        delta.div_(density)
+    elif rescale == "l1":  # MergeKit: match the L1 norm of the whole task vector
+        after = stable_sum(delta.abs())
+        if before > RESCALE_EPSILON and after > RESCALE_EPSILON:
+            delta.mul_(before / after)
+    return delta
 
 
 INVERSE_DELLA = (
@@ -336,15 +430,23 @@ def elect(weighted: torch.Tensor, method: Election) -> torch.Tensor:
     """
     if method == "none":
         return torch.ones_like(weighted, dtype=torch.bool)
-    signs = torch.sign(weighted)
-    votes = weighted if method == "mass" else signs
     if method not in ("mass", "count"):
         raise ValueError(f"unknown elect method {method!r}")
-    total = votes[0].clone()
-    for row in votes[1:]:  # fixed order: the vote does not depend on threads
-        total += row
-    majority = torch.where(total >= 0, 1.0, -1.0).to(signs.dtype)
-    return signs == majority
+    if method == "mass":
+        total = weighted[0].clone()
+        for row in weighted[1:]:  # fixed order: the vote does not depend on threads
+            total += row
+    else:
+        total = torch.zeros_like(weighted[0])
+        for row in weighted:  # sign votes are small integers: exact in any order
+            total += row > 0
+            total.sub_((row < 0).to(total.dtype))
+    positive = total >= 0
+    # agreeing with + means > 0 and with − means < 0: zero (and NaN) entries never agree
+    agree = torch.empty(weighted.shape, dtype=torch.bool, device=weighted.device)
+    for i, row in enumerate(weighted):
+        torch.where(positive, row > 0, row < 0, out=agree[i])
+    return agree
 
 
 def combine(
@@ -509,7 +611,7 @@ def merge_deltas(
             threshold = None
             if model_thresholds is not None:
                 threshold = (float(model_thresholds[0][i]), int(model_thresholds[1][i]))
-            deltas[i] = sparsify(
+            sparsify_(
                 deltas[i],
                 steps.sparsify,
                 density=density,
