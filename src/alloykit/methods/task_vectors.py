@@ -417,12 +417,44 @@ def della_bounds_problem(density: float, epsilon: float) -> str | None:
     return None
 
 
+def elected_signs(weighted: torch.Tensor, method: Election) -> torch.Tensor:
+    """The sign each entry elects, ``±1`` (a zero total elects ``+``), of ``weighted[0]``'s shape.
+
+    ``mass``: the sign of ``Σ_i u_i`` (TIES; MergeKit's ``sum``); ``count``: the sign of
+    ``Σ_i sign(u_i)`` (PEFT's alternative). Rows are added in index order, so the vote does
+    not depend on the thread count.
+    """
+    if method not in ("mass", "count"):
+        raise ValueError(f"unknown elect method {method!r}")
+    if method == "mass":
+        total = weighted[0].clone()
+        for row in weighted[1:]:
+            total += row
+    else:
+        total = torch.sign(weighted[0])
+        for row in weighted[1:]:
+            total += torch.sign(row)  # small integers: exact
+    return torch.sign(total).add_(0.5).sign_()  # 0 -> +1
+
+
+def agreement(
+    row: torch.Tensor, signs: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1.0 where ``row`` has the elected sign, 0.0 elsewhere (zero entries have no sign).
+
+    A float 0/1 factor rather than a boolean mask: multiplying by it (``addcmul_``) runs at
+    the speed of any elementwise op, applying a boolean mask several times slower.
+    """
+    return torch.sign(row, out=out).mul_(signs).clamp_(min=0.0)
+
+
 def elect(weighted: torch.Tensor, method: Election) -> torch.Tensor:
     """Elect step: which models' entries agree with the elected sign, ``(k, *shape)`` bool.
 
     ``mass``: the sign of ``Σ_i u_i`` (TIES; MergeKit's ``sum``); ``count``: the sign of
     ``Σ_i sign(u_i)`` (PEFT's alternative); a zero total elects ``+``. An entry equal to zero
-    has no sign and never agrees. ``none``: every entry agrees.
+    has no sign and never agrees. ``none``: every entry agrees. (The merge itself uses
+    :func:`elected_signs` and :func:`agreement` one model at a time.)
 
     Example:
         >>> elect(torch.tensor([[1.0, -1.0], [-3.0, -1.0], [1.0, 2.0]]), "count").tolist()
@@ -430,23 +462,8 @@ def elect(weighted: torch.Tensor, method: Election) -> torch.Tensor:
     """
     if method == "none":
         return torch.ones_like(weighted, dtype=torch.bool)
-    if method not in ("mass", "count"):
-        raise ValueError(f"unknown elect method {method!r}")
-    if method == "mass":
-        total = weighted[0].clone()
-        for row in weighted[1:]:  # fixed order: the vote does not depend on threads
-            total += row
-    else:
-        total = torch.zeros_like(weighted[0])
-        for row in weighted:  # sign votes are small integers: exact in any order
-            total += row > 0
-            total.sub_((row < 0).to(total.dtype))
-    positive = total >= 0
-    # agreeing with + means > 0 and with − means < 0: zero (and NaN) entries never agree
-    agree = torch.empty(weighted.shape, dtype=torch.bool, device=weighted.device)
-    for i, row in enumerate(weighted):
-        torch.where(positive, row > 0, row < 0, out=agree[i])
-    return agree
+    signs = elected_signs(weighted, method)
+    return torch.stack([agreement(row, signs) > 0 for row in weighted])
 
 
 def combine(
@@ -457,6 +474,7 @@ def combine(
     method: Combination,
     normalize: bool,
     scale: float = 1.0,
+    signs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Combine step: ``λ·Σ_i m_i·u_i``, divided as ``method`` and ``normalize`` say.
 
@@ -472,35 +490,44 @@ def combine(
         method: ``sum`` or ``mean``.
         normalize: for ``sum``, divide by the (agreeing) weights' sum.
         scale: λ (default 1.0).
+        signs: instead of ``mask``, the elected signs (:func:`elected_signs`): each model's
+            agreement is then computed as it is added, so no ``(k, *shape)`` mask exists.
 
     Example:
         >>> u = torch.tensor([[2.0, 1.0], [4.0, -1.0]])
         >>> combine(u, None, torch.tensor([1.0, 1.0]), method="mean", normalize=False)
         tensor([3., 0.])
     """
-    out = torch.zeros_like(weighted[0])
-    for i in range(weighted.shape[0]):  # fixed order: the result does not depend on threads
-        out += weighted[i] if mask is None else weighted[i] * mask[i]
-    if method == "mean":
-        count = (
-            torch.full_like(out, weighted.shape[0])
-            if mask is None
-            else mask.sum(dim=0).to(out.dtype)
-        )
-        out /= count.clamp(min=1)
-    elif method == "sum" and normalize:
-        if mask is None:
-            divisor = float(weights.sum())
-            if abs(divisor) >= ZERO_WEIGHT_SUM:
-                out /= divisor
-        else:
-            divisor_tensor = torch.zeros_like(out)
-            for i in range(weighted.shape[0]):
-                # mask[i] must become out's dtype first: bool times a float is float32
-                divisor_tensor.add_(mask[i].to(out.dtype), alpha=float(weights[i]))
-            out /= torch.where(divisor_tensor == 0, 1.0, divisor_tensor)
-    elif method != "sum":
+    if method not in ("sum", "mean"):
         raise ValueError(f"unknown combine method {method!r}")
+    if mask is not None and signs is not None:
+        raise ValueError("combine: give a mask or the elected signs, not both")
+    elected = mask is not None or signs is not None
+    out = torch.zeros_like(weighted[0])
+    factor = torch.empty_like(out) if elected else None
+    # the number (mean) or weight (normalized sum) of agreeing models per entry
+    divisor = torch.zeros_like(out) if elected and (method == "mean" or normalize) else None
+    for i in range(weighted.shape[0]):  # fixed order: the result does not depend on threads
+        if factor is None:
+            out += weighted[i]
+            continue
+        if mask is not None:
+            factor.copy_(mask[i])
+        else:
+            assert signs is not None
+            agreement(weighted[i], signs, out=factor)
+        out.addcmul_(weighted[i], factor)
+        if divisor is not None:
+            divisor.add_(factor, alpha=1.0 if method == "mean" else float(weights[i]))
+    if method == "mean":
+        out /= weighted.shape[0] if divisor is None else divisor.clamp_(min=1)
+    elif normalize:
+        if divisor is None:
+            total = float(weights.sum())
+            if abs(total) >= ZERO_WEIGHT_SUM:
+                out /= total
+        else:
+            out /= torch.where(divisor == 0, 1.0, divisor)
     if scale != 1.0:
         out *= scale
     return out
@@ -623,9 +650,15 @@ def merge_deltas(
             )
     for i in range(deltas.shape[0]):
         deltas[i] *= float(weights[i])
-    mask = None if steps.elect == "none" else elect(deltas, steps.elect)
+    signs = None if steps.elect == "none" else elected_signs(deltas, steps.elect)
     return combine(
-        deltas, mask, weights, method=steps.combine, normalize=steps.normalize, scale=steps.scale
+        deltas,
+        None,
+        weights,
+        method=steps.combine,
+        normalize=steps.normalize,
+        scale=steps.scale,
+        signs=signs,
     )
 
 
