@@ -1,0 +1,365 @@
+"""Assembling a mixture-of-experts model from a base and dense experts, tensor by tensor.
+
+The output's attention, norms, embeddings and head are the base model's tensors; each layer's
+experts are the dense experts' MLP projections of that layer, copied (bit for bit unless
+``noise_scale``, ``residual_scale`` or ``dtype`` change them); the routers come from
+:mod:`alloykit.moe.gates`. The output is written by the same atomic shard writer as a merge:
+one output tensor (a layer's stacked experts, for fused layouts) and one input tensor in memory
+at a time, and the folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alloykit.architecture import layer_count
+from alloykit.config import ModelRef, normalize_dtype
+from alloykit.errors import CheckpointError, IncompatibleModels
+from alloykit.execute import job_seed, resolve_device
+from alloykit.io.checkpoint import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
+from alloykit.io.hub import resolve_model
+from alloykit.io.writer import (
+    OutputFolder,
+    ShardWriter,
+    check_output_folder,
+    copy_donor_files,
+    layout_shards,
+    parse_size,
+    write_config,
+)
+from alloykit.moe.config import Expert, MoEConfig, load_moe_config
+from alloykit.moe.gates import gate_weights, warn_if_degenerate
+from alloykit.moe.layout import (
+    DENSE_MLP,
+    ROLES,
+    Piece,
+    choose_architecture,
+    meta_parameters,
+    output_config,
+    plan_pieces,
+)
+
+log = logging.getLogger("alloykit")
+RECIPE_FILE = "alloykit_moe_config.yml"
+
+
+@dataclass(frozen=True)
+class MoEOptions:
+    """Options of an MoE build (the flags of ``alloykit moe``).
+
+    Args:
+        device: where the ``hidden`` gate mode runs the base model: cpu, cuda or auto.
+        seed: seed of the random gate modes and of ``noise_scale``; None draws one.
+        out_shard_size: largest output shard (``5B`` = 5x10^9 bytes, ``500MB``, ``2GiB``).
+        copy_tokenizer: copy the base model's tokenizer files (default True).
+        overwrite: replace an existing non-empty output folder.
+    """
+
+    device: str = "cpu"
+    seed: int | None = None
+    out_shard_size: str | int = "5B"
+    copy_tokenizer: bool = True
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class MoEResult:
+    """What an MoE build wrote."""
+
+    output: Path
+    architecture: str
+    experts: int
+    experts_per_token: int
+    files: list[str]
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Inputs:
+    base: Checkpoint
+    experts: list[Checkpoint]  # routed experts, in config order
+    shared: Checkpoint | None
+
+
+def build_moe(
+    config: MoEConfig | str | Path | Mapping[str, Any],
+    out_dir: str | Path,
+    options: MoEOptions | None = None,
+) -> MoEResult:
+    """Build the MoE model ``config`` describes and write it to ``out_dir``.
+
+    The folder holds the shards, ``config.json`` (a Mixtral, Qwen2-MoE or Qwen3-MoE config),
+    the base's generation config and tokenizer, and ``alloykit_moe_config.yml`` (the config
+    with absolute paths, which this function accepts back). It appears only when complete.
+
+    Raises:
+        ConfigError: the config is invalid (every problem listed with its YAML path).
+        IncompatibleModels: experts of another architecture or size than the base, or an
+            output architecture that cannot take them.
+
+    Example:
+        >>> result = build_moe("moe.yml", "moe-model")  # doctest: +SKIP
+        >>> result.architecture
+        'mixtral'
+    """
+    started = time.perf_counter()
+    options = options or MoEOptions()
+    cfg = load_moe_config(config)
+    out = Path(out_dir)
+    check_output_folder(out, overwrite=options.overwrite)
+    max_shard = parse_size(options.out_shard_size)
+    device = resolve_device(options.device)
+    seed = options.seed if options.seed is not None else secrets.randbits(63)
+    shared_specs = list(cfg.shared_experts or [])
+    with ExitStack() as stack:
+        inputs = _open_inputs(cfg, stack)
+        base_config = inputs.base.config or {}
+        _check_experts(inputs)
+        arch = choose_architecture(
+            cfg.architecture, str(base_config.get("model_type")), len(shared_specs)
+        )
+        layers, _ = layer_count(base_config, inputs.base.tensors)
+        intermediate, hidden = inputs.base.tensors[_mlp_name(inputs.base, 0, "gate")].shape
+        shared_size = (
+            inputs.shared.tensors[_mlp_name(inputs.shared, 0, "gate")].shape[0]
+            if inputs.shared is not None
+            else None
+        )
+        out_config = output_config(
+            arch,
+            base_config,
+            experts=len(cfg.experts),
+            experts_per_token=cfg.experts_per_token,
+            intermediate_size=intermediate,
+            shared_intermediate_size=shared_size,
+            attention_bias=any(n.endswith("q_proj.bias") for n in inputs.base.tensors),
+        )
+        pieces = plan_pieces(
+            meta_parameters(out_config), set(inputs.base.tensors), len(cfg.experts)
+        )
+        dtype_name = _output_dtype(cfg, inputs.base)
+        dtype = getattr(torch, dtype_name)
+        gates = gate_weights(
+            cfg.gate_mode,
+            [*cfg.experts, *shared_specs],
+            inputs.base,
+            layers=layers,
+            hidden=hidden,
+            seed=seed,
+            device=device,
+        )
+        warn_if_degenerate(gates[:, : len(cfg.experts)])
+        shards = layout_shards([(p.output, p.shape, DTYPE_CODES[dtype]) for p in pieces], max_shard)
+        with OutputFolder(out, overwrite=options.overwrite) as folder:
+            with ShardWriter(folder.path, shards) as writer:
+                for piece in pieces:
+                    tensor = _make(piece, inputs, cfg, gates, dtype, seed)
+                    writer.write(piece.output, tensor)
+                writer.finish()
+            write_config(folder.path, out_config, dtype_name)
+            copy_donor_files(
+                folder.path, inputs.base.folder, tokenizer=options.copy_tokenizer, code=False
+            )
+            header = f"# alloykit moe recipe: alloykit moe {RECIPE_FILE} OUT\n"
+            (folder.path / RECIPE_FILE).write_text(header + portable_moe_config(cfg).to_yaml())
+            files = sorted(p.name for p in folder.path.iterdir())
+            folder.commit()
+    return MoEResult(
+        out,
+        arch.name,
+        len(cfg.experts),
+        cfg.experts_per_token,
+        files,
+        time.perf_counter() - started,
+    )
+
+
+def _open_inputs(cfg: MoEConfig, stack: ExitStack) -> _Inputs:
+    """Open every model once (an expert may be the base itself); no tensor is read."""
+    opened: dict[str, Checkpoint] = {}
+
+    def open_one(ref: ModelRef, where: str) -> Checkpoint:
+        if ref.lora:
+            raise CheckpointError(f"{where}: '{ref}' has a LoRA; merge it into the model first")
+        key = str(ref)
+        if key not in opened:
+            checkpoint = open_checkpoint(resolve_model(ref.path, ref.revision), key)
+            stack.enter_context(checkpoint)
+            if checkpoint.config is None or "model_type" not in checkpoint.config:
+                raise CheckpointError(
+                    f"{where}: '{ref}' has no config.json with a model_type; MoE building needs "
+                    "Hugging Face model folders"
+                )
+            opened[key] = checkpoint
+        return opened[key]
+
+    base = open_one(cfg.base_model, "base_model")
+    experts = [
+        open_one(e.source_model, f"experts[{i}].source_model") for i, e in enumerate(cfg.experts)
+    ]
+    shared = [
+        open_one(e.source_model, f"shared_experts[{i}].source_model")
+        for i, e in enumerate(cfg.shared_experts or [])
+    ]
+    return _Inputs(base, experts, shared[0] if shared else None)
+
+
+def _mlp_name(checkpoint: Checkpoint, layer: int, role: str) -> str:
+    """The dense MLP projection ``role`` of ``layer`` (``model.layers.L.mlp.gate_proj.weight``)."""
+    name = f"model.layers.{layer}.{DENSE_MLP.format(role=role)}"
+    if name not in checkpoint.tensors:
+        raise IncompatibleModels(
+            f"model '{checkpoint.label}' has no tensor '{name}'; experts must be Llama-style "
+            "decoders with a gated MLP (gate_proj, up_proj, down_proj)"
+        )
+    return name
+
+
+def _check_experts(inputs: _Inputs) -> None:
+    """Every expert must be the base's architecture and size (a shared expert may differ in
+    its MLP width)."""
+    base = inputs.base
+    base_type = (base.config or {}).get("model_type")
+    layers, _ = layer_count(base.config, base.tensors)
+    for role in ROLES:
+        _mlp_name(base, 0, role)
+    candidates = [(e, False) for e in inputs.experts]
+    if inputs.shared is not None:
+        candidates.append((inputs.shared, True))
+    for expert, shared in candidates:
+        if expert is base:
+            continue
+        expert_type = (expert.config or {}).get("model_type")
+        if expert_type != base_type:
+            raise IncompatibleModels(
+                f"expert '{expert.label}' is a '{expert_type}' model and the base "
+                f"'{base.label}' a '{base_type}' one; every expert must share the base's architecture"
+            )
+        for name, info in base.tensors.items():
+            other = expert.tensors.get(name)
+            if shared and ".mlp." in name and other is not None:
+                continue
+            if other is None or other.shape != info.shape:
+                found = "missing" if other is None else f"shape {other.shape}"
+                raise IncompatibleModels(
+                    f"expert '{expert.label}' does not match the base '{base.label}' at tensor "
+                    f"'{name}' ({found}, base {info.shape}); experts must be fine-tunes of the base "
+                    "(same architecture and size)"
+                )
+        for layer in range(layers):
+            for role in ROLES:
+                _mlp_name(expert, layer, role)
+
+
+def _output_dtype(cfg: MoEConfig, base: Checkpoint) -> str:
+    """The config's ``dtype``, else the base's (its config, else its embedding's)."""
+    if cfg.dtype is not None:
+        return normalize_dtype(cfg.dtype) or cfg.dtype
+    config = base.config or {}
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if isinstance(value, str) and normalize_dtype(value):
+            return normalize_dtype(value) or value
+    first = next(iter(base.tensors.values()))
+    return str(SAFETENSORS_DTYPES[first.dtype]).removeprefix("torch.")
+
+
+def _make(
+    piece: Piece,
+    inputs: _Inputs,
+    cfg: MoEConfig,
+    gates: torch.Tensor,
+    dtype: torch.dtype,
+    seed: int,
+) -> torch.Tensor:
+    """The output tensor ``piece`` describes, in ``dtype``."""
+    routed = len(cfg.experts)
+    if piece.kind == "trunk":
+        assert piece.source is not None
+        return inputs.base.read(piece.source).to(dtype)
+    if piece.kind == "zeros":
+        return torch.zeros(piece.shape, dtype=dtype)
+    if piece.kind == "router":
+        assert piece.layer is not None
+        return gates[piece.layer, :routed].to(dtype)
+    if piece.kind == "shared_router":
+        assert piece.layer is not None
+        return gates[piece.layer, routed:].to(dtype)
+    return _experts_tensor(piece, inputs, cfg, dtype, seed)
+
+
+def _experts_tensor(
+    piece: Piece, inputs: _Inputs, cfg: MoEConfig, dtype: torch.dtype, seed: int
+) -> torch.Tensor:
+    """Experts' projections written into one output tensor (a fused layer, or one expert's)."""
+    out = torch.empty(piece.shape, dtype=dtype)
+    rows = out if piece.fused else out.unsqueeze(0)  # (experts, out features, in features)
+    for slot, ref in enumerate(piece.experts):
+        if ref == "shared":
+            assert inputs.shared is not None and cfg.shared_experts
+            checkpoint, spec, key = inputs.shared, cfg.shared_experts[0], "shared"
+        else:
+            checkpoint, spec, key = inputs.experts[ref], cfg.experts[ref], f"expert{ref}"
+        start = 0
+        for role in piece.roles:
+            name = piece.layer_prefix + DENSE_MLP.format(role=role)
+            tensor = _expert_projection(
+                checkpoint, spec, name, role, job_seed(seed, f"{key}/{name}")
+            )
+            target = rows[slot, start : start + tensor.shape[0]]
+            if target.shape != tensor.shape:
+                raise IncompatibleModels(
+                    f"output tensor '{piece.output}' {piece.shape} cannot hold '{name}' "
+                    f"{tuple(tensor.shape)} of '{checkpoint.label}'; this transformers version "
+                    "lays out experts in a way alloykit does not know"
+                )
+            target.copy_(tensor)
+            start += tensor.shape[0]
+        if start != rows.shape[1]:
+            raise IncompatibleModels(
+                f"output tensor '{piece.output}' {piece.shape} is not the experts' "
+                f"{'+'.join(piece.roles)} projections stacked; this transformers version lays "
+                "out experts in a way alloykit does not know"
+            )
+    return out
+
+
+def _expert_projection(
+    checkpoint: Checkpoint, spec: Expert, name: str, role: str, seed: int
+) -> torch.Tensor:
+    """A dense projection as stored, or with the expert's noise and residual scale applied."""
+    tensor = checkpoint.read(name)
+    scale = spec.residual_scale if role == "down" else None
+    if not spec.noise_scale and scale is None:
+        return tensor  # copied as stored: bit for bit when the dtype is kept
+    work = tensor.float()
+    if spec.noise_scale:
+        generator = torch.Generator().manual_seed(seed)
+        work += torch.randn(work.shape, generator=generator) * spec.noise_scale
+    if scale is not None:
+        work *= scale
+    return work
+
+
+def portable_moe_config(cfg: MoEConfig) -> MoEConfig:
+    """The config with local model folders made absolute, so it runs again from anywhere."""
+
+    def absolute(ref: ModelRef) -> ModelRef:
+        local = Path(ref.path).expanduser()
+        return ref.model_copy(update={"path": str(local.resolve())}) if local.exists() else ref
+
+    data = cfg.model_copy(deep=True)
+    data.base_model = absolute(data.base_model)
+    for expert in [*data.experts, *(data.shared_experts or [])]:
+        expert.source_model = absolute(expert.source_model)
+    return data
