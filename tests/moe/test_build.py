@@ -200,3 +200,49 @@ def test_config_problems_are_reported_together(family: dict[str, Path], tmp_path
         build_moe(same, tmp_path / "moe")
     with pytest.raises(ConfigError, match=r"experts\[0\]\.sourse_model"):
         build_moe({"base_model": "x", "experts": [{"sourse_model": "y"}]}, tmp_path / "moe")
+
+
+def test_base_merge_merges_the_trunk_with_a_catalogue_method(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    from alloykit.pipeline import merge_to_state_dict
+
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family["base"]),
+        "models": [
+            {"model": str(family["ft1"]), "parameters": {"weight": 0.7}},
+            {"model": str(family["ft2"]), "parameters": {"weight": 0.4}},
+        ],
+    }
+    config = expert_config(family["base"], [family["ft1"], family["ft2"]], gate_mode="random")
+    config["base_merge"] = recipe
+    build_moe(config, tmp_path / "moe", MoEOptions(seed=0))
+    out, merged = tensors(tmp_path / "moe"), merge_to_state_dict(recipe)
+    trunk = [n for n in merged if ".mlp." not in n]
+    assert trunk and all(torch.equal(out[n], merged[n]) for n in trunk)
+    assert not torch.equal(out[trunk[0]], tensors(family["base"])[trunk[0]])
+    down = out["model.layers.2.mlp.experts.down_proj"]
+    assert torch.equal(down[1], mlp(family["ft2"], 2)["down"])
+    load_model(tmp_path / "moe")
+    written = (tmp_path / "moe" / "alloykit_moe_config.yml").read_text()
+    assert "task_arithmetic" in written
+    build_moe(tmp_path / "moe" / "alloykit_moe_config.yml", tmp_path / "again", MoEOptions(seed=0))
+    again = tensors(tmp_path / "again")
+    assert all(torch.equal(out[n], again[n]) for n in out)
+
+    bad = {**config, "base_merge": {**recipe, "merge_method": "tiess"}}
+    with pytest.raises(ConfigError, match=r"base_merge\..*tiess"):
+        build_moe(bad, tmp_path / "bad")
+    qwen = make_family(tmp_path / "qwen", ToySpec(model_type="qwen2"), finetunes=1)
+    other = {
+        **config,
+        "base_merge": {
+            **recipe,
+            "base_model": str(qwen["base"]),
+            "models": [{"model": str(qwen["ft1"]), "parameters": {"weight": 1.0}}],
+        },
+    }
+    with pytest.raises(IncompatibleModels, match="base_merge: model .* is a 'qwen2' model"):
+        build_moe(other, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -38,3 +38,13 @@ def test_readme_example_builds_a_model(family: dict[str, Path], tmp_path: Path) 
     result = build_moe(config, tmp_path / "moe")
     assert result.architecture == "mixtral" and result.experts == 2
     load_model(tmp_path / "moe")
+
+
+def test_docs_examples_are_valid_configs() -> None:
+    from alloykit.moe import load_moe_config
+
+    text = (ROOT / "docs" / "moe.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:
+        load_moe_config(yaml.safe_load(block))

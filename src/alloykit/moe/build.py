@@ -15,14 +15,15 @@ import secrets
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from alloykit.architecture import layer_count
-from alloykit.config import ModelRef, normalize_dtype
+from alloykit.config import MergeConfig, ModelRef, normalize_dtype
 from alloykit.errors import CheckpointError, IncompatibleModels
 from alloykit.execute import job_seed, resolve_device
 from alloykit.io.checkpoint import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
@@ -36,8 +37,8 @@ from alloykit.io.writer import (
     parse_size,
     write_config,
 )
-from alloykit.moe.config import Expert, MoEConfig, load_moe_config
-from alloykit.moe.gates import gate_weights, warn_if_degenerate
+from alloykit.moe.config import Expert, MoEConfig, base_merge_config, load_moe_config
+from alloykit.moe.gates import degenerate_warning, gate_weights
 from alloykit.moe.layout import (
     DENSE_MLP,
     ROLES,
@@ -120,53 +121,19 @@ def build_moe(
     max_shard = parse_size(options.out_shard_size)
     device = resolve_device(options.device)
     seed = options.seed if options.seed is not None else secrets.randbits(63)
-    shared_specs = list(cfg.shared_experts or [])
     with ExitStack() as stack:
         inputs = _open_inputs(cfg, stack)
-        base_config = inputs.base.config or {}
-        _check_experts(inputs)
-        arch = choose_architecture(
-            cfg.architecture, str(base_config.get("model_type")), len(shared_specs)
+        plan = _plan(cfg, inputs, seed, device)
+        for warning in plan.warnings:
+            log.warning(warning)
+        shards = layout_shards(
+            [(p.output, p.shape, DTYPE_CODES[plan.dtype]) for p in plan.pieces], max_shard
         )
-        layers, _ = layer_count(base_config, inputs.base.tensors)
-        intermediate, hidden = inputs.base.tensors[_mlp_name(inputs.base, 0, "gate")].shape
-        shared_size = (
-            inputs.shared.tensors[_mlp_name(inputs.shared, 0, "gate")].shape[0]
-            if inputs.shared is not None
-            else None
-        )
-        out_config = output_config(
-            arch,
-            base_config,
-            experts=len(cfg.experts),
-            experts_per_token=cfg.experts_per_token,
-            intermediate_size=intermediate,
-            shared_intermediate_size=shared_size,
-            attention_bias=any(n.endswith("q_proj.bias") for n in inputs.base.tensors),
-        )
-        pieces = plan_pieces(
-            meta_parameters(out_config), set(inputs.base.tensors), len(cfg.experts)
-        )
-        dtype_name = _output_dtype(cfg, inputs.base)
-        dtype = getattr(torch, dtype_name)
-        gates = gate_weights(
-            cfg.gate_mode,
-            [*cfg.experts, *shared_specs],
-            inputs.base,
-            layers=layers,
-            hidden=hidden,
-            seed=seed,
-            device=device,
-        )
-        warn_if_degenerate(gates[:, : len(cfg.experts)])
-        shards = layout_shards([(p.output, p.shape, DTYPE_CODES[dtype]) for p in pieces], max_shard)
         with OutputFolder(out, overwrite=options.overwrite) as folder:
             with ShardWriter(folder.path, shards) as writer:
-                for piece in pieces:
-                    tensor = _make(piece, inputs, cfg, gates, dtype, seed)
-                    writer.write(piece.output, tensor)
+                _write_tensors(plan, inputs, cfg, writer, options, seed)
                 writer.finish()
-            write_config(folder.path, out_config, dtype_name)
+            write_config(folder.path, plan.config, str(plan.dtype).removeprefix("torch."))
             copy_donor_files(
                 folder.path, inputs.base.folder, tokenizer=options.copy_tokenizer, code=False
             )
@@ -174,14 +141,140 @@ def build_moe(
             (folder.path / RECIPE_FILE).write_text(header + portable_moe_config(cfg).to_yaml())
             files = sorted(p.name for p in folder.path.iterdir())
             folder.commit()
+    seconds = time.perf_counter() - started
     return MoEResult(
         out,
-        arch.name,
+        plan.architecture,
         len(cfg.experts),
         cfg.experts_per_token,
         files,
-        time.perf_counter() - started,
+        seconds,
+        plan.warnings,
     )
+
+
+@dataclass
+class _MoEPlan:
+    """What a build will write: the output config, a recipe per tensor, the routers."""
+
+    architecture: str
+    config: dict[str, Any]  # config.json without its dtype
+    pieces: list[Piece]  # in transformers' parameter order
+    dtype: torch.dtype
+    gates: torch.Tensor  # (layers, experts + shared, hidden), float32
+    base_type: str
+    warnings: list[str]
+
+
+def _plan(cfg: MoEConfig, inputs: _Inputs, seed: int, device: torch.device) -> _MoEPlan:
+    """Check the models, choose the architecture, read its layout and compute the routers."""
+    base = inputs.base
+    base_config = base.config or {}
+    _check_experts(inputs)
+    base_type = str(base_config.get("model_type"))
+    shared_specs = list(cfg.shared_experts or [])
+    arch = choose_architecture(cfg.architecture, base_type, len(shared_specs))
+    layers, _ = layer_count(base_config, base.tensors)
+    intermediate, hidden = base.tensors[_mlp_name(base, 0, "gate")].shape
+    shared = inputs.shared
+    out_config = output_config(
+        arch,
+        base_config,
+        experts=len(cfg.experts),
+        experts_per_token=cfg.experts_per_token,
+        intermediate_size=intermediate,
+        shared_intermediate_size=(
+            shared.tensors[_mlp_name(shared, 0, "gate")].shape[0] if shared else None
+        ),
+        attention_bias=any(n.endswith("q_proj.bias") for n in base.tensors),
+    )
+    pieces = plan_pieces(meta_parameters(out_config), set(base.tensors), len(cfg.experts))
+    gates = gate_weights(
+        cfg.gate_mode,
+        [*cfg.experts, *shared_specs],
+        base,
+        layers=layers,
+        hidden=hidden,
+        seed=seed,
+        device=device,
+    )
+    warning = degenerate_warning(gates[:, : len(cfg.experts)])
+    dtype = getattr(torch, _output_dtype(cfg, base))
+    warnings = [warning] if warning else []
+    return _MoEPlan(arch.name, out_config, pieces, dtype, gates, base_type, warnings)
+
+
+def _write_tensors(
+    plan: _MoEPlan,
+    inputs: _Inputs,
+    cfg: MoEConfig,
+    writer: ShardWriter,
+    options: MoEOptions,
+    seed: int,
+) -> None:
+    """Write every output tensor: experts, routers and the base's tensors (or base_merge's)."""
+    trunk_recipe = base_merge_config(cfg)
+    for piece in plan.pieces:
+        if trunk_recipe is not None and piece.kind == "trunk":
+            continue  # merged below
+        writer.write(piece.output, _make(piece, inputs, cfg, plan.gates, plan.dtype, seed))
+    if trunk_recipe is not None:
+        trunk = [p for p in plan.pieces if p.kind == "trunk"]
+        sink = _CastingSink(writer, plan.dtype)
+        _merge_trunk(trunk_recipe, trunk, plan.base_type, sink, options, seed)
+
+
+class _CastingSink:
+    """Passes merged tensors to the writer in the output dtype."""
+
+    def __init__(self, writer: ShardWriter, dtype: torch.dtype) -> None:
+        self.writer = writer
+        self.dtype = dtype
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.writer.write(name, tensor.to(self.dtype))
+
+
+def _merge_trunk(
+    recipe: MergeConfig,
+    pieces: list[Piece],
+    base_type: str,
+    sink: _CastingSink,
+    options: MoEOptions,
+    seed: int,
+) -> None:
+    """Merge the non-expert tensors with ``base_merge``'s recipe, straight into the output.
+
+    Only the jobs for those tensors run: the dense MLPs the merge would also make are skipped.
+    """
+    from alloykit.execute import ExecutionOptions, execute
+    from alloykit.pipeline import open_models
+    from alloykit.plan import build_plan
+
+    with open_models(recipe) as checkpoints:
+        for label, checkpoint in checkpoints.items():
+            model_type = (checkpoint.config or {}).get("model_type", base_type)
+            if model_type != base_type:
+                raise IncompatibleModels(
+                    f"base_merge: model '{label}' is a '{model_type}' model and the base a "
+                    f"'{base_type}' one; merge models of the base model's architecture"
+                )
+        plan = build_plan(recipe, checkpoints)
+        jobs = {job.output: job for job in plan.jobs}
+        chosen = []
+        for piece in pieces:
+            job = jobs.get(piece.source or "")
+            if job is None or job.shape != piece.shape:
+                found = "makes no such tensor" if job is None else f"makes it {job.shape}"
+                raise IncompatibleModels(
+                    f"base_merge: the MoE takes tensor '{piece.source}' {piece.shape} from this "
+                    f"merge, which {found}; merge models of the base model's architecture and size"
+                )
+            chosen.append(job)
+        for warning in plan.warnings:
+            log.warning(f"base_merge: {warning}")
+        execution = ExecutionOptions(device=options.device, seed=seed)
+        execute(replace(plan, jobs=chosen), checkpoints, sink, execution)
 
 
 def _open_inputs(cfg: MoEConfig, stack: ExitStack) -> _Inputs:
@@ -360,6 +453,11 @@ def portable_moe_config(cfg: MoEConfig) -> MoEConfig:
 
     data = cfg.model_copy(deep=True)
     data.base_model = absolute(data.base_model)
+    recipe = base_merge_config(cfg)
+    if recipe is not None:
+        from alloykit.pipeline import portable_recipe
+
+        data.base_merge = yaml.safe_load(portable_recipe(recipe).to_yaml())
     for expert in [*data.experts, *(data.shared_experts or [])]:
         expert.source_model = absolute(expert.source_model)
     return data

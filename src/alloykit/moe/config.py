@@ -16,6 +16,10 @@ A user's mergekit-moe file works unchanged::
     shared_experts:                    # optional (Qwen2-MoE takes exactly one)
       - source_model: ./base
         positive_prompts: ["..."]
+    base_merge:                        # alloykit's addition (optional): attention, norms,
+      merge_method: task_arithmetic    # embeddings and head merged by any method instead
+      base_model: ./base               # of copied from base_model
+      models: [...]
 
 :func:`load_moe_config` checks the whole file and reports every problem at once, each with
 its YAML path, before any model is opened.
@@ -30,7 +34,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from alloykit.config import ModelRef, normalize_dtype, read_documents
+from alloykit.config import (
+    MergeConfig,
+    ModelRef,
+    check_config,
+    normalize_dtype,
+    parse_config,
+    read_documents,
+)
 from alloykit.errors import ConfigError
 
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"]
@@ -61,6 +72,7 @@ class MoEConfig(BaseModel):
     experts_per_token: int = Field(default=2, ge=1)
     architecture: str | None = None
     shared_experts: list[Expert] | None = None
+    base_merge: dict[str, Any] | None = None  # a merge recipe for the non-expert tensors
 
     def to_yaml(self) -> str:
         """The config as YAML that :func:`load_moe_config` reads back to an equal config."""
@@ -140,4 +152,21 @@ def check_moe_config(config: MoEConfig) -> list[str]:
             problems.append(f"shared_experts[{i}].noise_scale: not supported on a shared expert")
     if len(config.shared_experts or []) > 1:
         problems.append("shared_experts: at most one shared expert is supported")
+    if config.base_merge is not None:
+        try:
+            base_merge_config(config)
+        except ConfigError as e:
+            problems.extend(f"base_merge.{problem}" for problem in e.problems)
     return problems
+
+
+def base_merge_config(config: MoEConfig) -> MergeConfig | None:
+    """``base_merge`` as a validated merge recipe (None when the config has none).
+
+    Raises ConfigError listing its problems (paths relative to ``base_merge``).
+    """
+    if config.base_merge is None:
+        return None
+    recipe = parse_config(config.base_merge)
+    check_config(recipe)
+    return recipe

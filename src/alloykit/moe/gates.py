@@ -19,7 +19,6 @@ All draws come from one ``torch.Generator`` seeded by the caller, so a seed fixe
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,7 +30,6 @@ from alloykit.errors import CheckpointError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.moe.config import Expert, GateMode
 
-log = logging.getLogger("alloykit")
 DEGENERATE_CONDITION = 5.0  # above this a layer's gate rows are close to linearly dependent
 
 PromptVector = Callable[[str], torch.Tensor]  # prompt -> (layers, hidden)
@@ -172,12 +170,13 @@ class _HiddenStates:
         return chosen.float().cpu()
 
 
-def warn_if_degenerate(gates: torch.Tensor) -> None:
-    """Log a warning naming the layers where the gate rows barely differ."""
+def degenerate_warning(gates: torch.Tensor) -> str | None:
+    """A warning naming the layers where the routed gate rows barely differ, or None."""
     bad = degenerate_layers(gates)
-    if bad:
-        log.warning(
-            f"gates of {len(bad)} of {gates.shape[0]} layers are nearly degenerate (condition "
-            f"number > {DEGENERATE_CONDITION:g}, layers {bad[:8]}); routing may barely tell the "
-            "experts apart: give the experts more distinct prompts"
-        )
+    if not bad:
+        return None
+    return (
+        f"gates of {len(bad)} of {gates.shape[0]} layers are nearly degenerate (condition "
+        f"number > {DEGENERATE_CONDITION:g}, layers {bad[:8]}); routing may barely tell the "
+        "experts apart: give the experts more distinct prompts"
+    )
