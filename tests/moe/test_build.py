@@ -39,6 +39,7 @@ def test_mixtral_from_llama_loads_and_copies_experts_bit_for_bit(
     config = expert_config(family["base"], experts, gate_mode="random")
     result = build_moe(config, tmp_path / "moe", MoEOptions(seed=0))
     assert result.architecture == "mixtral"
+    assert any("not a power of two" in w for w in result.warnings)
     model = load_model(tmp_path / "moe")
     assert type(model).__name__ == "MixtralForCausalLM"
     assert model.config.num_local_experts == 3 and model.config.num_experts_per_tok == 2
@@ -198,6 +199,10 @@ def test_config_problems_are_reported_together(family: dict[str, Path], tmp_path
     ]
     with pytest.raises(ConfigError, match="same prompts"):
         build_moe(same, tmp_path / "moe")
+    shared = {**same, "experts": config["experts"][:1], "shared_experts": same["experts"][1:]}
+    shared["shared_experts"][0]["positive_prompts"] = []
+    with pytest.raises(ConfigError, match=r"shared_experts\[0\]\.positive_prompts"):
+        build_moe(shared, tmp_path / "moe")
     with pytest.raises(ConfigError, match=r"experts\[0\]\.sourse_model"):
         build_moe({"base_model": "x", "experts": [{"sourse_model": "y"}]}, tmp_path / "moe")
 
@@ -246,3 +251,52 @@ def test_base_merge_merges_the_trunk_with_a_catalogue_method(
     with pytest.raises(IncompatibleModels, match="base_merge: model .* is a 'qwen2' model"):
         build_moe(other, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_per_expert_layout_of_older_transformers(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers 4 names Mixtral's experts block_sparse_moe.experts.N.w1/w2/w3: the layout
+    is read from the model transformers builds, so that layout is written when it is the one
+    built. transformers 5 still loads it (converting), and the model is the same."""
+    import alloykit.moe.build as build
+
+    fused_parameters = build.meta_parameters
+
+    def per_expert(config: dict[str, object]) -> dict[str, tuple[int, ...]]:
+        layout: dict[str, tuple[int, ...]] = {}
+        for name, shape in fused_parameters(config).items():
+            prefix, _, leaf = name.partition(".mlp.")
+            if leaf == "gate.weight":
+                layout[f"{prefix}.block_sparse_moe.gate.weight"] = shape
+            elif leaf.startswith("experts."):
+                experts, rows, columns = shape
+                for e in range(experts):
+                    moe = f"{prefix}.block_sparse_moe.experts.{e}"
+                    if leaf == "experts.gate_up_proj":
+                        layout[f"{moe}.w1.weight"] = layout[f"{moe}.w3.weight"] = (
+                            rows // 2,
+                            columns,
+                        )
+                    else:
+                        layout[f"{moe}.w2.weight"] = (rows, columns)
+            else:
+                layout[name] = shape
+        return layout
+
+    config = expert_config(family["base"], [family["ft1"], family["ft2"]], gate_mode="random")
+    build_moe(config, tmp_path / "fused", MoEOptions(seed=0))
+    monkeypatch.setattr(build, "meta_parameters", per_expert)
+    build_moe(config, tmp_path / "legacy", MoEOptions(seed=0))
+    legacy = tensors(tmp_path / "legacy")
+    assert not any("experts.gate_up_proj" in n for n in legacy)
+    for e, name in enumerate(["ft1", "ft2"]):
+        source = mlp(family[name], 3)
+        moe = f"model.layers.3.block_sparse_moe.experts.{e}."
+        assert torch.equal(legacy[moe + "w1.weight"], source["gate"])
+        assert torch.equal(legacy[moe + "w3.weight"], source["up"])
+        assert torch.equal(legacy[moe + "w2.weight"], source["down"])
+    with torch.no_grad():
+        expected = load_model(tmp_path / "fused")(PROMPT).logits
+        got = load_model(tmp_path / "legacy")(PROMPT).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

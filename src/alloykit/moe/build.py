@@ -198,9 +198,13 @@ def _plan(cfg: MoEConfig, inputs: _Inputs, seed: int, device: torch.device) -> _
         seed=seed,
         device=device,
     )
-    warning = degenerate_warning(gates[:, : len(cfg.experts)])
+    warnings = [w for w in [degenerate_warning(gates[:, : len(cfg.experts)])] if w]
+    count = len(cfg.experts)
+    if count & (count - 1):
+        warnings.append(
+            f"{count} experts is not a power of two; llama.cpp and some kernels expect 2, 4, 8, ..."
+        )
     dtype = getattr(torch, _output_dtype(cfg, base))
-    warnings = [warning] if warning else []
     return _MoEPlan(arch.name, out_config, pieces, dtype, gates, base_type, warnings)
 
 

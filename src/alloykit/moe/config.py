@@ -148,6 +148,11 @@ def check_moe_config(config: MoEConfig) -> list[str]:
                 "give each expert prompts of its own"
             )
     for i, shared in enumerate(config.shared_experts or []):
+        if config.gate_mode in PROMPT_MODES and not shared.positive_prompts:
+            problems.append(
+                f"shared_experts[{i}].positive_prompts: gate_mode '{config.gate_mode}' sets the "
+                "shared expert's gate from its prompts; give at least one (or use gate_mode: random)"
+            )
         if shared.noise_scale:
             problems.append(f"shared_experts[{i}].noise_scale: not supported on a shared expert")
     if len(config.shared_experts or []) > 1:
