@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import re
 from pathlib import Path
 from typing import get_args
 
+import pytest
 import yaml
 
 from alloykit.moe import Expert, MoEConfig, build_moe
@@ -48,3 +51,11 @@ def test_docs_examples_are_valid_configs() -> None:
     assert len(blocks) == 2
     for block in blocks:
         load_moe_config(yaml.safe_load(block))
+
+
+@pytest.mark.parametrize(
+    "name", ["alloykit.moe", "alloykit.moe.config", "alloykit.moe.gates", "alloykit.moe.build"]
+)
+def test_docstring_examples(name: str) -> None:
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

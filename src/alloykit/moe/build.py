@@ -110,7 +110,7 @@ def build_moe(
 
     Example:
         >>> result = build_moe("moe.yml", "moe-model")  # doctest: +SKIP
-        >>> result.architecture
+        >>> result.architecture  # doctest: +SKIP
         'mixtral'
     """
     started = time.perf_counter()

@@ -58,7 +58,7 @@ def gate_weights(
     Example:
         >>> g = gate_weights("random", [e1, e2], base, layers=4, hidden=32, seed=0,
         ...                  device=torch.device("cpu"))  # doctest: +SKIP
-        >>> g.shape
+        >>> g.shape  # doctest: +SKIP
         torch.Size([4, 2, 32])
     """
     shape = (layers, len(experts), hidden)
