@@ -121,3 +121,22 @@ def test_degenerate_gates_are_detected() -> None:
     rows = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
     rows[1, 2] = rows[1, 0] + 1e-3 * rows[1, 1]  # layer 1: two experts almost the same
     assert degenerate_layers(rows) == [1]
+
+
+def test_prompt_gates_need_the_base_tokenizer(family: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from alloykit.errors import AlloyError, CheckpointError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(family["base"] / name, bare / name)
+    config = expert_config(bare, [family["ft1"], family["ft2"]], gate_mode="cheap_embed")
+    with pytest.raises(CheckpointError, match="cannot load its tokenizer.*gate_mode: random"):
+        build_moe(config, tmp_path / "moe")
+    with pytest.raises(AlloyError, match="--device 'tpu9'"):
+        build_moe(config, tmp_path / "moe", MoEOptions(device="tpu9"))
+    assert not (tmp_path / "moe").exists()
+    build_moe({**config, "gate_mode": "random"}, tmp_path / "moe", MoEOptions(seed=0))
+    assert not (tmp_path / "moe" / "tokenizer.json").exists()

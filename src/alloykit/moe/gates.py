@@ -140,8 +140,11 @@ class _HiddenStates:
 
     def __enter__(self) -> PromptVector:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
         self.tokenizer = _tokenizer(self.base)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # alloykit's output is one line per build
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(
                 str(self.base.folder), dtype=torch.float32
@@ -151,6 +154,9 @@ class _HiddenStates:
                 f"base model '{self.base.label}': transformers cannot load it for the hidden "
                 f"gate mode ({str(e).splitlines()[0]}); use gate_mode: cheap_embed or random"
             ) from e
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self.model = model.to(self.device).eval()
         return self._vector
 
