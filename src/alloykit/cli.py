@@ -218,6 +218,7 @@ MOE_EXAMPLES = """Examples:
 \b
   alloykit moe moe.yml moe-model/                     # hidden-state gates, computed on the CPU
   alloykit moe moe.yml moe-model/ --seed 0            # random gates, reproducible
+  alloykit moe moe.yml moe-model/ --dry-run           # each output tensor and its source
   alloykit moe moe.yml moe-model/ --device auto --overwrite
   alloykit moe moe-model/alloykit_moe_config.yml again/   # re-run a recipe written by a build
 
@@ -263,6 +264,12 @@ def moe(
             "--copy-tokenizer/--no-copy-tokenizer", help="Copy the base model's tokenizer files."
         ),
     ] = True,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the output architecture and each tensor's source, and stop."
+        ),
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")
     ] = False,
@@ -270,7 +277,7 @@ def moe(
 ) -> None:
     """Build a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE) from dense experts."""
     from alloykit import _output
-    from alloykit.moe import MoEOptions, build_moe
+    from alloykit.moe import MoEOptions, build_moe, plan_moe
 
     _output.setup_logging(quiet)
     options = MoEOptions(
@@ -280,6 +287,15 @@ def moe(
         copy_tokenizer=copy_tokenizer,
         overwrite=overwrite,
     )
+    if dry_run:
+        plan = plan_moe(config)
+        _output.print_rows([("output tensor", "shape", "source"), *plan.rows()])
+        dtype = str(plan.dtype).removeprefix("torch.")
+        _output.out.print(
+            f"[bold]total:[/] {len(plan.pieces)} tensors, {plan.architecture} with "
+            f"{len(plan.experts)} experts, gate_mode {plan.gate_mode}, {dtype}"
+        )
+        return
     result = build_moe(config, output, options)
     _output.out.print(
         f"wrote {result.output} ({result.architecture}, {result.experts} experts, "

@@ -300,3 +300,31 @@ def test_per_expert_layout_of_older_transformers(
         expected = load_model(tmp_path / "fused")(PROMPT).logits
         got = load_model(tmp_path / "legacy")(PROMPT).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_plan_names_each_tensor_source_without_reading_tensors(
+    qwen2_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alloykit.io.checkpoint import Checkpoint
+    from alloykit.moe import plan_moe
+
+    def no_reads(self: Checkpoint, name: str) -> torch.Tensor:
+        raise AssertionError(f"read {name}")
+
+    monkeypatch.setattr(Checkpoint, "read", no_reads)
+    config = expert_config(
+        qwen2_family["base"], [qwen2_family["ft1"], qwen2_family["ft2"]], gate_mode="hidden"
+    )
+    config["shared_experts"] = [
+        {"source_model": str(qwen2_family["base"]), "positive_prompts": ["w9"]}
+    ]
+    plan = plan_moe(config)
+    rows = {name: source for name, _, source in plan.rows()}
+    ft1, ft2, base = (str(qwen2_family[n]) for n in ("ft1", "ft2", "base"))
+    prefix = "model.layers.2.mlp."
+    assert rows[prefix + "experts.gate_up_proj"] == f"gate_proj+up_proj of {ft1}, {ft2}"
+    assert rows[prefix + "shared_expert.down_proj.weight"] == f"down_proj of {base}"
+    assert rows[prefix + "gate.weight"] == "gate_mode hidden"
+    assert rows[prefix + "shared_expert_gate.weight"] == "gate_mode hidden (shared expert)"
+    assert rows["model.layers.2.self_attn.q_proj.bias"] == "base_model"
+    assert plan.architecture == "qwen2_moe" and not plan.warnings

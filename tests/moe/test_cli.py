@@ -52,5 +52,5 @@ def test_moe_errors_are_one_line_and_leave_no_output(
 def test_moe_help_shows_options_and_an_example() -> None:
     result = run_cli("moe", "--help")
     assert result.returncode == 0
-    for text in ("Usage: alloykit moe", "--seed", "--device", "gate_mode", "positive_prompts"):
+    for text in ("Usage: alloykit moe", "--seed", "--device", "--dry-run", "positive_prompts"):
         assert text in result.stdout

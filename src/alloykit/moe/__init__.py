@@ -13,7 +13,16 @@ Example:
 
 from __future__ import annotations
 
-from alloykit.moe.build import MoEOptions, MoEResult, build_moe
+from alloykit.moe.build import MoEOptions, MoEPlan, MoEResult, build_moe, plan_moe
 from alloykit.moe.config import Expert, MoEConfig, load_moe_config
 
-__all__ = ["Expert", "MoEConfig", "MoEOptions", "MoEResult", "build_moe", "load_moe_config"]
+__all__ = [
+    "Expert",
+    "MoEConfig",
+    "MoEOptions",
+    "MoEPlan",
+    "MoEResult",
+    "build_moe",
+    "load_moe_config",
+    "plan_moe",
+]

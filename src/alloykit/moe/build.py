@@ -123,7 +123,8 @@ def build_moe(
     seed = options.seed if options.seed is not None else secrets.randbits(63)
     with ExitStack() as stack:
         inputs = _open_inputs(cfg, stack)
-        plan = _plan(cfg, inputs, seed, device)
+        plan = _plan(cfg, inputs)
+        gates = _gates(plan, cfg, inputs, seed, device)
         for warning in plan.warnings:
             log.warning(warning)
         shards = layout_shards(
@@ -131,7 +132,7 @@ def build_moe(
         )
         with OutputFolder(out, overwrite=options.overwrite) as folder:
             with ShardWriter(folder.path, shards) as writer:
-                _write_tensors(plan, inputs, cfg, writer, options, seed)
+                _write_tensors(plan, gates, inputs, cfg, writer, options, seed)
                 writer.finish()
             write_config(folder.path, plan.config, str(plan.dtype).removeprefix("torch."))
             copy_donor_files(
@@ -154,20 +155,57 @@ def build_moe(
 
 
 @dataclass
-class _MoEPlan:
-    """What a build will write: the output config, a recipe per tensor, the routers."""
+class MoEPlan:
+    """What a build will write, before any tensor is read: the output architecture and
+    config, and a recipe for each output tensor in transformers' parameter order."""
 
     architecture: str
     config: dict[str, Any]  # config.json without its dtype
-    pieces: list[Piece]  # in transformers' parameter order
+    pieces: list[Piece]
     dtype: torch.dtype
-    gates: torch.Tensor  # (layers, experts + shared, hidden), float32
     base_type: str
+    layers: int
+    hidden: int
+    gate_mode: str
+    experts: list[str]  # the routed experts' model labels
+    shared_expert: str | None  # the shared expert's model label
+    merged_trunk: bool  # the non-expert tensors come from base_merge, not the base
     warnings: list[str]
 
+    def rows(self) -> list[tuple[str, str, str]]:
+        """``(output tensor, shape, where it comes from)`` for each tensor (``--dry-run``)."""
+        trunk = "base_merge" if self.merged_trunk else "base_model"
+        rows = []
+        for piece in self.pieces:
+            if piece.kind == "trunk":
+                source = trunk if piece.source == piece.output else f"{trunk}: {piece.source}"
+            elif piece.kind == "zeros":
+                source = "zeros (a bias the base does not have)"
+            elif piece.kind == "router":
+                source = f"gate_mode {self.gate_mode}"
+            elif piece.kind == "shared_router":
+                source = f"gate_mode {self.gate_mode} (shared expert)"
+            else:
+                names = [
+                    str(self.shared_expert) if e == "shared" else self.experts[e]
+                    for e in piece.experts
+                ]
+                roles = "+".join(f"{r}_proj" for r in piece.roles)
+                source = f"{roles} of {', '.join(names)}"
+            rows.append((piece.output, str(list(piece.shape)), source))
+        return rows
 
-def _plan(cfg: MoEConfig, inputs: _Inputs, seed: int, device: torch.device) -> _MoEPlan:
-    """Check the models, choose the architecture, read its layout and compute the routers."""
+
+def plan_moe(config: MoEConfig | str | Path | Mapping[str, Any]) -> MoEPlan:
+    """Validate ``config``, check its models and plan the build without reading a tensor
+    (what ``alloykit moe --dry-run`` prints); the routers are not computed."""
+    cfg = load_moe_config(config)
+    with ExitStack() as stack:
+        return _plan(cfg, _open_inputs(cfg, stack))
+
+
+def _plan(cfg: MoEConfig, inputs: _Inputs) -> MoEPlan:
+    """Check the models, choose the architecture and read its layout."""
     base = inputs.base
     base_config = base.config or {}
     _check_experts(inputs)
@@ -189,27 +227,50 @@ def _plan(cfg: MoEConfig, inputs: _Inputs, seed: int, device: torch.device) -> _
         attention_bias=any(n.endswith("q_proj.bias") for n in base.tensors),
     )
     pieces = plan_pieces(meta_parameters(out_config), set(base.tensors), len(cfg.experts))
-    gates = gate_weights(
-        cfg.gate_mode,
-        [*cfg.experts, *shared_specs],
-        base,
-        layers=layers,
-        hidden=hidden,
-        seed=seed,
-        device=device,
-    )
-    warnings = [w for w in [degenerate_warning(gates[:, : len(cfg.experts)])] if w]
+    warnings = []
     count = len(cfg.experts)
     if count & (count - 1):
         warnings.append(
             f"{count} experts is not a power of two; llama.cpp and some kernels expect 2, 4, 8, ..."
         )
-    dtype = getattr(torch, _output_dtype(cfg, base))
-    return _MoEPlan(arch.name, out_config, pieces, dtype, gates, base_type, warnings)
+    return MoEPlan(
+        architecture=arch.name,
+        config=out_config,
+        pieces=pieces,
+        dtype=getattr(torch, _output_dtype(cfg, base)),
+        base_type=base_type,
+        layers=layers,
+        hidden=hidden,
+        gate_mode=cfg.gate_mode,
+        experts=[c.label for c in inputs.experts],
+        shared_expert=shared.label if shared else None,
+        merged_trunk=cfg.base_merge is not None,
+        warnings=warnings,
+    )
+
+
+def _gates(
+    plan: MoEPlan, cfg: MoEConfig, inputs: _Inputs, seed: int, device: torch.device
+) -> torch.Tensor:
+    """The routers, (layers, experts + shared, hidden) float32; warns about degenerate ones."""
+    gates = gate_weights(
+        cfg.gate_mode,
+        [*cfg.experts, *(cfg.shared_experts or [])],
+        inputs.base,
+        layers=plan.layers,
+        hidden=plan.hidden,
+        seed=seed,
+        device=device,
+    )
+    warning = degenerate_warning(gates[:, : len(cfg.experts)])
+    if warning:
+        plan.warnings.append(warning)
+    return gates
 
 
 def _write_tensors(
-    plan: _MoEPlan,
+    plan: MoEPlan,
+    gates: torch.Tensor,
     inputs: _Inputs,
     cfg: MoEConfig,
     writer: ShardWriter,
@@ -221,7 +282,7 @@ def _write_tensors(
     for piece in plan.pieces:
         if trunk_recipe is not None and piece.kind == "trunk":
             continue  # merged below
-        writer.write(piece.output, _make(piece, inputs, cfg, plan.gates, plan.dtype, seed))
+        writer.write(piece.output, _make(piece, inputs, cfg, gates, plan.dtype, seed))
     if trunk_recipe is not None:
         trunk = [p for p in plan.pieces if p.kind == "trunk"]
         sink = _CastingSink(writer, plan.dtype)
