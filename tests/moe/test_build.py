@@ -259,9 +259,9 @@ def test_per_expert_layout_of_older_transformers(
     """transformers 4 names Mixtral's experts block_sparse_moe.experts.N.w1/w2/w3: the layout
     is read from the model transformers builds, so that layout is written when it is the one
     built. transformers 5 still loads it (converting), and the model is the same."""
-    import alloykit.moe.build as build
+    import alloykit.moe.plan as planning
 
-    fused_parameters = build.meta_parameters
+    fused_parameters = planning.meta_parameters
 
     def per_expert(config: dict[str, object]) -> dict[str, tuple[int, ...]]:
         layout: dict[str, tuple[int, ...]] = {}
@@ -286,7 +286,7 @@ def test_per_expert_layout_of_older_transformers(
 
     config = expert_config(family["base"], [family["ft1"], family["ft2"]], gate_mode="random")
     build_moe(config, tmp_path / "fused", MoEOptions(seed=0))
-    monkeypatch.setattr(build, "meta_parameters", per_expert)
+    monkeypatch.setattr(planning, "meta_parameters", per_expert)
     build_moe(config, tmp_path / "legacy", MoEOptions(seed=0))
     legacy = tensors(tmp_path / "legacy")
     assert not any("experts.gate_up_proj" in n for n in legacy)

@@ -54,7 +54,14 @@ def test_docs_examples_are_valid_configs() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["alloykit.moe", "alloykit.moe.config", "alloykit.moe.gates", "alloykit.moe.build"]
+    "name",
+    [
+        "alloykit.moe",
+        "alloykit.moe.config",
+        "alloykit.moe.gates",
+        "alloykit.moe.plan",
+        "alloykit.moe.build",
+    ],
 )
 def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)

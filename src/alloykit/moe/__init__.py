@@ -4,7 +4,7 @@ A base model and N dense fine-tunes of it become a Mixtral, Qwen2-MoE or Qwen3-M
 attention, norms and embeddings from the base, each expert's MLP copied into its slot, routers
 initialised from prompts (:mod:`alloykit.moe.gates`). Modules: ``config`` (the YAML schema),
 ``layout`` (output architectures and the tensor layout transformers expects), ``gates``
-(router initialisation), ``build`` (assembly and writing).
+(router initialisation), ``plan`` (checks and the plan), ``build`` (assembly and writing).
 
 Example:
     >>> from alloykit.moe import build_moe
@@ -13,8 +13,9 @@ Example:
 
 from __future__ import annotations
 
-from alloykit.moe.build import MoEOptions, MoEPlan, MoEResult, build_moe, plan_moe
+from alloykit.moe.build import MoEOptions, MoEResult, build_moe
 from alloykit.moe.config import Expert, MoEConfig, load_moe_config
+from alloykit.moe.plan import MoEPlan, plan_moe
 
 __all__ = [
     "Expert",

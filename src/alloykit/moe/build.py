@@ -22,12 +22,10 @@ from typing import Any
 import torch
 import yaml
 
-from alloykit.architecture import layer_count
-from alloykit.config import MergeConfig, ModelRef, normalize_dtype
-from alloykit.errors import CheckpointError, IncompatibleModels
+from alloykit.config import MergeConfig, ModelRef
+from alloykit.errors import IncompatibleModels
 from alloykit.execute import job_seed, resolve_device
-from alloykit.io.checkpoint import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
-from alloykit.io.hub import resolve_model
+from alloykit.io.checkpoint import DTYPE_CODES, Checkpoint
 from alloykit.io.writer import (
     OutputFolder,
     ShardWriter,
@@ -39,15 +37,8 @@ from alloykit.io.writer import (
 )
 from alloykit.moe.config import Expert, MoEConfig, base_merge_config, load_moe_config
 from alloykit.moe.gates import degenerate_warning, gate_weights
-from alloykit.moe.layout import (
-    DENSE_MLP,
-    ROLES,
-    Piece,
-    choose_architecture,
-    meta_parameters,
-    output_config,
-    plan_pieces,
-)
+from alloykit.moe.layout import DENSE_MLP, Piece
+from alloykit.moe.plan import Inputs, MoEPlan, open_inputs, plan_inputs
 
 log = logging.getLogger("alloykit")
 RECIPE_FILE = "alloykit_moe_config.yml"
@@ -85,13 +76,6 @@ class MoEResult:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Inputs:
-    base: Checkpoint
-    experts: list[Checkpoint]  # routed experts, in config order
-    shared: Checkpoint | None
-
-
 def build_moe(
     config: MoEConfig | str | Path | Mapping[str, Any],
     out_dir: str | Path,
@@ -122,8 +106,8 @@ def build_moe(
     device = resolve_device(options.device)
     seed = options.seed if options.seed is not None else secrets.randbits(63)
     with ExitStack() as stack:
-        inputs = _open_inputs(cfg, stack)
-        plan = _plan(cfg, inputs)
+        inputs = open_inputs(cfg, stack)
+        plan = plan_inputs(cfg, inputs)
         gates = _gates(plan, cfg, inputs, seed, device)
         for warning in plan.warnings:
             log.warning(warning)
@@ -154,103 +138,8 @@ def build_moe(
     )
 
 
-@dataclass
-class MoEPlan:
-    """What a build will write, before any tensor is read: the output architecture and
-    config, and a recipe for each output tensor in transformers' parameter order."""
-
-    architecture: str
-    config: dict[str, Any]  # config.json without its dtype
-    pieces: list[Piece]
-    dtype: torch.dtype
-    base_type: str
-    layers: int
-    hidden: int
-    gate_mode: str
-    experts: list[str]  # the routed experts' model labels
-    shared_expert: str | None  # the shared expert's model label
-    merged_trunk: bool  # the non-expert tensors come from base_merge, not the base
-    warnings: list[str]
-
-    def rows(self) -> list[tuple[str, str, str]]:
-        """``(output tensor, shape, where it comes from)`` for each tensor (``--dry-run``)."""
-        trunk = "base_merge" if self.merged_trunk else "base_model"
-        rows = []
-        for piece in self.pieces:
-            if piece.kind == "trunk":
-                source = trunk if piece.source == piece.output else f"{trunk}: {piece.source}"
-            elif piece.kind == "zeros":
-                source = "zeros (a bias the base does not have)"
-            elif piece.kind == "router":
-                source = f"gate_mode {self.gate_mode}"
-            elif piece.kind == "shared_router":
-                source = f"gate_mode {self.gate_mode} (shared expert)"
-            else:
-                names = [
-                    str(self.shared_expert) if e == "shared" else self.experts[e]
-                    for e in piece.experts
-                ]
-                roles = "+".join(f"{r}_proj" for r in piece.roles)
-                source = f"{roles} of {', '.join(names)}"
-            rows.append((piece.output, str(list(piece.shape)), source))
-        return rows
-
-
-def plan_moe(config: MoEConfig | str | Path | Mapping[str, Any]) -> MoEPlan:
-    """Validate ``config``, check its models and plan the build without reading a tensor
-    (what ``alloykit moe --dry-run`` prints); the routers are not computed."""
-    cfg = load_moe_config(config)
-    with ExitStack() as stack:
-        return _plan(cfg, _open_inputs(cfg, stack))
-
-
-def _plan(cfg: MoEConfig, inputs: _Inputs) -> MoEPlan:
-    """Check the models, choose the architecture and read its layout."""
-    base = inputs.base
-    base_config = base.config or {}
-    _check_experts(inputs)
-    base_type = str(base_config.get("model_type"))
-    shared_specs = list(cfg.shared_experts or [])
-    arch = choose_architecture(cfg.architecture, base_type, len(shared_specs))
-    layers, _ = layer_count(base_config, base.tensors)
-    intermediate, hidden = base.tensors[_mlp_name(base, 0, "gate")].shape
-    shared = inputs.shared
-    out_config = output_config(
-        arch,
-        base_config,
-        experts=len(cfg.experts),
-        experts_per_token=cfg.experts_per_token,
-        intermediate_size=intermediate,
-        shared_intermediate_size=(
-            shared.tensors[_mlp_name(shared, 0, "gate")].shape[0] if shared else None
-        ),
-        attention_bias=any(n.endswith("q_proj.bias") for n in base.tensors),
-    )
-    pieces = plan_pieces(meta_parameters(out_config), set(base.tensors), len(cfg.experts))
-    warnings = []
-    count = len(cfg.experts)
-    if count & (count - 1):
-        warnings.append(
-            f"{count} experts is not a power of two; llama.cpp and some kernels expect 2, 4, 8, ..."
-        )
-    return MoEPlan(
-        architecture=arch.name,
-        config=out_config,
-        pieces=pieces,
-        dtype=getattr(torch, _output_dtype(cfg, base)),
-        base_type=base_type,
-        layers=layers,
-        hidden=hidden,
-        gate_mode=cfg.gate_mode,
-        experts=[c.label for c in inputs.experts],
-        shared_expert=shared.label if shared else None,
-        merged_trunk=cfg.base_merge is not None,
-        warnings=warnings,
-    )
-
-
 def _gates(
-    plan: MoEPlan, cfg: MoEConfig, inputs: _Inputs, seed: int, device: torch.device
+    plan: MoEPlan, cfg: MoEConfig, inputs: Inputs, seed: int, device: torch.device
 ) -> torch.Tensor:
     """The routers, (layers, experts + shared, hidden) float32; warns about degenerate ones."""
     gates = gate_weights(
@@ -271,7 +160,7 @@ def _gates(
 def _write_tensors(
     plan: MoEPlan,
     gates: torch.Tensor,
-    inputs: _Inputs,
+    inputs: Inputs,
     cfg: MoEConfig,
     writer: ShardWriter,
     options: MoEOptions,
@@ -342,99 +231,9 @@ def _merge_trunk(
         execute(replace(plan, jobs=chosen), checkpoints, sink, execution)
 
 
-def _open_inputs(cfg: MoEConfig, stack: ExitStack) -> _Inputs:
-    """Open every model once (an expert may be the base itself); no tensor is read."""
-    opened: dict[str, Checkpoint] = {}
-
-    def open_one(ref: ModelRef, where: str) -> Checkpoint:
-        if ref.lora:
-            raise CheckpointError(f"{where}: '{ref}' has a LoRA; merge it into the model first")
-        key = str(ref)
-        if key not in opened:
-            checkpoint = open_checkpoint(resolve_model(ref.path, ref.revision), key)
-            stack.enter_context(checkpoint)
-            if checkpoint.config is None or "model_type" not in checkpoint.config:
-                raise CheckpointError(
-                    f"{where}: '{ref}' has no config.json with a model_type; MoE building needs "
-                    "Hugging Face model folders"
-                )
-            opened[key] = checkpoint
-        return opened[key]
-
-    base = open_one(cfg.base_model, "base_model")
-    experts = [
-        open_one(e.source_model, f"experts[{i}].source_model") for i, e in enumerate(cfg.experts)
-    ]
-    shared = [
-        open_one(e.source_model, f"shared_experts[{i}].source_model")
-        for i, e in enumerate(cfg.shared_experts or [])
-    ]
-    return _Inputs(base, experts, shared[0] if shared else None)
-
-
-def _mlp_name(checkpoint: Checkpoint, layer: int, role: str) -> str:
-    """The dense MLP projection ``role`` of ``layer`` (``model.layers.L.mlp.gate_proj.weight``)."""
-    name = f"model.layers.{layer}.{DENSE_MLP.format(role=role)}"
-    if name not in checkpoint.tensors:
-        raise IncompatibleModels(
-            f"model '{checkpoint.label}' has no tensor '{name}'; experts must be Llama-style "
-            "decoders with a gated MLP (gate_proj, up_proj, down_proj)"
-        )
-    return name
-
-
-def _check_experts(inputs: _Inputs) -> None:
-    """Every expert must be the base's architecture and size (a shared expert may differ in
-    its MLP width)."""
-    base = inputs.base
-    base_type = (base.config or {}).get("model_type")
-    layers, _ = layer_count(base.config, base.tensors)
-    for role in ROLES:
-        _mlp_name(base, 0, role)
-    candidates = [(e, False) for e in inputs.experts]
-    if inputs.shared is not None:
-        candidates.append((inputs.shared, True))
-    for expert, shared in candidates:
-        if expert is base:
-            continue
-        expert_type = (expert.config or {}).get("model_type")
-        if expert_type != base_type:
-            raise IncompatibleModels(
-                f"expert '{expert.label}' is a '{expert_type}' model and the base "
-                f"'{base.label}' a '{base_type}' one; every expert must share the base's architecture"
-            )
-        for name, info in base.tensors.items():
-            other = expert.tensors.get(name)
-            if shared and ".mlp." in name and other is not None:
-                continue
-            if other is None or other.shape != info.shape:
-                found = "missing" if other is None else f"shape {other.shape}"
-                raise IncompatibleModels(
-                    f"expert '{expert.label}' does not match the base '{base.label}' at tensor "
-                    f"'{name}' ({found}, base {info.shape}); experts must be fine-tunes of the base "
-                    "(same architecture and size)"
-                )
-        for layer in range(layers):
-            for role in ROLES:
-                _mlp_name(expert, layer, role)
-
-
-def _output_dtype(cfg: MoEConfig, base: Checkpoint) -> str:
-    """The config's ``dtype``, else the base's (its config, else its embedding's)."""
-    if cfg.dtype is not None:
-        return normalize_dtype(cfg.dtype) or cfg.dtype
-    config = base.config or {}
-    for key in ("dtype", "torch_dtype"):
-        value = config.get(key)
-        if isinstance(value, str) and normalize_dtype(value):
-            return normalize_dtype(value) or value
-    first = next(iter(base.tensors.values()))
-    return str(SAFETENSORS_DTYPES[first.dtype]).removeprefix("torch.")
-
-
 def _make(
     piece: Piece,
-    inputs: _Inputs,
+    inputs: Inputs,
     cfg: MoEConfig,
     gates: torch.Tensor,
     dtype: torch.dtype,
@@ -457,7 +256,7 @@ def _make(
 
 
 def _experts_tensor(
-    piece: Piece, inputs: _Inputs, cfg: MoEConfig, dtype: torch.dtype, seed: int
+    piece: Piece, inputs: Inputs, cfg: MoEConfig, dtype: torch.dtype, seed: int
 ) -> torch.Tensor:
     """Experts' projections written into one output tensor (a fused layer, or one expert's)."""
     out = torch.empty(piece.shape, dtype=dtype)
