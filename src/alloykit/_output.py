@@ -163,3 +163,12 @@ class MergeProgress:
             return
         self._done += 1
         self._progress.update(self._task, advance=job.input_bytes, done=self._done)
+
+
+def print_rows(rows: list[tuple[str, ...]]) -> None:
+    """Aligned plain lines (readable piped, greppable); the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for number, row in enumerate(rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        line = "  ".join([*cells, row[-1]])
+        out.print(f"[bold]{escape(line)}[/]" if number == 0 else escape(line))

@@ -213,6 +213,96 @@ def example(
     run_example(folder, method, quiet=quiet)
 
 
+MOE_EXAMPLES = """Examples:
+
+\b
+  alloykit moe moe.yml moe-model/                     # hidden-state gates, computed on the CPU
+  alloykit moe moe.yml moe-model/ --seed 0            # random gates, reproducible
+  alloykit moe moe.yml moe-model/ --dry-run           # each output tensor and its source
+  alloykit moe moe.yml moe-model/ --device auto --overwrite
+  alloykit moe moe-model/alloykit_moe_config.yml again/   # re-run a recipe written by a build
+
+\b
+moe.yml (mergekit-moe's format; docs/moe.md has every key):
+  base_model: ./base
+  gate_mode: hidden          # hidden | cheap_embed | random | uniform_random
+  experts_per_token: 2
+  experts:
+    - source_model: ./math
+      positive_prompts: ["solve the equation"]
+    - source_model: ./code
+      positive_prompts: ["write a python function"]
+"""
+
+
+@app.command(epilog=MOE_EXAMPLES)
+def moe(
+    config: Annotated[
+        Path, typer.Argument(metavar="CONFIG", help="MoE recipe (mergekit-moe YAML).")
+    ],
+    output: Annotated[
+        Path,
+        typer.Argument(metavar="OUTPUT", help="Output folder; created when the build is complete."),
+    ],
+    device: Annotated[
+        str, typer.Option(help="Where hidden-state gates run the base model: cpu, cuda or auto.")
+    ] = "cpu",
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            "--random-seed",
+            help="Seed for random gates and noise; same seed, same model.",
+        ),
+    ] = None,
+    out_shard_size: Annotated[
+        str, typer.Option(help="Largest output shard: 5B = 5x10^9 bytes, 500MB, 2GiB.")
+    ] = "5B",
+    copy_tokenizer: Annotated[
+        bool,
+        typer.Option(
+            "--copy-tokenizer/--no-copy-tokenizer", help="Copy the base model's tokenizer files."
+        ),
+    ] = True,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the output architecture and each tensor's source, and stop."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE) from dense experts."""
+    from alloykit import _output
+    from alloykit.moe import MoEOptions, build_moe, plan_moe
+
+    _output.setup_logging(quiet)
+    options = MoEOptions(
+        device=device,
+        seed=seed,
+        out_shard_size=out_shard_size,
+        copy_tokenizer=copy_tokenizer,
+        overwrite=overwrite,
+    )
+    if dry_run:
+        plan = plan_moe(config)
+        _output.print_rows([("output tensor", "shape", "source"), *plan.rows()])
+        dtype = str(plan.dtype).removeprefix("torch.")
+        _output.out.print(
+            f"[bold]total:[/] {len(plan.pieces)} tensors, {plan.architecture} with "
+            f"{len(plan.experts)} experts, gate_mode {plan.gate_mode}, {dtype}"
+        )
+        return
+    result = build_moe(config, output, options)
+    _output.out.print(
+        f"wrote {result.output} ({result.architecture}, {result.experts} experts, "
+        f"{result.experts_per_token} per token) in {result.seconds:.1f} s"
+    )
+
+
 def main() -> None:
     """Entry point: run the app behind one error boundary."""
     import click

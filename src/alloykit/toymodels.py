@@ -6,7 +6,7 @@ tokenizer); the values come from NumPy's PCG64 generator seeded by a stable hash
 (seed, model, tensor name), so every tensor is the same on every machine, whatever the torch
 version, thread count or generation order.
 
-Architectures (``ToySpec.model_type``): ``llama``, ``mistral``, ``qwen2``, ``gemma3_text``
+Architectures (``ToySpec.model_type``): ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma3_text``
 (Gemma3ForCausalLM, with a mix of sliding and full attention layers), ``gpt2`` (GPT2LMHeadModel)
 and ``bert`` (a plain ``BertModel``, no head). The spec's sizes are passed under each config's own
 keyword names (``n_embd``/``n_layer``/``n_head`` for GPT-2), so one spec describes them all.
@@ -48,7 +48,7 @@ class ToySpec:
     model_type: str = "llama"  # one of MODEL_TYPES
 
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text", "gpt2", "bert")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "bert")
 # Architectures without a causal-LM head: built and saved as their bare ``AutoModel``.
 _ENCODERS = ("bert",)
 
@@ -85,7 +85,7 @@ def _config_kwargs(spec: ToySpec) -> dict[str, object]:
             type_vocab_size=2,
             pad_token_id=0,
         )
-    kwargs: dict[str, object] = dict(  # llama, mistral, qwen2: exactly what they always had
+    kwargs: dict[str, object] = dict(  # llama, mistral, qwen2, qwen3
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -97,6 +97,8 @@ def _config_kwargs(spec: ToySpec) -> dict[str, object]:
         bos_token_id=1,
         eos_token_id=2,
     )
+    if spec.model_type == "qwen3":  # Qwen3's default head_dim (128) does not fit a tiny model
+        kwargs.update(head_dim=spec.hidden_size // spec.num_attention_heads)
     if spec.model_type == "gemma3_text":
         # Gemma's defaults (head_dim 256, a full-attention layer every 6th) do not fit a tiny
         # model; every 3rd layer is full attention here, so a 4-layer model has both kinds in
