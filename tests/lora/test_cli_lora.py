@@ -1,0 +1,51 @@
+"""``alloykit lora extract`` and ``alloykit lora merge`` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import run_cli
+
+
+def _one_error_line(result: object) -> str:
+    stderr = result.stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_extract_prints_and_saves_errors(family: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    args = ["lora", "extract", "--base", family["base"], "--model", family["ft1"]]
+    result = run_cli(*args, "--rank", "3", "--modules", "q_proj,v_proj", out)
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.0.self_attn.q_proj" in result.stdout
+    assert "relative error" in result.stdout
+    report = json.loads((out / "alloykit_extract.json").read_text())
+    assert {m["rank"] for m in report["modules"]} == {3}
+    assert (out / "adapter_config.json").is_file()
+
+
+def test_extract_bad_input_is_one_line(family: dict[str, Path], tmp_path: Path) -> None:
+    args = ["lora", "extract", "--base", family["base"], "--model", family["ft1"]]
+    line = _one_error_line(run_cli(*args, "--rank", "0", tmp_path / "a"))
+    assert "rank 0" in line
+    line = _one_error_line(run_cli(*args, tmp_path / "a"))
+    assert "--rank" in line
+    line = _one_error_line(
+        run_cli(
+            "lora",
+            "extract",
+            "--base",
+            tmp_path / "nope",
+            "--model",
+            family["ft1"],
+            "--rank",
+            "2",
+            tmp_path / "a",
+        )
+    )
+    assert "nope" in line
+    assert not (tmp_path / "a").exists()
