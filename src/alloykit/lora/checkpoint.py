@@ -43,10 +43,12 @@ class AdaptedCheckpoint(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor ``name`` of the adapted model."""
+        # an adapter may store a whole tensor (modules_to_save, biases, or the base embedding
+        # PEFT saves beside an embedding LoRA): it replaces the base's, updates apply on top
         if name in self.adapter.full:
-            value = self.adapter.full[name]
-            return value.to(self.dtype or SAFETENSORS_DTYPES[self.tensors[name].dtype])
-        stored = self.base.read(name)
+            stored = self.adapter.full[name].to(SAFETENSORS_DTYPES[self.tensors[name].dtype])
+        else:
+            stored = self.base.read(name)
         module = self._updates.get(name)
         if module is None:
             return stored if self.dtype is None else stored.to(self.dtype)
