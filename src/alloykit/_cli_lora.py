@@ -133,3 +133,49 @@ def extract(
         if result.saved:
             _output.out.print(f"saved whole: {len(result.saved)} tensors ({result.saved[0]}, ...)")
     _output.out.print(f"{rank_summary(result.modules)}; wrote {result.output}")
+
+
+@lora_app.command("merge", epilog=MERGE_EXAMPLES)
+def merge_command(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Adapter-merge recipe (YAML).")],
+    output: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Merged adapter folder; created when complete.")
+    ],
+    rank: Annotated[
+        int | None,
+        typer.Option(help="Target rank (overrides the recipe's rank; default: sum of ranks)."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where the merge arithmetic runs: cpu, cuda or auto.")
+    ] = "cpu",
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for methods that sample (DARE, DELLA).")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge LoRA adapters of one base into one adapter.
+
+    cat stacks the factors (exact: B·A is the weighted sum of the updates, rank = the sum of
+    the ranks). Any other method merges the dense models W + scale·B·A as `alloykit merge`
+    would, then re-factorises the merged update by SVD to the target rank and prints each
+    module's relative error (also saved in OUT/alloykit_lora_merge.json).
+    """
+    from alloykit import _output
+    from alloykit.errors import AlloyError
+    from alloykit.lora.extract import rank_summary
+    from alloykit.lora.merge import LoraMergeOptions, merge_adapters
+
+    _output.setup_logging(quiet)
+    if rank is not None and rank <= 0:
+        raise AlloyError(f"--rank {rank}: a LoRA rank must be a positive integer")
+    options = LoraMergeOptions(rank=rank, device=device, seed=seed, overwrite=overwrite)
+    result = merge_adapters(config, output, options)
+    if not quiet:
+        width = max((len(r.module) for r in result.modules), default=6)
+        _output.out.print(f"{'module':<{width}}  rank  full  re-factorisation error")
+        for r in result.modules:
+            _output.out.print(
+                f"{r.module:<{width}}  {r.rank:>4}  {r.full_rank:>4}  {r.relative_error:.3e}"
+            )
+    _output.out.print(f"{result.method}: {rank_summary(result.modules)}; wrote {result.output}")

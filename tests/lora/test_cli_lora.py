@@ -49,3 +49,27 @@ def test_extract_bad_input_is_one_line(family: dict[str, Path], tmp_path: Path) 
     )
     assert "nope" in line
     assert not (tmp_path / "a").exists()
+
+
+def test_merge_cli(family: dict[str, Path], tmp_path: Path) -> None:
+    from tests.lora.conftest import make_adapter
+
+    first = make_adapter(family["base"], tmp_path / "first", seed=1)
+    second = make_adapter(family["base"], tmp_path / "second", seed=2, r=2)
+    recipe = tmp_path / "adapters.yml"
+    recipe.write_text(
+        f"merge_method: task_arithmetic\nmodels:\n  - model: {first}\n  - model: {second}\n"
+        "parameters: {weight: 1.0}\nrank: 3\n"
+    )
+    result = run_cli("lora", "merge", recipe, tmp_path / "merged")
+    assert result.returncode == 0, result.stderr
+    assert "re-factorisation error" in result.stdout
+    assert (tmp_path / "merged" / "alloykit_lora_merge.json").is_file()
+    # bad input: one line, non-zero exit, no output folder
+    recipe.write_text(f"merge_method: cat\nmodels:\n  - model: {first}\nrank: 3\n")
+    line = _one_error_line(run_cli("lora", "merge", recipe, tmp_path / "again"))
+    assert "cat is exact" in line
+    recipe.write_text(f"merge_method: cat\nmodels:\n  - model: {tmp_path / 'missing'}\n")
+    line = _one_error_line(run_cli("lora", "merge", recipe, tmp_path / "again"))
+    assert "missing" in line
+    assert not (tmp_path / "again").exists()
