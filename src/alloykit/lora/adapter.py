@@ -79,10 +79,10 @@ class Adapter:
     base_model: str | None = None  # base_model_name_or_path
     label: str = "adapter"
 
-    def update(self, module: str) -> torch.Tensor:
-        """``scale · B A`` of ``module`` in float64, shaped like the module's stored weight."""
+    def update(self, module: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``scale · B A`` of ``module`` (in ``dtype``), shaped like the module's stored weight."""
         lora = self.modules[module]
-        dense = lora.B.double() @ lora.A.double() * lora.scale(self.rslora)
+        dense = lora.B.to(dtype) @ lora.A.to(dtype) * lora.scale(self.rslora)
         return dense.T if lora.kind in ("conv1d", "embedding") else dense
 
 

@@ -52,7 +52,10 @@ class AdaptedCheckpoint(Checkpoint):
         module = self._updates.get(name)
         if module is None:
             return stored if self.dtype is None else stored.to(self.dtype)
-        adapted = stored.double() + self.adapter.update(module)
+        # float32 arithmetic, like PEFT's merge (float64 only when asked: a float64 copy of
+        # a large embedding would double the memory of the read)
+        work = self.dtype or torch.float32
+        adapted = stored.to(work) + self.adapter.update(module, work)
         return adapted.to(self.dtype or stored.dtype)
 
     def close(self) -> None:

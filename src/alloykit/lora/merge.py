@@ -277,45 +277,60 @@ def _check_kinds(module: str, parts: list[tuple[Adapter, LoraModule]]) -> None:
 def _dense_merge(
     recipe: _Recipe, adapters: list[Adapter], base: Checkpoint, options: LoraMergeOptions
 ) -> tuple[Adapter, list[ModuleReport]]:
-    """Merge ``W + ΔW_i`` with the recipe's method; re-factorise ``W_merged − W``."""
-    from alloykit.execute import ExecutionOptions, StateDictSink, execute
+    """Merge ``W + ΔW_i`` with the recipe's method; re-factorise ``W_merged − W``.
+
+    Each merged tensor is re-factorised as soon as it is produced, so memory holds one
+    tensor (in float64) at a time, plus the factors made so far.
+    """
+    from alloykit.execute import ExecutionOptions, execute
     from alloykit.pipeline import open_models
     from alloykit.plan import build_plan
 
     dense = _dense_config(recipe)
-    touched = {weight_name(m) for a in adapters for m in a.modules}
-    touched |= {name for a in adapters for name in a.full}
-    sink = StateDictSink()
+    sink = _Refactorise(recipe, adapters, base, options.svd)
     with open_models(dense, dtype=torch.float64) as checkpoints:
         plan = build_plan(dense, checkpoints)
-        jobs = [replace(job, dtype="F64") for job in plan.jobs if job.output in touched]
+        jobs = [replace(job, dtype="F64") for job in plan.jobs if job.output in sink.wanted]
         execution = ExecutionOptions(options.device, "float64", options.seed)
         execute(replace(plan, jobs=jobs), checkpoints, sink, execution)
-    modules: dict[str, LoraModule] = {}
-    reports = []
-    for module in sorted({m for a in adapters for m in a.modules}):
-        parts = [(a, a.modules[module]) for a in adapters if module in a.modules]
+    ordered = sorted(sink.reports, key=lambda r: r.module)
+    return Adapter(dict(sorted(sink.modules.items())), sink.full, rslora=False), ordered
+
+
+class _Refactorise:
+    """A merge sink that turns each merged adapted weight into LoRA factors as it arrives."""
+
+    def __init__(
+        self, recipe: _Recipe, adapters: list[Adapter], base: Checkpoint, svd: SvdOptions
+    ) -> None:
+        self.recipe, self.adapters, self.base, self.svd = recipe, adapters, base, svd
+        self.by_weight = {weight_name(m): m for a in adapters for m in a.modules}
+        self.wanted = set(self.by_weight) | {name for a in adapters for name in a.full}
+        self.modules: dict[str, LoraModule] = {}
+        self.full: dict[str, torch.Tensor] = {}
+        self.reports: list[ModuleReport] = []
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        module = self.by_weight.get(name)
+        if module is None:  # a tensor the adapters store whole
+            dtype = next(a.full[name].dtype for a in self.adapters if name in a.full)
+            self.full[name] = tensor.to(dtype)
+            return
+        parts = [(a, a.modules[module]) for a in self.adapters if module in a.modules]
         _check_kinds(module, parts)
         kind, dtype = parts[0][1].kind, parts[0][1].A.dtype
-        delta = sink[weight_name(module)] - base.read(weight_name(module)).double()
-        if not bool(delta.any()):
-            continue
+        delta = tensor.double() - self.base.read(name).double()
+        if not bool(delta.any()):  # e.g. every entry trimmed or cancelled
+            return
         matrix = delta if kind == "linear" else delta.T  # (out, in) = B A
         full_rank = min(matrix.shape)
-        rank = recipe.rank or sum(lora.rank for _, lora in parts)
-        rank = min(rank, full_rank)
-        found = spectrum(matrix, rank, module, options.svd)
+        rank = min(self.recipe.rank or sum(lora.rank for _, lora in parts), full_rank)
+        found = spectrum(matrix, rank, module, self.svd)
         b, a = (f.to(dtype).contiguous() for f in factors(found, rank))
+        self.modules[module] = LoraModule(a, b, float(rank), kind)
         error = relative_error(matrix, b, a)
-        modules[module] = LoraModule(a, b, float(rank), kind)
-        reports.append(
-            ModuleReport(module, tuple(matrix.shape), rank, full_rank, error, found.kind)
-        )
-    full = {}
-    for name in sorted({n for a in adapters for n in a.full}):
-        stored_dtype = next(a.full[name].dtype for a in adapters if name in a.full)
-        full[name] = sink[name].to(stored_dtype)
-    return Adapter(modules, full, rslora=False), reports
+        shape = tuple(matrix.shape)
+        self.reports.append(ModuleReport(module, shape, rank, full_rank, error, found.kind))
 
 
 def _dense_config(recipe: _Recipe) -> MergeConfig:
