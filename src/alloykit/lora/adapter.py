@@ -102,12 +102,13 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 # --------------------------------------------------------------------------- reading
 
 
-def read_adapter(folder: Path, label: str | None = None) -> Adapter:
+def read_adapter(folder: str | Path, label: str | None = None) -> Adapter:
     """Read a PEFT LoRA adapter folder (``adapter_config.json`` + weights).
 
     Raises CheckpointError naming the folder for a missing config or weights, another adapter
     type (IA3, LoHa, ...), DoRA or other variants, and ranks that disagree with the config.
     """
+    folder = Path(folder)
     label = label or str(folder)
     config = read_adapter_config(folder, label)
     tensors = _read_weights(folder, label)
