@@ -170,6 +170,9 @@ def test_gpt2_conv1d_full_rank_loads_in_peft(gpt2_family: dict[str, Path], tmp_p
 def test_bad_rank_and_foreign_base(family: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(AlloyError, match="positive"):
         extract_lora(family["base"], family["ft1"], tmp_path / "a", ExtractOptions(rank=0))
+    with pytest.raises(AlloyError, match="did you mean 'q_proj'"):
+        options = ExtractOptions(rank=2, modules=("qproj",))
+        extract_lora(family["base"], family["ft1"], tmp_path / "a", options)
     other = make_family(
         tmp_path / "other", ToySpec(hidden_size=16, intermediate_size=32), finetunes=0
     )

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from alloykit.architecture import HEAD_NAMES
-from alloykit.errors import IncompatibleModels
+from alloykit.errors import AlloyError, IncompatibleModels, did_you_mean
 from alloykit.io.checkpoint import FLOAT_CODES, Checkpoint, open_checkpoint
 from alloykit.io.hub import resolve_model
 from alloykit.io.writer import OutputFolder
@@ -150,6 +150,7 @@ def _extract(
     options: ExtractOptions,
     out: Path,
 ) -> tuple[Adapter, ExtractResult]:
+    _check_module_names(options.modules, base)
     loras: dict[str, LoraModule] = {}
     full: dict[str, torch.Tensor] = {}
     reports: list[ModuleReport] = []
@@ -193,6 +194,18 @@ def _extract(
         )
     adapter = Adapter(loras, full, rslora=False, label=str(out))
     return adapter, ExtractResult(out, reports, sorted(full), skipped, warnings)
+
+
+def _check_module_names(names: tuple[str, ...] | None, base: Checkpoint) -> None:
+    """Every ``--modules`` name must match a 2-D weight of the base (leaf or full name)."""
+    modules = [n.removesuffix(".weight") for n, i in base.tensors.items() if len(i.shape) == 2]
+    for name in names or ():
+        if not any(name == m or m.endswith("." + name) for m in modules):
+            leaves = sorted({m.rpartition(".")[2] for m in modules})
+            raise AlloyError(
+                f"--modules: '{name}' matches no weight of base '{base.label}'"
+                f"{did_you_mean(name, leaves)}; its modules are {', '.join(leaves)}"
+            )
 
 
 def _target(

@@ -109,7 +109,12 @@ def spectrum(matrix: torch.Tensor, max_rank: int, name: str, options: SvdOptions
 
 def energy_rank(singular_values: torch.Tensor, total_energy: float, energy: float) -> int:
     """The smallest r whose top r singular values hold ``energy`` of ``total_energy``
-    (``Σ_{i≤r} s_i² ≥ energy · ‖M‖_F²``); all of them when they hold less."""
+    (``Σ_{i≤r} s_i² ≥ energy · ‖M‖_F²``); all of them when they hold less.
+
+    Example:
+        >>> energy_rank(torch.tensor([3.0, 2.0, 1.0]), 14.0, 0.9)  # (9 + 4) / 14 >= 0.9
+        2
+    """
     if total_energy <= 0:
         return 0
     kept = torch.cumsum(singular_values.double().square(), 0) / total_energy
