@@ -60,3 +60,22 @@ def merged_dense(base: Path, adapter: Path, out: Path, spec: ToySpec | None = No
     model = PeftModel.from_pretrained(load_model(base, spec), str(adapter)).merge_and_unload()
     model.save_pretrained(str(out))
     return out
+
+
+def run_alloykit(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """Run ``alloykit ARGS`` in this process (the CLI's own entry point and error boundary,
+    without a new interpreter's import time); returns (exit code, stdout, stderr)."""
+    import sys
+
+    from alloykit.cli import main
+
+    argv, sys.argv = sys.argv, ["alloykit", *map(str, args)]
+    code: object = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return int(code or 0), captured.out, captured.err

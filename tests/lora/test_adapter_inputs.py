@@ -11,8 +11,7 @@ import torch
 from alloykit.errors import AlloyError
 from alloykit.pipeline import merge_to_state_dict
 from alloykit.toymodels import ToySpec
-from tests.helpers import run_cli
-from tests.lora.conftest import make_adapter, merged_dense
+from tests.lora.conftest import make_adapter, merged_dense, run_alloykit
 
 MIXED = {
     "r": 4,
@@ -72,19 +71,23 @@ def test_conv1d_adapter_input(gpt2_family: dict[str, Path], tmp_path: Path) -> N
         torch.testing.assert_close(on_the_fly[name], tensor, atol=2e-7, rtol=1e-6, msg=name)
 
 
-def _one_error_line(tmp_path: Path, recipe: dict[str, object]) -> str:
+def _one_error_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, recipe: dict[str, object]
+) -> str:
     import yaml
 
     path = tmp_path / "recipe.yml"
     path.write_text(yaml.safe_dump(recipe))
-    result = run_cli("merge", path, tmp_path / "merged")
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    code, _, stderr = run_alloykit(capsys, "merge", path, tmp_path / "merged")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1, stderr
     assert not (tmp_path / "merged").exists()
     return lines[0]
 
 
-def test_adapter_errors(family: dict[str, Path], tmp_path: Path) -> None:
+def test_adapter_errors(
+    family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from alloykit.toymodels import make_family
 
     base = family["base"]
@@ -92,7 +95,7 @@ def test_adapter_errors(family: dict[str, Path], tmp_path: Path) -> None:
         tmp_path / "other", ToySpec(hidden_size=16, intermediate_size=32), finetunes=0
     )
     foreign = make_adapter(other["base"], tmp_path / "foreign")
-    line = _one_error_line(tmp_path, _recipe(base, family["ft1"], f"{base}+{foreign}"))
+    line = _one_error_line(capsys, tmp_path, _recipe(base, family["ft1"], f"{base}+{foreign}"))
     assert "trained on another base" in line and "q_proj" in line
 
     empty = tmp_path / "empty"

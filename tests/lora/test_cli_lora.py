@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import run_cli
+from tests.lora.conftest import run_alloykit
 
 
-def _one_error_line(result: object) -> str:
-    stderr = result.stderr
+def _one_error_line(result: tuple[int, str, str]) -> str:
+    code, _, stderr = result
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert result.returncode != 0
+    assert code != 0
     assert len(lines) == 1, stderr
     return lines[0]
 
@@ -28,14 +31,17 @@ def test_extract_prints_and_saves_errors(family: dict[str, Path], tmp_path: Path
     assert (out / "adapter_config.json").is_file()
 
 
-def test_extract_bad_input_is_one_line(family: dict[str, Path], tmp_path: Path) -> None:
+def test_extract_bad_input_is_one_line(
+    family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["lora", "extract", "--base", family["base"], "--model", family["ft1"]]
-    line = _one_error_line(run_cli(*args, "--rank", "0", tmp_path / "a"))
+    line = _one_error_line(run_alloykit(capsys, *args, "--rank", "0", tmp_path / "a"))
     assert "rank 0" in line
-    line = _one_error_line(run_cli(*args, tmp_path / "a"))
+    line = _one_error_line(run_alloykit(capsys, *args, tmp_path / "a"))
     assert "--rank" in line
     line = _one_error_line(
-        run_cli(
+        run_alloykit(
+            capsys,
             "lora",
             "extract",
             "--base",
@@ -51,7 +57,9 @@ def test_extract_bad_input_is_one_line(family: dict[str, Path], tmp_path: Path) 
     assert not (tmp_path / "a").exists()
 
 
-def test_merge_cli(family: dict[str, Path], tmp_path: Path) -> None:
+def test_merge_cli(
+    family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tests.lora.conftest import make_adapter
 
     first = make_adapter(family["base"], tmp_path / "first", seed=1)
@@ -61,15 +69,15 @@ def test_merge_cli(family: dict[str, Path], tmp_path: Path) -> None:
         f"merge_method: task_arithmetic\nmodels:\n  - model: {first}\n  - model: {second}\n"
         "parameters: {weight: 1.0}\nrank: 3\n"
     )
-    result = run_cli("lora", "merge", recipe, tmp_path / "merged")
-    assert result.returncode == 0, result.stderr
-    assert "re-factorisation error" in result.stdout
+    code, stdout, stderr = run_alloykit(capsys, "lora", "merge", recipe, tmp_path / "merged")
+    assert code == 0, stderr
+    assert "re-factorisation error" in stdout
     assert (tmp_path / "merged" / "alloykit_lora_merge.json").is_file()
     # bad input: one line, non-zero exit, no output folder
     recipe.write_text(f"merge_method: cat\nmodels:\n  - model: {first}\nrank: 3\n")
-    line = _one_error_line(run_cli("lora", "merge", recipe, tmp_path / "again"))
+    line = _one_error_line(run_alloykit(capsys, "lora", "merge", recipe, tmp_path / "again"))
     assert "cat is exact" in line
     recipe.write_text(f"merge_method: cat\nmodels:\n  - model: {tmp_path / 'missing'}\n")
-    line = _one_error_line(run_cli("lora", "merge", recipe, tmp_path / "again"))
+    line = _one_error_line(run_alloykit(capsys, "lora", "merge", recipe, tmp_path / "again"))
     assert "missing" in line
     assert not (tmp_path / "again").exists()
