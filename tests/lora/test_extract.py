@@ -179,3 +179,26 @@ def test_bad_rank_and_foreign_base(family: dict[str, Path], tmp_path: Path) -> N
     with pytest.raises(IncompatibleModels, match="extract from a fine-tune of this base"):
         extract_lora(other["base"], family["ft1"], tmp_path / "b", ExtractOptions(rank=4))
     assert not list(tmp_path.glob(".b*")) and not (tmp_path / "b").exists()
+
+
+def test_changed_biases_load_in_peft(tmp_path: Path) -> None:
+    # Qwen2 has q/k/v biases: those of adapted modules are saved through bias="lora_only"
+    spec = ToySpec(model_type="qwen2", num_hidden_layers=2)
+    models = make_family(tmp_path / "qwen2", spec, finetunes=1)
+    result = extract_lora(models["base"], models["ft1"], tmp_path / "a", ExtractOptions(rank=64))
+    assert "model.layers.0.self_attn.q_proj.bias" in result.saved
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["bias"] == "lora_only"
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(load_model(models["base"], spec), str(tmp_path / "a"))
+    expected = logits(load_model(models["ft1"], spec))
+    torch.testing.assert_close(logits(peft_model), expected, atol=1e-5, rtol=0)
+    # read back as a base+adapter input, the adapter gives the fine-tune's tensors
+    from alloykit.io.checkpoint import Checkpoint
+    from alloykit.lora.checkpoint import AdaptedCheckpoint
+
+    with Checkpoint(models["ft1"]) as tuned, Checkpoint(models["base"]) as base:
+        adapted = AdaptedCheckpoint(base, read_adapter(tmp_path / "a"))
+        for name in tuned.tensors:
+            torch.testing.assert_close(adapted.read(name), tuned.read(name), atol=1e-6, rtol=0)
