@@ -184,3 +184,12 @@ def test_merge_errors(family: dict[str, Path], adapters: dict[str, Path], tmp_pa
     with pytest.raises(IncompatibleModels, match="another base"):
         merge_adapters(recipe, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_recipe_is_checked_before_adapters_are_read(tmp_path: Path) -> None:
+    recipe = {
+        "merge_method": "ties",
+        "models": [{"model": str(tmp_path / "missing"), "parameters": {"density": 1.5}}],
+    }
+    with pytest.raises(ConfigError, match=r"models\[0\].parameters.density: 1.5 is outside"):
+        merge_adapters(recipe, tmp_path / "out")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from alloykit.config import (
     MergeConfig,
@@ -108,9 +109,11 @@ def merge_adapters(
     out = Path(out)
     check_output_folder(out, overwrite=options.overwrite)
     data = _read(config)
-    adapters_only = _parse(data, options)
-    adapters = [resolve_adapter(ref.path, ref.revision) for ref, _ in adapters_only.adapters]
-    recipe = _with_base(adapters_only, adapters)
+    parsed = _parse(data, options)
+    if parsed.method != "cat":  # the whole recipe is checked before any adapter is read
+        _dense_config(parsed, parsed.base or ModelRef(path="base_model"))
+    adapters = [resolve_adapter(ref.path, ref.revision) for ref, _ in parsed.adapters]
+    recipe = _with_base(parsed, adapters)
     base_ref = recipe.base
     assert base_ref is not None
     with open_checkpoint(resolve_model(base_ref.path, base_ref.revision), str(base_ref)) as base:
@@ -123,8 +126,6 @@ def merge_adapters(
             merged, reports = _dense_merge(recipe, adapters, base, options)
     merged.base_model = _portable(base_ref)
     text = json.dumps({"method": recipe.method, "modules": [asdict(r) for r in reports]}, indent=2)
-    import yaml
-
     recipe_text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     with OutputFolder(out, overwrite=options.overwrite) as folder:
         save_adapter(merged, folder.path, {REPORT_FILE: text + "\n", RECIPE_FILE: recipe_text})
@@ -149,8 +150,9 @@ def _parse(data: Mapping[str, Any], options: LoraMergeOptions) -> _Recipe:
     method = rest.pop("merge_method", None)
     if not isinstance(method, str | dict):
         problems.append("merge_method: give cat or a method name (alloykit methods lists them)")
-    rank = options.rank if options.rank is not None else rest.pop("rank", None)
-    rest.pop("rank", None)
+    rank = rest.pop("rank", None)
+    if options.rank is not None:  # --rank overrides the recipe
+        rank = options.rank
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         problems.append(f"rank: {rank!r} is not a positive integer")
     for key in ("slices", "modules"):
@@ -286,7 +288,8 @@ def _dense_merge(
     from alloykit.pipeline import open_models
     from alloykit.plan import build_plan
 
-    dense = _dense_config(recipe)
+    assert recipe.base is not None
+    dense = _dense_config(recipe, recipe.base)
     sink = _Refactorise(recipe, adapters, base, options.svd)
     with open_models(dense, dtype=torch.float64) as checkpoints:
         plan = build_plan(dense, checkpoints)
@@ -333,12 +336,10 @@ class _Refactorise:
         self.reports.append(ModuleReport(module, shape, rank, full_rank, error, found.kind))
 
 
-def _dense_config(recipe: _Recipe) -> MergeConfig:
-    """The ``alloykit merge`` recipe of the dense models ``base+adapter``."""
+def _dense_config(recipe: _Recipe, base: ModelRef) -> MergeConfig:
+    """The ``alloykit merge`` recipe of the dense models ``base+adapter``, validated."""
     from alloykit.methods import resolve_method
 
-    base = recipe.base
-    assert base is not None
     models = []
     for ref, parameters in recipe.adapters:
         dense_ref = ModelRef(
