@@ -88,6 +88,7 @@ def extract(
         int, typer.Option(min=0, help="Randomized SVD: power iterations.")
     ] = 4,
     seed: Annotated[int, typer.Option(help="Randomized SVD: seed of the sketch.")] = 0,
+    device: Annotated[str, typer.Option(help="Where the SVDs run: cpu, cuda or auto.")] = "cpu",
     precision: Annotated[str, typer.Option(help="SVD precision: float32 or float64.")] = "float32",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -118,6 +119,7 @@ def extract(
             power_iterations=power_iterations,
             seed=seed,
             precision="float64" if precision == "float64" else "float32",
+            device=device,
         ),
         overwrite=overwrite,
     )
@@ -146,7 +148,7 @@ def merge_command(
         typer.Option(help="Target rank (overrides the recipe's rank; default: sum of ranks)."),
     ] = None,
     device: Annotated[
-        str, typer.Option(help="Where the merge arithmetic runs: cpu, cuda or auto.")
+        str, typer.Option(help="Where the merge arithmetic and SVDs run: cpu, cuda or auto.")
     ] = "cpu",
     seed: Annotated[
         int | None, typer.Option(help="Seed for methods that sample (DARE, DELLA).")
@@ -164,12 +166,19 @@ def merge_command(
     from alloykit import _output
     from alloykit.errors import AlloyError
     from alloykit.lora.extract import rank_summary
+    from alloykit.lora.factorize import SvdOptions
     from alloykit.lora.merge import LoraMergeOptions, merge_adapters
 
     _output.setup_logging(quiet)
     if rank is not None and rank <= 0:
         raise AlloyError(f"--rank {rank}: a LoRA rank must be a positive integer")
-    options = LoraMergeOptions(rank=rank, device=device, seed=seed, overwrite=overwrite)
+    options = LoraMergeOptions(
+        rank=rank,
+        device=device,
+        seed=seed,
+        svd=SvdOptions(precision="float64", device=device),
+        overwrite=overwrite,
+    )
     result = merge_adapters(config, output, options)
     if not quiet:
         width = max((len(r.module) for r in result.modules), default=6)

@@ -105,7 +105,9 @@ def test_randomized_svd_is_within_one_percent_of_optimal(
 
 
 def test_randomized_extraction_on_finetune_deltas(family: dict[str, Path], tmp_path: Path) -> None:
-    options = ExtractOptions(rank=4, modules=("o_proj",), svd=SvdOptions(exact_limit=8))
+    options = ExtractOptions(
+        rank=4, modules=("o_proj",), svd=SvdOptions(exact_limit=8, device="auto")
+    )
     result = extract_lora(family["base"], family["ft1"], tmp_path / "a", options)
     for report in result.modules:
         assert report.svd == "randomized"

@@ -33,6 +33,8 @@ class SvdOptions:
             spectra).
         seed: seed of the randomized sketch (per matrix, combined with its name).
         precision: ``float32`` or ``float64`` for the decomposition (default float32).
+        device: where the decomposition runs (``cpu``, ``cuda``, ``auto``); factors come back
+            to the CPU.
     """
 
     exact_limit: int = 1024
@@ -40,6 +42,7 @@ class SvdOptions:
     power_iterations: int = 4
     seed: int = 0
     precision: Literal["float32", "float64"] = "float32"
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,10 @@ def randomized_svd(
 def spectrum(matrix: torch.Tensor, max_rank: int, name: str, options: SvdOptions) -> Spectrum:
     """The top ``max_rank`` singular triplets of ``matrix``: exact below the size limit or when
     ``max_rank`` is most of the full rank, randomized otherwise."""
-    work = matrix.to(torch.float64 if options.precision == "float64" else torch.float32)
+    from alloykit.execute import resolve_device
+
+    dtype = torch.float64 if options.precision == "float64" else torch.float32
+    work = matrix.to(device=resolve_device(options.device), dtype=dtype)
     total = float(work.double().square().sum())
     full = min(work.shape)
     if full <= options.exact_limit or 2 * max_rank >= full:
@@ -123,9 +129,11 @@ def energy_rank(singular_values: torch.Tensor, total_energy: float, energy: floa
 
 
 def factors(found: Spectrum, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` of rank ``rank`` with the singular values split evenly: ``B A = U_r S_r Vh_r``."""
+    """``(B, A)`` of rank ``rank`` on the CPU, the singular values split evenly:
+    ``B A = U_r S_r Vh_r``."""
     root = found.S[:rank].sqrt()
-    return found.U[:, :rank] * root, root[:, None] * found.Vh[:rank]
+    b, a = found.U[:, :rank] * root, root[:, None] * found.Vh[:rank]
+    return b.cpu(), a.cpu()
 
 
 def relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
