@@ -204,3 +204,22 @@ def test_changed_biases_load_in_peft(tmp_path: Path) -> None:
         adapted = AdaptedCheckpoint(base, read_adapter(tmp_path / "a"))
         for name in tuned.tensors:
             torch.testing.assert_close(adapted.read(name), tuned.read(name), atol=1e-6, rtol=0)
+
+
+def test_bfloat16_sharded_checkpoints(sharded_family: dict[str, Path], tmp_path: Path) -> None:
+    base, tuned = sharded_family["base"], sharded_family["ft1"]
+    result = extract_lora(
+        base, tuned, tmp_path / "a", ExtractOptions(rank=999, modules=("q_proj",))
+    )
+    adapter = read_adapter(tmp_path / "a")
+    assert {lora.A.dtype for lora in adapter.modules.values()} == {torch.bfloat16}
+    assert all(r.relative_error < 2e-2 for r in result.modules)  # bfloat16 factors
+    from alloykit.io.checkpoint import Checkpoint
+    from alloykit.lora.checkpoint import AdaptedCheckpoint
+
+    with Checkpoint(base) as base_ckpt, Checkpoint(tuned) as tuned_ckpt:
+        adapted = AdaptedCheckpoint(base_ckpt, adapter)
+        name = "model.layers.2.self_attn.q_proj.weight"
+        value = adapted.read(name)
+        assert value.dtype == torch.bfloat16
+        torch.testing.assert_close(value.float(), tuned_ckpt.read(name).float(), atol=2e-3, rtol=0)
