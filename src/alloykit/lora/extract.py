@@ -116,18 +116,14 @@ def extract_lora(
         _open(str(model)) as model_ckpt,
         OutputFolder(out, overwrite=options.overwrite) as folder,
     ):
-        kinds = module_kinds(base_ckpt)
-        result = _extract(base_ckpt, model_ckpt, kinds, options, out)
-        adapter, reports = result
-        report_text = json.dumps(
-            {"modules": [asdict(r) for r in reports.modules], "saved": reports.saved}, indent=2
-        )
+        adapter, result = _extract(base_ckpt, model_ckpt, module_kinds(base_ckpt), options, out)
+        report = {"modules": [asdict(r) for r in result.modules], "saved": result.saved}
         adapter.base_model = _portable(str(base))
-        save_adapter(adapter, folder.path, {REPORT_FILE: report_text + "\n"})
+        save_adapter(adapter, folder.path, {REPORT_FILE: json.dumps(report, indent=2) + "\n"})
         folder.commit()
-    for warning in reports.warnings:
+    for warning in result.warnings:
         log.warning(warning)
-    return reports
+    return result
 
 
 def _open(reference: str) -> Checkpoint:
