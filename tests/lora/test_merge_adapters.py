@@ -193,3 +193,25 @@ def test_recipe_is_checked_before_adapters_are_read(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match=r"models\[0\].parameters.density: 1.5 is outside"):
         merge_adapters(recipe, tmp_path / "out")
+
+
+def test_cat_of_embedding_and_head_adapters_loads_in_peft(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    targets = ["q_proj", "embed_tokens", "lm_head"]
+    first = make_adapter(family["base"], tmp_path / "first", seed=3, target_modules=targets)
+    second = make_adapter(family["base"], tmp_path / "second", seed=4, target_modules=targets, r=2)
+    recipe = {"merge_method": "cat", "models": [{"model": str(first)}, {"model": str(second)}]}
+    merge_adapters(recipe, tmp_path / "cat")
+    merged = read_adapter(tmp_path / "cat")
+    assert merged.modules["model.embed_tokens"].kind == "embedding"
+    assert merged.modules["model.embed_tokens"].rank == 6
+    expected = load_model(family["base"])
+    state = expected.state_dict()
+    for name, update in _updates(tmp_path / "cat").items():
+        state[name] = (state[name].double() + update).float()
+    expected.load_state_dict(state)
+    peft_model = PeftModel.from_pretrained(load_model(family["base"]), str(tmp_path / "cat"))
+    torch.testing.assert_close(logits(peft_model), logits(expected), atol=1e-5, rtol=0)

@@ -263,9 +263,9 @@ def adapter_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, 
     lora_biases = False
     for name, tensor in adapter.full.items():
         module, _, param = name.rpartition(".")
-        if module in adapter.modules:  # a bias of an adapted module: bias="lora_only"
+        if module in adapter.modules:  # a bias (bias="lora_only") or weight of an adapted module
             state[f"{PREFIX}{module}.base_layer.{param}"] = tensor
-            lora_biases = True
+            lora_biases = lora_biases or param == "bias"
         else:
             state[f"{PREFIX}{name}"] = tensor
             saved_modules.add(module)

@@ -262,7 +262,8 @@ def _cat(
         for w, adapter in zip(weights, adapters, strict=True):
             if name in adapter.full:
                 value += w * (adapter.full[name].double() - stored.double())
-        full[name] = value.to(stored.dtype)
+        if not torch.equal(value.to(stored.dtype), stored):  # e.g. PEFT's copies of the base
+            full[name] = value.to(stored.dtype)
     return Adapter(modules, full, rslora=False), reports
 
 
