@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "alloykit.config",
     "alloykit.io.writer",
+    "alloykit.lora.factorize",
     "alloykit.methods.extrapolate",
     "alloykit.methods.fusion",
     "alloykit.methods.linear",

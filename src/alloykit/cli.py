@@ -303,6 +303,11 @@ def moe(
     )
 
 
+from alloykit._cli_lora import lora_app  # noqa: E402 (a sub-app: wiring, no heavy imports)
+
+app.add_typer(lora_app, name="lora")
+
+
 def main() -> None:
     """Entry point: run the app behind one error boundary."""
     import click

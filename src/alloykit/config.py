@@ -493,14 +493,6 @@ def _check_inputs(config: MergeConfig) -> list[str]:
     refs: list[tuple[str, ModelRef]] = []
     for top, models, slices in _input_groups(config):
         problems += _check_group(top, models, slices, refs)
-    if config.base_model is not None:
-        refs.append(("base_model", config.base_model))
-    for where, ref in refs:
-        if ref.lora:
-            problems.append(
-                f"{where}: '{ref}' names a LoRA adapter; adapters as merge inputs are not "
-                "supported yet: merge the adapter into its base with peft first"
-            )
     return problems
 
 

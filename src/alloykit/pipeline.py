@@ -88,11 +88,15 @@ ProgressHook = Callable[[TensorJob], None]
 
 @contextmanager
 def open_models(
-    config: MergeConfig, provided: Mapping[str, Checkpoint] | None = None
+    config: MergeConfig,
+    provided: Mapping[str, Checkpoint] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[dict[str, Checkpoint]]:
     """Resolve and index every model the config names (no tensor data is read).
 
     ``provided`` holds checkpoints already open (earlier stages' results), used by label.
+    ``base+adapter`` references open as the base read through the adapter; ``dtype`` is the
+    dtype their adapted tensors are returned in (None: as stored, like PEFT's merged model).
     """
     checkpoints: dict[str, Checkpoint] = {}
     opened: list[Checkpoint] = []
@@ -104,6 +108,11 @@ def open_models(
                 continue
             checkpoint = open_checkpoint(resolve_model(ref.path, ref.revision), label)
             opened.append(checkpoint)
+            if ref.lora:  # base+adapter: the adapter is applied as each tensor is read
+                from alloykit.lora.checkpoint import open_adapted
+
+                checkpoint = open_adapted(checkpoint, ref.lora, ref.lora_revision, label, dtype)
+                opened[-1] = checkpoint
             if ref.override_architecture and checkpoint.config is not None:
                 checkpoint.config["architectures"] = [ref.override_architecture]
             checkpoints[label] = checkpoint
@@ -311,10 +320,13 @@ def portable_recipe(config: MergeConfig, stage_names: set[str] | None = None) ->
     from alloykit.config import ModelRef
 
     def absolute(ref: ModelRef) -> ModelRef:
+        update = {}
         local = Path(ref.path).expanduser()
         if ref.path not in (stage_names or set()) and local.exists():
-            return ref.model_copy(update={"path": str(local.resolve())})
-        return ref
+            update["path"] = str(local.resolve())
+        if ref.lora and Path(ref.lora).expanduser().exists():
+            update["lora"] = str(Path(ref.lora).expanduser().resolve())
+        return ref.model_copy(update=update) if update else ref
 
     data = config.model_copy(deep=True)
     if data.base_model is not None:
