@@ -5,7 +5,8 @@ The public API is a handful of verbs:
 - :func:`merge` (config -> model folder) and :func:`merge_to_state_dict` (config -> tensors);
 - :func:`plan_merge` (what a merge will do, without reading tensors);
 - :func:`load_config` and :class:`MergeConfig` (MergeKit-compatible YAML), :func:`recipe_hash`;
-- :data:`METHODS` and :func:`get_method`, the method registry.
+- :data:`METHODS` and :func:`get_method`, the method registry;
+- :func:`evaluate` and :class:`EvalOptions`: score a model, merge config or state dict on tasks.
 
 Example:
     >>> import alloykit
@@ -19,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 __all__ = [
     "METHODS",
+    "EvalOptions",
     "MergeConfig",
     "MergeOptions",
+    "evaluate",
     "get_method",
     "load_config",
     "merge",
@@ -40,10 +43,13 @@ _LAZY = {
     "merge": "alloykit.pipeline",
     "merge_to_state_dict": "alloykit.pipeline",
     "plan_merge": "alloykit.pipeline",
+    "evaluate": "alloykit.evaluation",
+    "EvalOptions": "alloykit.evaluation",
 }
 
 if TYPE_CHECKING:
     from alloykit.config import MergeConfig, load_config, recipe_hash
+    from alloykit.evaluation import EvalOptions, evaluate
     from alloykit.methods import METHODS, get_method
     from alloykit.pipeline import MergeOptions, merge, merge_to_state_dict, plan_merge
 
