@@ -16,11 +16,15 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize_text(text: str, options: Normalize) -> str:
-    """``text`` with the task's normalisation applied; surrounding whitespace always stripped."""
-    for pattern in options.regexes_to_ignore:
-        text = re.sub(pattern, "", text)
+    """``text`` with the task's normalisation applied; surrounding whitespace always stripped.
+
+    Order: strip, lower-case, remove ``regexes_to_ignore``, punctuation, whitespace, strip.
+    """
+    text = text.strip()
     if options.ignore_case:
         text = text.lower()
+    for pattern in options.regexes_to_ignore:
+        text = re.sub(pattern, "", text)
     if options.ignore_punctuation:
         text = text.translate(_PUNCTUATION)
     if options.ignore_whitespace:

@@ -126,9 +126,19 @@ def _recipe_hash_of(folder: Path) -> str | None:
 
 
 def architecture_key(config: Mapping[str, Any], tokenizer_folder: Path) -> str:
-    """Equal for models that one skeleton can hold (same config but the dtype, same tokenizer)."""
+    """Equal for models that one skeleton can hold: the same config (but the dtype) and the same
+    tokenizer files (by content, so fine-tunes that copied the base's tokenizer share one)."""
+    import hashlib
+
+    from alloykit.io.writer import TOKENIZER_FILES
+
     kept = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS}
-    return json.dumps(kept, sort_keys=True, default=str) + "\x1f" + str(tokenizer_folder.resolve())
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
+    for name in TOKENIZER_FILES:
+        file = tokenizer_folder / name
+        if file.is_file():
+            digest.update(name.encode() + b"\x1f" + file.read_bytes())
+    return digest.hexdigest()
 
 
 def config_dtype(config: Mapping[str, Any]) -> torch.dtype:

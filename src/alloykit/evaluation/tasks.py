@@ -324,7 +324,8 @@ class _Renderer:
     def choices(self, row: dict[str, Any], number: int) -> list[str]:
         spec_choices = self.spec.choices
         if isinstance(spec_choices, list):
-            return [str(self._value(c, row, "choices", number)) for c in spec_choices]
+            # each entry is a template; plain text such as "yes" renders to itself
+            return [str(self._render(c, row, "choices", number)) for c in spec_choices]
         assert spec_choices is not None
         value = self._value(spec_choices, row, "choices", number)
         if isinstance(value, str) and value.startswith("["):
