@@ -32,6 +32,7 @@ class EvalOptions:
             out-of-memory.
         dtype: ``float32``, ``bfloat16`` or ``float16``; None uses the model's own.
         max_length: longest sequence fed to the model; None uses the model's positions.
+        threads: CPU threads for torch (default: torch's choice).
         merge: options for merge configs merged in memory (device, seed, ...).
     """
 
@@ -39,6 +40,7 @@ class EvalOptions:
     batch_size: int | None = None
     dtype: str | None = None
     max_length: int | None = None
+    threads: int | None = None
     merge: Any = None  # alloykit.pipeline.MergeOptions
 
 
@@ -115,7 +117,11 @@ def evaluate(
     """
     started = time.perf_counter()
     options = options or EvalOptions()
-    loaded = [_load(t) for t in ([tasks] if isinstance(tasks, str | Path | Task) else tasks)]
+    if options.threads is not None:
+        import torch
+
+        torch.set_num_threads(options.threads)
+    loaded = [get_task(t) for t in ([tasks] if isinstance(tasks, str | Path | Task) else tasks)]
     names = [t.name for t in loaded]
     for name in names:
         if names.count(name) > 1:
@@ -126,7 +132,8 @@ def evaluate(
     return Results(source.name, source.recipe_hash, scores, time.perf_counter() - started)
 
 
-def _load(task: TaskSource) -> Task:
+def get_task(task: TaskSource) -> Task:
+    """A task object, or the task file at a path (parsed once while the file is unchanged)."""
     if isinstance(task, Task):
         return task
     path = Path(task)
@@ -234,16 +241,17 @@ def encode_pair(
     An empty context becomes the prefix token (BOS, else EOS).
     """
     if not context:
-        return [prefix_id], _encode(tokenizer, continuation)
+        return [prefix_id], encode_text(tokenizer, continuation)
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = _encode(tokenizer, context + continuation)
-    split = len(_encode(tokenizer, context))
+    whole = encode_text(tokenizer, context + continuation)
+    split = len(encode_text(tokenizer, context))
     return whole[:split], whole[split:]
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (as lm-eval's Hugging Face model encodes)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -262,7 +270,7 @@ def _prepare(skeleton: Skeleton, task: Task, max_length: int) -> Any:
     chat = _chat(skeleton) if task.spec.chat_template else None
     if task.kind == "exact_match":
         contexts = [context_text(task, example, chat) for example in task.examples]
-        return [_encode(tokenizer, text) or [prefix] for text in contexts]
+        return [encode_text(tokenizer, text) or [prefix] for text in contexts]
     requests: list[tuple[list[int], list[int]]] = []
     owners: list[int] = []  # the example each request belongs to
     for number, example in enumerate(task.examples):
@@ -272,7 +280,7 @@ def _prepare(skeleton: Skeleton, task: Task, max_length: int) -> Any:
                 requests.append(encode_pair(tokenizer, context, choice, prefix))
                 owners.append(number)
         else:  # perplexity, bits_per_byte: the rendered prompt is the document
-            tokens = _encode(tokenizer, example.query)
+            tokens = encode_text(tokenizer, example.query)
             for window in runner.rolling_windows(tokens, prefix, max_length):
                 requests.append(window)
                 owners.append(number)
