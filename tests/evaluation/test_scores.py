@@ -138,3 +138,72 @@ def test_rolling_windows_score_every_token_once_with_bounded_input() -> None:
     assert scored == tokens
     assert all(len(c) + len(x) - 1 <= 4 for c, x in windows)
     assert windows[0] == ([1], tokens[:4])
+
+
+def test_batched_generation_equals_one_at_a_time(family: dict[str, Path]) -> None:
+    """Left padding leaves each prompt's greedy continuation unchanged."""
+    from alloykit.evaluation.model import resolve_source
+    from alloykit.evaluation.runner import generate
+    from alloykit.evaluation.score import skeleton_for
+
+    skeleton = skeleton_for(resolve_source(str(family["ft2"])), EvalOptions())
+    prompts = [[5, 6, 7, 8, 9, 10], [11], [12, 13, 14]]
+
+    def run(size: int) -> list[str]:
+        return generate(
+            skeleton.model,
+            skeleton.tokenizer,
+            prompts,
+            max_new_tokens=4,
+            stop=[],
+            pad_id=skeleton.pad_id,
+            max_length=64,
+            batching=skeleton.batching(size),
+        )
+
+    together, alone = run(3), run(1)
+    assert together == alone and all(len(text.split()) >= 1 for text in alone)
+
+
+def test_automatic_batch_size_halves_on_out_of_memory() -> None:
+    from alloykit.evaluation.runner import Batching
+
+    seen: list[int] = []
+
+    def fn(batch: list[int]) -> list[int]:
+        seen.append(len(batch))
+        if len(batch) > 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
+        return [x * 2 for x in batch]
+
+    batching = Batching(None, torch.device("cpu"))
+    assert batching.run(list(range(10)), lambda x: x, fn) == [x * 2 for x in range(10)]
+    assert seen[:3] == [10, 8, 4] and batching.learned == 4
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Batching(8, torch.device("cpu")).run(list(range(10)), lambda x: x, fn)
+
+
+def test_chat_tasks_use_the_tokenizers_chat_template(
+    tmp_path: Path, family: dict[str, Path]
+) -> None:
+    from alloykit.evaluation.model import resolve_source
+    from alloykit.evaluation.score import _chat, skeleton_for
+    from alloykit.evaluation.tasks import context_text, load_task
+
+    write_jsonl(tmp_path / "d.jsonl", [{"q": "w1", "a": "w2"}])
+    task = load_task(
+        write_task(
+            tmp_path / "chat.yml",
+            "data: d.jsonl\nprompt: '{{ q }}'\ntarget: a\nchat_template: true\nmetric: exact_match\n",
+        )
+    )
+    skeleton = skeleton_for(resolve_source(str(family["ft1"])), EvalOptions())
+    assert _chat(skeleton) is None  # the toy tokenizer has no template
+    skeleton.tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    try:
+        assert context_text(task, task.examples[0], _chat(skeleton)) == "[user] w1 [assistant]"
+    finally:
+        skeleton.tokenizer.chat_template = None
