@@ -75,3 +75,27 @@ def test_a_merge_config_runs_in_memory(
     result = run_harness(recipe, ["local_mc"], include=harness_tasks, limit=4)
     assert len(result["recipe_hash"]) == 64
     assert 0.0 <= result["results"]["local_mc"]["acc,none"] <= 1.0
+
+
+def test_the_cli_runs_harness_tasks(
+    tmp_path: Path, family: dict[str, Path], harness_tasks: Path
+) -> None:
+    from tests.helpers import run_cli
+
+    out = tmp_path / "harness.json"
+    result = run_cli(
+        "evaluate",
+        family["ft1"],
+        "--harness-task",
+        "local_mc",
+        "--harness-include",
+        harness_tasks,
+        "--limit",
+        "3",
+        "-o",
+        out,
+        "-q",
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["model"] == str(family["ft1"]) and "acc,none" in data["results"]["local_mc"]

@@ -157,3 +157,16 @@ def test_classification_scores_the_evaluated_backbone_with_the_task_head(
         sum(p == y for p, y in zip(own_predictions, labels, strict=True)) / 10
     )
     assert predictions != own_predictions  # the backbone really changed the answers
+
+
+def test_a_model_without_an_lm_head_is_named_for_generation_tasks(
+    bert_family: dict[str, Path], tasks: list[Path]
+) -> None:
+    import alloykit
+    from alloykit.errors import TaskError
+
+    assert alloykit.evaluate is evaluate  # the function, not the evaluation package
+    with pytest.raises(
+        TaskError, match=r"task 'ppl': model '.*base' \(BertModel\) has no language"
+    ):
+        evaluate(bert_family["base"], tasks[0])

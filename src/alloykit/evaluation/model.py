@@ -160,8 +160,11 @@ def build_model(config: Mapping[str, Any], dtype: torch.dtype, device: torch.dev
     architectures = config.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     with torch.device(device):
-        if model_class is None:
-            model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        if model_class is None:  # no (known) architecture: a causal LM, else the bare model
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            except ValueError:
+                model = transformers.AutoModel.from_config(hf_config, dtype=dtype)
         else:
             model = model_class._from_config(hf_config, dtype=dtype)
     return model.eval()
@@ -264,7 +267,8 @@ class Skeleton:
         model = self.heads.get(head)
         if model is None:
             model = self.heads[head] = _load_head(head, task_name, self.dtype, self.device)
-            model.config.pad_token_id = model.config.pad_token_id or self.pad_id
+            if model.config.pad_token_id is None:  # needed to find each row's last token
+                model.config.pad_token_id = self.pad_id
         if head not in self._synced:
             backbone = self.model.base_model.state_dict()
             target = model.base_model
