@@ -3,6 +3,7 @@
 The public API is a handful of verbs:
 
 - :func:`merge` (config -> model folder) and :func:`merge_to_state_dict` (config -> tensors);
+  :func:`merge_in_memory` (tensors, plan and recipe hash);
 - :func:`plan_merge` (what a merge will do, without reading tensors);
 - :func:`load_config` and :class:`MergeConfig` (MergeKit-compatible YAML), :func:`recipe_hash`;
 - :data:`METHODS` and :func:`get_method`, the method registry;
@@ -27,6 +28,7 @@ __all__ = [
     "get_method",
     "load_config",
     "merge",
+    "merge_in_memory",
     "merge_to_state_dict",
     "plan_merge",
     "recipe_hash",
@@ -42,6 +44,7 @@ _LAZY = {
     "MergeOptions": "alloykit.pipeline",
     "merge": "alloykit.pipeline",
     "merge_to_state_dict": "alloykit.pipeline",
+    "merge_in_memory": "alloykit.pipeline",
     "plan_merge": "alloykit.pipeline",
     "evaluate": "alloykit.evaluation",
     "EvalOptions": "alloykit.evaluation",
@@ -51,7 +54,13 @@ if TYPE_CHECKING:
     from alloykit.config import MergeConfig, load_config, recipe_hash
     from alloykit.evaluation import EvalOptions, evaluate
     from alloykit.methods import METHODS, get_method
-    from alloykit.pipeline import MergeOptions, merge, merge_to_state_dict, plan_merge
+    from alloykit.pipeline import (
+        MergeOptions,
+        merge,
+        merge_in_memory,
+        merge_to_state_dict,
+        plan_merge,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -314,13 +314,12 @@ def merge_in_memory(
 ) -> MergedState:
     """Run the same plan as :func:`merge` into memory, with what is needed to load the result.
 
-    The recipe hash equals the one :func:`merge` reports for the same recipe.
+    The recipe hash equals the one :func:`merge` reports for the same recipe; the plan's
+    warnings are in ``plan.warnings`` (not logged).
     """
     options = options or MergeOptions()
     with _final_inputs(config, options) as run:
         plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
-        for warning in plan.warnings:
-            log.warning(warning)
         sink = StateDictSink()
         execute(plan, run.checkpoints, sink, _execution(options), progress)
         digest = recipes_hash(_portable_stages(run.stages))

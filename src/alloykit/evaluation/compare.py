@@ -57,7 +57,7 @@ def compare(
 
     Example:
         >>> table = compare(["base", "ft1", "merge.yml"], ["t1.yml"])  # doctest: +SKIP
-        >>> table.mean_normalised["merge.yml"]
+        >>> table.mean_normalised["merge.yml"]  # doctest: +SKIP
         0.97
     """
     loaded = [get_task(t) for t in tasks]

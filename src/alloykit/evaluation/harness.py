@@ -39,7 +39,7 @@ def harness_model(
 
     Example:
         >>> import lm_eval  # doctest: +SKIP
-        >>> lm_eval.simple_evaluate(model=harness_model("merge.yml"), tasks=["hellaswag"])
+        >>> lm_eval.simple_evaluate(model=harness_model("merge.yml"), tasks=["hellaswag"])  # doctest: +SKIP
     """
     settings = options or EvalOptions()
     base = _lm_base()

@@ -19,6 +19,10 @@ def normalize_text(text: str, options: Normalize) -> str:
     """``text`` with the task's normalisation applied; surrounding whitespace always stripped.
 
     Order: strip, lower-case, remove ``regexes_to_ignore``, punctuation, whitespace, strip.
+
+    Example:
+        >>> normalize_text(" The Answer! ", Normalize(ignore_case=True, ignore_punctuation=True))
+        'the answer'
     """
     text = text.strip()
     if options.ignore_case:
@@ -36,6 +40,10 @@ def extract_answer(text: str, pattern: str | None, which: str = "first") -> str:
     """The part of a prediction the regex ``pattern`` selects: its group 1, else the whole match.
 
     Without a pattern the text is returned as is; without a match the result is ``""``.
+
+    Example:
+        >>> extract_answer("so 12, then 34", "([0-9]+)", "last")
+        '34'
     """
     if pattern is None:
         return text

@@ -76,6 +76,8 @@ def _merged_source(config: Any, merge_options: Any) -> ModelSource:
     from alloykit.pipeline import merge_in_memory
 
     merged = merge_in_memory(config, merge_options)
+    for warning in merged.plan.warnings:
+        log.warning(warning)
     if merged.config is None:
         raise AlloyError(
             "the merge has no config.json (raw state-dict inputs); it cannot be evaluated"
@@ -130,15 +132,30 @@ def architecture_key(config: Mapping[str, Any], tokenizer_folder: Path) -> str:
     tokenizer files (by content, so fine-tunes that copied the base's tokenizer share one)."""
     import hashlib
 
-    from alloykit.io.writer import TOKENIZER_FILES
-
     kept = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
-    for name in TOKENIZER_FILES:
-        file = tokenizer_folder / name
-        if file.is_file():
-            digest.update(name.encode() + b"\x1f" + file.read_bytes())
+    digest.update(_tokenizer_digest(tokenizer_folder).encode())
     return digest.hexdigest()
+
+
+_TOKENIZER_DIGESTS: dict[tuple[str, tuple[float, ...]], str] = {}
+
+
+def _tokenizer_digest(folder: Path) -> str:
+    """A hash of a folder's tokenizer files, recomputed only when one of them changes (a real
+    tokenizer.json is megabytes, and a search asks for this on every call)."""
+    import hashlib
+
+    from alloykit.io.writer import TOKENIZER_FILES
+
+    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    key = (str(folder.resolve()), tuple(f.stat().st_mtime for f in files))
+    if key not in _TOKENIZER_DIGESTS:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode() + b"\x1f" + file.read_bytes())
+        _TOKENIZER_DIGESTS[key] = digest.hexdigest()
+    return _TOKENIZER_DIGESTS[key]
 
 
 def config_dtype(config: Mapping[str, Any]) -> torch.dtype:

@@ -144,9 +144,9 @@ def load_task(path: str | Path) -> Task:
     Raises :class:`TaskError` naming the file and field for any problem.
 
     Example:
-        >>> task = load_task("examples/arithmetic_task.yml")  # doctest: +SKIP
-        >>> task.kind, len(task.examples)
-        ('exact_match', 8)
+        >>> task = load_task("src/alloykit/examples/next_word.yml")  # doctest: +SKIP
+        >>> task.kind, len(task.examples)  # doctest: +SKIP
+        ('multiple_choice', 12)
     """
     path = Path(path)
     where = f"task file '{path}'"
