@@ -42,7 +42,7 @@ def tasks(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_a_merge_config_in_memory_scores_like_the_folder_merge_writes(
     tmp_path: Path, family: dict[str, Path], tasks: list[Path]
 ) -> None:
-    from alloykit.pipeline import merge
+    from alloykit.pipeline import merge, merge_in_memory
 
     recipe = tmp_path / "linear.yml"
     recipe.write_text(
@@ -56,6 +56,8 @@ def test_a_merge_config_in_memory_scores_like_the_folder_merge_writes(
     for name in ("ppl", "mc"):
         assert in_memory.tasks[name].scores == on_disk.tasks[name].scores
     assert in_memory.recipe_hash == written.recipe_hash == on_disk.recipe_hash
+    merged = evaluate(merge_in_memory(recipe), tasks)  # a MergedState is accepted as is
+    assert merged.tasks["mc"].scores == in_memory.tasks["mc"].scores
     base = evaluate(family["base"], tasks)
     assert base.recipe_hash is None and base["ppl"] != in_memory["ppl"]
 

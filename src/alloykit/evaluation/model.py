@@ -53,9 +53,14 @@ def resolve_source(
     """Turn what the user passed into a :class:`ModelSource`.
 
     ``model`` is a model folder or repo id, a merge config (file, dict or MergeConfig; merged in
-    memory, nothing written), or a state dict ``{name: tensor}``, which needs ``like``: a model
-    folder or repo id of the same architecture whose config and tokenizer it uses.
+    memory, nothing written), a :class:`~alloykit.pipeline.MergedState`, or a state dict
+    ``{name: tensor}``, which needs ``like``: a model folder or repo id of the same architecture
+    whose config and tokenizer it uses.
     """
+    from alloykit.pipeline import MergedState
+
+    if isinstance(model, MergedState):  # already merged in memory (merge_in_memory)
+        return _from_merged(model, "<merged state>")
     if is_merge_config(model):
         return _merged_source(model, merge_options)
     if isinstance(model, Mapping):
@@ -78,11 +83,15 @@ def _merged_source(config: Any, merge_options: Any) -> ModelSource:
     merged = merge_in_memory(config, merge_options)
     for warning in merged.plan.warnings:
         log.warning(warning)
+    return _from_merged(merged, str(config) if isinstance(config, str | Path) else "<merge config>")
+
+
+def _from_merged(merged: Any, name: str) -> ModelSource:
     if merged.config is None:
         raise AlloyError(
-            "the merge has no config.json (raw state-dict inputs); it cannot be evaluated"
+            f"{name}: the merge has no config.json (raw state-dict inputs), so it cannot be "
+            "evaluated; pass its state dict with like=MODEL"
         )
-    name = str(config) if isinstance(config, str | Path) else "<merge config>"
     return ModelSource(name, merged.config, merged.donor_folder, merged.state, merged.recipe_hash)
 
 
