@@ -13,12 +13,15 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from alloykit.errors import AlloyError, CheckpointError, TaskError
 from alloykit.evaluation.runner import Batching
+
+if TYPE_CHECKING:
+    from alloykit.pipeline import MergedState, MergeOptions
 
 log = logging.getLogger("alloykit")
 _VOLATILE_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
@@ -48,7 +51,7 @@ def is_merge_config(model: object) -> bool:
 
 
 def resolve_source(
-    model: Any, *, like: str | Path | None = None, merge_options: Any = None
+    model: Any, *, like: str | Path | None = None, merge_options: MergeOptions | None = None
 ) -> ModelSource:
     """Turn what the user passed into a :class:`ModelSource`.
 
@@ -77,7 +80,7 @@ def resolve_source(
     )
 
 
-def _merged_source(config: Any, merge_options: Any) -> ModelSource:
+def _merged_source(config: Any, merge_options: MergeOptions | None) -> ModelSource:
     from alloykit.pipeline import merge_in_memory
 
     merged = merge_in_memory(config, merge_options)
@@ -86,7 +89,7 @@ def _merged_source(config: Any, merge_options: Any) -> ModelSource:
     return _from_merged(merged, str(config) if isinstance(config, str | Path) else "<merge config>")
 
 
-def _from_merged(merged: Any, name: str) -> ModelSource:
+def _from_merged(merged: MergedState, name: str) -> ModelSource:
     if merged.config is None:
         raise AlloyError(
             f"{name}: the merge has no config.json (raw state-dict inputs), so it cannot be "

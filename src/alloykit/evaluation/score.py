@@ -12,12 +12,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from alloykit.errors import TaskError
 from alloykit.evaluation import metrics, runner
 from alloykit.evaluation.model import ModelSource, Skeleton, resolve_source
 from alloykit.evaluation.tasks import Task, context_text, label_index, load_task
+
+if TYPE_CHECKING:
+    from alloykit.pipeline import MergeOptions
 
 TaskSource = Task | str | Path
 
@@ -41,7 +44,7 @@ class EvalOptions:
     dtype: str | None = None
     max_length: int | None = None
     threads: int | None = None
-    merge: Any = None  # alloykit.pipeline.MergeOptions
+    merge: MergeOptions | None = None
 
 
 @dataclass(frozen=True)
