@@ -99,3 +99,28 @@ def test_the_cli_runs_harness_tasks(
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["model"] == str(family["ft1"]) and "acc,none" in data["results"]["local_mc"]
+
+
+def test_generations_equal_lm_evals_own_hf_model(family: dict[str, Path]) -> None:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from alloykit.evaluation.harness import harness_model
+
+    prompts = [f"w{i} w{i + 1} w{i + 2}" for i in range(6)]
+
+    def requests(kind: str, settings: dict[str, object] | None) -> list[Instance]:
+        return [
+            Instance(kind, {}, (p, settings) if settings is not None else (p,), i)
+            for i, p in enumerate(prompts)
+        ]
+
+    ours = harness_model(str(family["ft1"]))
+    reference = HFLM(pretrained=str(family["ft1"]), batch_size=4, device="cpu")
+    settings = {"until": ["w5"], "max_gen_toks": 6}
+    generated = ours.generate_until(requests("generate_until", settings))
+    assert generated == reference.generate_until(requests("generate_until", settings))
+    assert any(text.strip() for text in generated)
+    rolling = ours.loglikelihood_rolling(requests("loglikelihood_rolling", None))
+    expected = reference.loglikelihood_rolling(requests("loglikelihood_rolling", None))
+    assert rolling == pytest.approx(expected, rel=1e-5)
