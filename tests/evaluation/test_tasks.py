@@ -92,7 +92,11 @@ def test_normalisation_and_extraction() -> None:
             None,
             r"target, row 0: 'w1' is neither an index, a letter nor one of \['yes', 'no'\]",
         ),
-        ("data: d.jsonl\nprompt: '{{ q }'\nmetric: perplexity\n", None, "template"),
+        (
+            "data: d.jsonl\nprompt: '{{ q }'\nmetric: perplexity\n",
+            None,
+            r"bad.yml': prompt '\{\{ q \}' is not a valid template",
+        ),
         (
             "data: d.jsonl\nprompt: x\nfewshot: 2\ntarget: a\nmetric: exact_match\n",
             None,
@@ -135,3 +139,15 @@ def test_a_classification_head_that_is_not_one_is_named(
     )
     with pytest.raises(TaskError, match=r"head model '.*ft2' has no sequence-classification head"):
         evaluate(family["ft1"], task)
+
+
+def test_a_row_is_never_its_own_few_shot_example(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "d.jsonl", ROWS)
+    text = (
+        "data: {train: d.jsonl, test: d.jsonl}\nprompt: '{{ q }}'\ntarget: a\nfewshot: 5\n"
+        "metric: exact_match\n"
+    )
+    task = load_task(write_task(tmp_path / "t.yml", text))
+    for example in task.examples:
+        assert len(example.shots) == 5
+        assert example.query not in [query for query, _ in example.shots]

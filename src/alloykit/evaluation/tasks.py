@@ -192,7 +192,7 @@ def load_task(path: str | Path) -> Task:
     rng = random.Random(spec.seed)
     examples = []
     for number, row in enumerate(evaluated):
-        candidates = [r for r in pool if r is not row]
+        candidates = [r for r in pool if r != row]  # never the evaluated row as its own shot
         shots = rng.sample(candidates, min(spec.fewshot, len(candidates))) if spec.fewshot else []
         examples.append(renderer.example(row, number, [renderer.shot(r) for r in shots]))
     return Task(name, path, spec, tuple(examples), head, finetune)
@@ -262,28 +262,30 @@ def _environment() -> Any:
     return SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 
 
-def _template_columns(template: str) -> set[str]:
+def _template_columns(template: str, where: str, field: str) -> set[str]:
     from jinja2 import TemplateSyntaxError, meta
 
     try:
         return set(meta.find_undeclared_variables(_environment().parse(template)))
     except TemplateSyntaxError as e:
-        raise TaskError(f"template {template!r}: {e.message}") from e
+        raise TaskError(
+            f"{where}: {field} {template!r} is not a valid template: {e.message}"
+        ) from e
 
 
 def _check_columns(spec: TaskSpec, where: str, file: Path, rows: list[dict[str, Any]]) -> None:
     """Every column a template or field names exists in the data file."""
     columns = set(rows[0])
-    uses: list[tuple[str, set[str]]] = [("prompt", _template_columns(spec.prompt))]
+    uses: list[tuple[str, set[str]]] = [("prompt", _template_columns(spec.prompt, where, "prompt"))]
     for field in ("target", "choices"):
         value = getattr(spec, field)
         if value is None:
             continue
         for text in value if isinstance(value, list) else [value]:
-            names = _template_columns(text) if _is_template(text) else {text}
-            if isinstance(value, list) and not _is_template(text):
-                continue  # a literal choice (e.g. "yes") names no column
-            uses.append((field, names))
+            if _is_template(text):
+                uses.append((field, _template_columns(text, where, field)))
+            elif not isinstance(value, list):  # a column name (a literal choice names none)
+                uses.append((field, {text}))
     for field, names in uses:
         for column in sorted(names - columns):
             raise TaskError(
@@ -298,9 +300,7 @@ class _Renderer:
     def __init__(self, spec: TaskSpec, where: str) -> None:
         self.spec = spec
         self.where = where
-        environment = _environment()
-        self.prompt = environment.from_string(spec.prompt)
-        self.environment = environment
+        self.environment = _environment()
 
     def _render(self, template: str, row: dict[str, Any], field: str, number: int) -> Any:
         from jinja2 import UndefinedError
