@@ -303,6 +303,8 @@ def evaluate(
         raise AlloyError(f"{len(models)} models given: pass --compare to evaluate several")
     if plot is not None and not compare:
         raise AlloyError("--plot draws the --compare table: pass --compare")
+    if finetune and not compare:
+        raise AlloyError("--finetune sets what --compare normalises by: pass --compare")
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         raise AlloyError(f"--batch-size '{batch_size}': use a positive number or auto")
     if dtype not in (None, "float32", "bfloat16", "float16"):

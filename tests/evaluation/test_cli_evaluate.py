@@ -101,6 +101,7 @@ def test_compare_normalises_by_each_tasks_finetune_and_draws_a_chart(
         (["MODEL", "MODEL", "--task", "TASK"], "pass --compare"),
         (["MODEL", "--task", "TASK", "--batch-size", "zero"], "--batch-size 'zero'"),
         (["MODEL", "--task", "TASK", "--plot", "x.png"], "--plot draws the --compare table"),
+        (["MODEL", "--task", "TASK", "--finetune", "a=b"], "--finetune sets what --compare"),
         (["MODEL", "--task", "missing.yml"], "task file 'missing.yml' does not exist"),
         (["nowhere/model", "--task", "TASK"], "model 'nowhere/model'"),
         (["--compare", "MODEL", "--task", "TASK", "--finetune", "oops"], "--finetune 'oops'"),
