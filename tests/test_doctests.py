@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "alloykit.config",
+    "alloykit.evaluation.metrics",
     "alloykit.io.writer",
     "alloykit.lora.factorize",
     "alloykit.methods.extrapolate",

@@ -269,7 +269,7 @@ def _write(
             tokenizer=options.copy_tokenizer,
             code=bool((donor.config or {}).get("auto_map")) and options.trust_remote_code,
         )
-        recipes = [portable_recipe(stage, stage_names(stages)) for stage in stages]
+        recipes = _portable_stages(stages)
         digest = recipes_hash(recipes)
         header = f"# alloykit recipe {digest[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
         body = "---\n".join(recipe.to_yaml() for recipe in recipes)
@@ -279,6 +279,10 @@ def _write(
     return files, digest
 
 
+def _portable_stages(stages: list[MergeConfig]) -> list[MergeConfig]:
+    return [portable_recipe(stage, stage_names(stages)) for stage in stages]
+
+
 def recipes_hash(stages: list[MergeConfig]) -> str:
     """:func:`recipe_hash` of a one-stage recipe; a hash of the stages' hashes otherwise."""
     if len(stages) == 1:
@@ -286,6 +290,49 @@ def recipes_hash(stages: list[MergeConfig]) -> str:
     import hashlib
 
     return hashlib.sha256("".join(recipe_hash(s) for s in stages).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MergedState:
+    """A merge held in memory: its tensors, its plan and the hash of its recipe.
+
+    ``config`` is the ``config.json`` a merge would write (with the output dtype) and
+    ``donor_folder`` the folder whose tokenizer it would copy.
+    """
+
+    state: dict[str, torch.Tensor]
+    plan: MergePlan
+    recipe_hash: str
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        if self.plan.config is None:
+            return None
+        return dict(self.plan.config, dtype=self.plan.output_dtype)
+
+    @property
+    def donor_folder(self) -> Path:
+        return self.plan.models[self.plan.donor]
+
+
+def merge_in_memory(
+    config: ConfigSource,
+    options: MergeOptions | None = None,
+    *,
+    progress: ProgressHook | None = None,
+) -> MergedState:
+    """Run the same plan as :func:`merge` into memory, with what is needed to load the result.
+
+    The recipe hash equals the one :func:`merge` reports for the same recipe; the plan's
+    warnings are in ``plan.warnings`` (not logged).
+    """
+    options = options or MergeOptions()
+    with _final_inputs(config, options) as run:
+        plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
+        sink = StateDictSink()
+        execute(plan, run.checkpoints, sink, _execution(options), progress)
+        digest = recipes_hash(_portable_stages(run.stages))
+    return MergedState(dict(sink), plan, digest)
 
 
 def merge_to_state_dict(
@@ -300,12 +347,7 @@ def merge_to_state_dict(
         >>> state = merge_to_state_dict("examples/linear.yml")  # doctest: +SKIP
         >>> model.load_state_dict(state)
     """
-    options = options or MergeOptions()
-    with _final_inputs(config, options) as run:
-        plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
-        sink = StateDictSink()
-        execute(plan, run.checkpoints, sink, _execution(options), progress)
-    return dict(sink)
+    return merge_in_memory(config, options, progress=progress).state
 
 
 def _execution(options: MergeOptions) -> ExecutionOptions:
