@@ -21,6 +21,7 @@ from alloykit.errors import AlloyError
 from alloykit.execute import ExecutionOptions, StateDictSink, execute
 from alloykit.io.checkpoint import Checkpoint, open_checkpoint
 from alloykit.io.hub import resolve_model
+from alloykit.io.tokenizer_files import write_output_tokenizer
 from alloykit.io.writer import (
     OutputFolder,
     ShardWriter,
@@ -155,6 +156,11 @@ def _run_stage(
             log.warning(f"stage '{name}': {warning}")
         if dry_run:
             return MemoryCheckpoint(name, plan, None)
+        if plan.tokenizer is not None and options.intermediate_dir is None:
+            raise AlloyError(
+                f"stage '{name}' builds a tokenizer, which later stages must read from disk; "
+                "pass --intermediate-dir to write intermediate stages as model folders"
+            )
         if options.intermediate_dir is not None:
             target = Path(options.intermediate_dir) / name
             _write(plan, checkpoints, [stage], target, replace(options, overwrite=True), None)
@@ -257,9 +263,11 @@ def _write(
         copy_donor_files(
             folder.path,
             donor.folder,
-            tokenizer=options.copy_tokenizer,
+            tokenizer=options.copy_tokenizer and plan.tokenizer is None,
             code=bool((donor.config or {}).get("auto_map")) and options.trust_remote_code,
         )
+        if plan.tokenizer is not None:  # the config builds one: written even without copying
+            write_output_tokenizer(folder.path, plan.tokenizer, plan.models, plan.donor)
         recipes = [portable_recipe(stage, stage_names(stages)) for stage in stages]
         digest = recipes_hash(recipes)
         header = f"# alloykit recipe {digest[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
