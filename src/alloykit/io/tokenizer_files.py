@@ -6,7 +6,9 @@ converted by ``transformers``. The output tokenizer is the tokenizer source's ``
 with its vocabulary replaced by the output's token -> id map: every output token is written
 into the model's vocabulary at its id (added tokens too, so the fast tokenizer resolves them
 to exactly those ids), the added-token list and the special-token ids of the post-processor
-follow, and BPE merges that build a kept or new token are kept. The written folder is then
+follow, and the owner's BPE merges are kept (those whose tokens all stay), so text encodes
+as with the owner's tokenizer; other models' new regular tokens decode but are not produced by
+encoding (their added and special tokens are, as added tokens). The written folder is then
 loaded back with ``AutoTokenizer`` and its map compared with the planned one, so a tokenizer
 that would not load with the aligned ids is never written.
 """
@@ -103,8 +105,8 @@ def build_document(
 ) -> dict[str, Any]:
     """The output ``tokenizer.json``: ``owner``'s tokenizer over the plan's vocabulary.
 
-    ``others`` are the other models' documents (in config order), which give BPE merges and
-    Unigram scores for tokens ``owner`` lacks.
+    ``others`` are the other models' documents (in config order), which give the Unigram
+    scores of tokens ``owner`` lacks.
     """
     document = copy.deepcopy(dict(owner))
     model = document.get("model") or {}
@@ -113,14 +115,10 @@ def build_document(
     if kind in ("BPE", "WordLevel", "WordPiece"):
         model["vocab"] = dict(ids)
         if kind == "BPE":
+            # the owner's merges only: text encodes exactly as with the owner's tokenizer, and
+            # other models' new tokens decode but are not produced by encoding
             merges = _pairs(model.get("merges") or [])
             kept = [m for m in merges if m[0] in ids and m[1] in ids and m[0] + m[1] in ids]
-            built = {a + b for a, b in kept}
-            for other in others:
-                for a, b in _pairs((other.get("model") or {}).get("merges") or []):
-                    if a in ids and b in ids and a + b in ids and a + b not in built:
-                        kept.append((a, b))
-                        built.add(a + b)
             strings = bool(model.get("merges")) and isinstance(model["merges"][0], str)
             model["merges"] = [f"{a} {b}" if strings else [a, b] for a, b in kept]
     elif kind == "Unigram":

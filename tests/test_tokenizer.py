@@ -1,0 +1,361 @@
+"""Merging models whose vocabularies differ: the output vocabulary, its ids, and every row.
+
+The inputs are :func:`alloykit.toymodels.make_vocabulary_family`: real byte-level BPE
+tokenizers trained here, one with added chat tokens and merges (``chat``), one with padded rows
+(``padded``), one whose last entries have no row (``short``). Each expected row is rebuilt here
+from the input files alone, in float64: the row rule (own row, else the base's, else the single
+holder's, else the holders' mean, else zeros) is written out again token by token, then the
+method is applied to those rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from alloykit import merge
+from alloykit.methods import METHODS, MethodInputs
+from alloykit.pipeline import MergeOptions, plan_merge
+from alloykit.toymodels import CHAT_TOKENS, make_vocabulary_family
+from tests.helpers import load_tensors
+
+MODELS = ("base", "chat", "padded", "short")
+WEIGHTS = {"base": 0.4, "chat": 0.3, "padded": 0.2, "short": 0.1}
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+# float32 outputs of float64 arithmetic: one float32 step at the rows' size (|x| < 0.13)
+TOL = 1e-8
+SAMPLE = "the merged model should follow instructions and write code"
+
+
+@pytest.fixture(scope="module")
+def vocab_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_vocabulary_family(tmp_path_factory.mktemp("vocab"))
+
+
+def token_map(folder: Path) -> dict[str, int]:
+    """A model's tokens that have a row (id below config.json's vocab_size)."""
+    from tokenizers import Tokenizer
+
+    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    return {token: i for token, i in ids.items() if i < rows}
+
+
+def output_map(folder: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    vocab: dict[str, int] = AutoTokenizer.from_pretrained(str(folder)).get_vocab()
+    return vocab
+
+
+def union_order(folders: Mapping[str, Path]) -> list[str]:
+    """Base tokens by id, then each other model's new tokens by its ids (the documented order)."""
+    order: dict[str, None] = {}
+    for name in MODELS:
+        vocab = token_map(folders[name])
+        for token in sorted(vocab, key=vocab.__getitem__):
+            order.setdefault(token)
+    return list(order)
+
+
+def aligned_rows(
+    folders: Mapping[str, Path],
+    tokens: list[str],
+    tensor: str,
+    configured: Mapping[str, np.ndarray | None] | None = None,
+    forced: frozenset[str] = frozenset(),
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each model's rows for ``tokens`` by the row rule, and which rows are its own (float64)."""
+    vocab = {name: token_map(folders[name]) for name in MODELS}
+    matrices = {}
+    for name in MODELS:
+        values = load_tensors(folders[name])
+        matrices[name] = values.get(tensor, values["model.embed_tokens.weight"])  # tied: embedding
+    configured = configured or {}
+    aligned = {name: np.zeros((len(tokens), matrices[name].shape[1])) for name in MODELS}
+    own = {name: np.zeros(len(tokens), dtype=bool) for name in MODELS}
+    for i, token in enumerate(tokens):
+        holders = [name for name in MODELS if token in vocab[name]]
+        if token in configured:
+            row = configured[token]
+            default = np.zeros(aligned["base"].shape[1]) if row is None else row
+        elif "base" in holders:
+            default = matrices["base"][vocab["base"][token]]
+        elif holders:
+            default = np.mean([matrices[h][vocab[h][token]] for h in holders], axis=0)
+        else:
+            default = np.zeros(aligned["base"].shape[1])
+        for name in MODELS:
+            mine = name in holders and token not in forced
+            own[name][i] = mine
+            aligned[name][i] = matrices[name][vocab[name][token]] if mine else default
+    return aligned, own
+
+
+def merge_folder(tmp_path: Path, name: str, config: dict[str, Any]) -> Path:
+    out = tmp_path / name
+    merge(config, out, MergeOptions(precision="float64"))
+    return out
+
+
+def linear_config(folders: Mapping[str, Path], **tokenizer: Any) -> dict[str, Any]:
+    return {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(folders[n]), "parameters": {"weight": WEIGHTS[n]}} for n in MODELS
+        ],
+        "tokenizer": tokenizer,
+    }
+
+
+def ties_config(folders: Mapping[str, Path], **tokenizer: Any) -> dict[str, Any]:
+    return {
+        "merge_method": "ties",
+        "base_model": str(folders["base"]),
+        "models": [
+            {"model": str(folders[n]), "parameters": {"weight": WEIGHTS[n], "density": 0.6}}
+            for n in MODELS[1:]
+        ],
+        "tokenizer": tokenizer,
+    }
+
+
+# --------------------------------------------------------------------------- union: ids, files
+
+
+@pytest.fixture(scope="module")
+def union_output(vocab_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("union") / "out"
+    merge(linear_config(vocab_family, source="union"), out, MergeOptions(precision="float64"))
+    return out
+
+
+def test_union_ids_are_the_documented_order_and_identical_across_runs(
+    vocab_family: dict[str, Path], union_output: Path, tmp_path: Path
+) -> None:
+    expected = union_order(vocab_family)
+    assert output_map(union_output) == {token: i for i, token in enumerate(expected)}
+    base = token_map(vocab_family["base"])
+    assert all(expected[i] == token for token, i in base.items())  # base ids are kept
+    assert expected[-2:] == list(CHAT_TOKENS)
+    config = json.loads((union_output / "config.json").read_text())
+    assert config["vocab_size"] == len(expected)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    again = merge_folder(tmp_path, "again", linear_config(vocab_family, source="union"))
+    assert (again / "tokenizer.json").read_bytes() == (union_output / "tokenizer.json").read_bytes()
+    assert load_tensors(again).keys() == load_tensors(union_output).keys()
+
+
+def test_union_tokenizer_encodes_like_the_base_and_the_model_runs_on_new_tokens(
+    vocab_family: dict[str, Path], union_output: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ours = AutoTokenizer.from_pretrained(str(union_output))
+    base = AutoTokenizer.from_pretrained(str(vocab_family["base"]))
+    ids = ours(SAMPLE)["input_ids"]
+    assert ids == base(SAMPLE)["input_ids"]
+    assert ours.decode(ids) == base.decode(ids) == SAMPLE
+    chat = ours("<|im_start|>user hello<|im_end|>")["input_ids"]
+    assert chat[0] == ours.convert_tokens_to_ids(CHAT_TOKENS[0]) == len(ours) - 2
+    assert chat[-1] == len(ours) - 1
+    model = AutoModelForCausalLM.from_pretrained(str(union_output))
+    with torch.no_grad():
+        logits = model(torch.tensor([chat])).logits
+    assert logits.shape == (1, len(chat), len(ours))
+    assert bool(torch.isfinite(logits).all())
+
+
+# --------------------------------------------------------------------------- the row rule
+
+
+@pytest.mark.parametrize("missing_rows", ["default_row", "holders_only"])
+def test_linear_rows_follow_the_rule_token_by_token(
+    vocab_family: dict[str, Path], tmp_path: Path, missing_rows: str
+) -> None:
+    config = linear_config(vocab_family, source="union", missing_rows=missing_rows)
+    out = merge_folder(tmp_path, "out", config)
+    tokens = union_order(vocab_family)
+    merged = load_tensors(out)
+    weights = np.array([WEIGHTS[n] for n in MODELS])
+    for tensor in VOCAB_TENSORS:
+        aligned, own = aligned_rows(vocab_family, tokens, tensor)
+        for i, token in enumerate(tokens):
+            rows = np.stack([aligned[n][i] for n in MODELS])
+            use = np.ones(len(MODELS), dtype=bool)
+            if missing_rows == "holders_only" and any(own[n][i] for n in MODELS):
+                use = np.array([own[n][i] for n in MODELS])
+            expected = weights[use] @ rows[use] / weights[use].sum()
+            np.testing.assert_allclose(merged[tensor][i], expected, rtol=0, atol=TOL, err_msg=token)
+
+
+def ties_reference(
+    plan_config: dict[str, Any],
+    aligned: Mapping[str, np.ndarray],
+    own: Mapping[str, np.ndarray],
+    tensor: str,
+    holders_only: bool,
+) -> np.ndarray:
+    """The ties kernel over the rule's rows (float64); per holder subset for holders_only."""
+    job = next(j for j in plan_merge(plan_config).jobs if j.output == tensor)
+    method = METHODS["ties"]
+    inputs = [n for n in MODELS[1:]]
+    stack = torch.from_numpy(np.stack([aligned[n] for n in inputs]))
+    base = torch.from_numpy(aligned["base"])
+    per_model = {k: torch.tensor(v, dtype=torch.float64) for k, v in job.per_model.items()}
+
+    def run(members: list[int], rows: np.ndarray) -> np.ndarray:
+        sub = {k: v[members] for k, v in per_model.items()}
+        picked = MethodInputs(stack[members][:, rows].clone(), base[rows], sub, job.params)
+        return method.run(picked).numpy()
+
+    everyone = list(range(len(inputs)))
+    result = run(everyone, np.arange(stack.shape[1]))
+    if holders_only:
+        masks = np.stack([own[n] for n in inputs])
+        for pattern in {tuple(column) for column in masks.T}:
+            members = [j for j, held in enumerate(pattern) if held]
+            if members and len(members) < len(inputs):
+                rows = np.flatnonzero((pattern == masks.T).all(axis=1))
+                result[rows] = run(members, rows)
+    return result
+
+
+@pytest.mark.parametrize("missing_rows", ["default_row", "holders_only"])
+def test_ties_rows_follow_the_rule_token_by_token(
+    vocab_family: dict[str, Path], tmp_path: Path, missing_rows: str
+) -> None:
+    config = ties_config(vocab_family, source="union", missing_rows=missing_rows)
+    out = merge_folder(tmp_path, "out", config)
+    tokens = union_order(vocab_family)
+    merged = load_tensors(out)
+    for tensor in VOCAB_TENSORS:
+        aligned, own = aligned_rows(vocab_family, tokens, tensor)
+        expected = ties_reference(config, aligned, own, tensor, missing_rows == "holders_only")
+        for i, token in enumerate(tokens):
+            np.testing.assert_allclose(
+                merged[tensor][i], expected[i], rtol=0, atol=TOL, err_msg=token
+            )
+    if missing_rows == "holders_only":  # a token only chat has keeps chat's row
+        i = tokens.index(CHAT_TOKENS[0])
+        np.testing.assert_allclose(
+            merged["lm_head.weight"][i], aligned["chat"][i], rtol=0, atol=TOL
+        )
+
+
+def test_tokens_entries_give_their_rows_bit_for_bit(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    chat_only = [t for t in union_order(vocab_family) if t not in token_map(vocab_family["base"])]
+    shared_new = chat_only[0]  # chat and padded have it, the base does not
+    tokens_config = {
+        CHAT_TOKENS[0]: {
+            "source": {"kind": "model_token", "model": str(vocab_family["base"]), "token": "<s>"},
+            "force": True,
+        },
+        CHAT_TOKENS[1]: {"source": {"kind": "zero"}, "force": True},
+        "<tool>": {
+            "source": {"kind": "model_token", "model": str(vocab_family["chat"]), "token_id": 5}
+        },
+        shared_new: {"source": str(vocab_family["padded"])},
+    }
+    config = linear_config(vocab_family, source="union", tokens=tokens_config)
+    out = merge_folder(tmp_path, "out", config)
+    ids = output_map(out)
+    tokens = [*union_order(vocab_family), "<tool>"]
+    assert ids == {token: i for i, token in enumerate(tokens)}
+    merged = load_tensors(out)
+    for tensor in VOCAB_TENSORS:
+        base_rows = load_tensors(vocab_family["base"])[tensor]
+        chat_rows = load_tensors(vocab_family["chat"])[tensor]
+        padded_rows = load_tensors(vocab_family["padded"])[tensor]
+        padded_id = token_map(vocab_family["padded"])[shared_new]
+        row = merged[tensor]
+        assert np.array_equal(row[ids[CHAT_TOKENS[0]]], base_rows[1])
+        assert np.array_equal(row[ids[CHAT_TOKENS[1]]], np.zeros(row.shape[1]))
+        assert np.array_equal(row[ids["<tool>"]], chat_rows[5])
+        configured = {
+            CHAT_TOKENS[0]: base_rows[1],
+            CHAT_TOKENS[1]: None,
+            "<tool>": chat_rows[5],
+            shared_new: padded_rows[padded_id],
+        }
+        aligned, _ = aligned_rows(vocab_family, tokens, tensor, configured, frozenset(CHAT_TOKENS))
+        weights = np.array([WEIGHTS[n] for n in MODELS])
+        expected = np.einsum("m,mvh->vh", weights, np.stack([aligned[n] for n in MODELS]))
+        np.testing.assert_allclose(row, expected / weights.sum(), rtol=0, atol=TOL)
+
+
+# --------------------------------------------------------------------------- other sources
+
+
+def test_base_source_keeps_the_base_vocabulary(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    out = merge_folder(tmp_path, "out", linear_config(vocab_family, source="base"))
+    base = token_map(vocab_family["base"])
+    assert output_map(out) == base
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(base)
+    tokens = sorted(base, key=base.__getitem__)
+    aligned, _ = aligned_rows(vocab_family, tokens, "lm_head.weight")
+    weights = np.array([WEIGHTS[n] for n in MODELS])
+    expected = np.einsum("m,mvh->vh", weights, np.stack([aligned[n] for n in MODELS]))
+    np.testing.assert_allclose(load_tensors(out)["lm_head.weight"], expected, rtol=0, atol=TOL)
+
+
+def test_model_source_takes_that_models_tokenizer_and_chat_template(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    config = ties_config(vocab_family)
+    del config["tokenizer"]
+    config["tokenizer_source"] = str(vocab_family["chat"])
+    out = merge_folder(tmp_path, "out", config)
+    assert output_map(out) == token_map(vocab_family["chat"])
+    assert (out / "chat_template.jinja").read_text() == (
+        vocab_family["chat"] / "chat_template.jinja"
+    ).read_text()
+    assert load_tensors(out)["model.embed_tokens.weight"].shape[0] == len(output_map(out))
+
+
+def test_padding_rows_are_the_mean_of_the_real_rows(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = linear_config(vocab_family, source="union", pad_to_multiple_of=32)
+    out = merge_folder(tmp_path, "out", config)
+    size = len(union_order(vocab_family))
+    padded = -(-size // 32) * 32
+    assert len(output_map(out)) == size
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == padded
+    for tensor in VOCAB_TENSORS:
+        rows = load_tensors(out)[tensor]
+        assert rows.shape[0] == padded
+        # linear is linear: the merged padding rows are the mean of the merged real rows
+        np.testing.assert_allclose(
+            rows[size:], np.broadcast_to(rows[:size].mean(0), rows[size:].shape), atol=1e-8
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model(torch.tensor([[0, size - 1]])).logits.shape == (1, 2, padded)
+
+
+def test_tied_embeddings_stay_tied(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    folders = make_vocabulary_family(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True)
+    out = merge_folder(tmp_path, "out", linear_config(folders, source="union"))
+    merged = load_tensors(out)
+    config = json.loads((out / "config.json").read_text())
+    assert "lm_head.weight" not in merged and config["tie_word_embeddings"] is True
+    tokens = union_order(folders)
+    assert config["vocab_size"] == len(tokens) == merged["model.embed_tokens.weight"].shape[0]
+    aligned, _ = aligned_rows(folders, tokens, "model.embed_tokens.weight")
+    weights = np.array([WEIGHTS[n] for n in MODELS])
+    expected = np.einsum("m,mvh->vh", weights, np.stack([aligned[n] for n in MODELS]))
+    np.testing.assert_allclose(merged["model.embed_tokens.weight"], expected, rtol=0, atol=TOL)
