@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from alloykit import merge
+from alloykit.errors import AlloyError, CheckpointError, ConfigError, IncompatibleModels
 from alloykit.methods import METHODS, MethodInputs
 from alloykit.pipeline import MergeOptions, plan_merge
 from alloykit.toymodels import CHAT_TOKENS, make_vocabulary_family
@@ -359,3 +360,161 @@ def test_tied_embeddings_stay_tied(
     weights = np.array([WEIGHTS[n] for n in MODELS])
     expected = np.einsum("m,mvh->vh", weights, np.stack([aligned[n] for n in MODELS]))
     np.testing.assert_allclose(merged["model.embed_tokens.weight"], expected, rtol=0, atol=TOL)
+
+
+# --------------------------------------------------------------------------- chat templates
+
+
+def test_chat_template_auto_takes_the_most_common_one(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    config = linear_config(vocab_family, source="union")
+    config["chat_template"] = "auto"
+    out = merge_folder(tmp_path, "out", config)
+    expected = (vocab_family["chat"] / "chat_template.jinja").read_text()
+    assert (out / "chat_template.jinja").read_text() == expected
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "exaone", "llama3", "mistral"])
+def test_builtin_chat_templates_render(name: str) -> None:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from alloykit.chat_templates import CHAT_TEMPLATES
+
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "bye"},
+    ]
+    template = ImmutableSandboxedEnvironment().from_string(CHAT_TEMPLATES[name])
+    text = template.render(
+        messages=messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+    )
+    positions = [text.index(m["content"]) for m in messages]
+    assert positions == sorted(positions), text
+
+
+def test_a_set_template_replaces_every_stale_copy(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    # a base whose template sits in tokenizer_config.json and chat_template.json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from alloykit.chat_templates import CHAT_TEMPLATES
+
+    base = tmp_path / "base"
+    shutil.copytree(vocab_family["base"], base)
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    settings["chat_template"] = "{{ 'stale' }}"
+    (base / "tokenizer_config.json").write_text(json.dumps(settings))
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'stale' }}"}))
+    folders = dict(vocab_family, base=base)
+    for source in ("union", None):  # a built tokenizer, and the base's copied one
+        config = linear_config(folders, source=source or "union")
+        if source is None:  # models of one vocabulary: the base's tokenizer files are copied
+            del config["tokenizer"]
+            config["models"] = config["models"][:1]
+        config["chat_template"] = "llama3"
+        out = merge_folder(tmp_path, f"out-{source}", config)
+        assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATES["llama3"]
+        assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+        assert not (out / "chat_template.json").exists()
+        tokenizer = AutoTokenizer.from_pretrained(str(out))
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert text == "<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+
+
+def test_literal_chat_template(vocab_family: dict[str, Path], tmp_path: Path) -> None:
+    literal = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    config = linear_config(vocab_family, source="base")
+    config["chat_template"] = literal
+    out = merge_folder(tmp_path, "out", config)
+    assert (out / "chat_template.jinja").read_text() == literal
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_a_model_without_tokenizer_files_is_named(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(vocab_family["short"], bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    config = linear_config(dict(vocab_family, short=bare), source="union")
+    with pytest.raises(CheckpointError, match=rf"model '{bare}' has no tokenizer files"):
+        merge(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unrelated_vocabularies_are_refused(vocab_family: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from alloykit.toymodels import _write_tokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(vocab_family["short"], other)
+    (other / "tokenizer.json").unlink()
+    _write_tokenizer(other, json.loads((other / "config.json").read_text())["vocab_size"])
+    for source in ("base", "union"):
+        config = linear_config(dict(vocab_family, short=other), source=source)
+        with pytest.raises(IncompatibleModels, match=rf"model '{other}' shares only \d+ of its"):
+            merge(config, tmp_path / "out")
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "message"),
+    [
+        ({"source": "nowhere"}, "tokenizer.source: 'nowhere' is not base, union or one of"),
+        ({"missing_rows": "some"}, "tokenizer.missing_rows: 'some' is not one of"),
+        ({"tokens": {"x": {"source": "base", "oops": 1}}}, "tokenizer.tokens.x: expected"),
+    ],
+)
+def test_bad_tokenizer_settings_are_config_errors(
+    vocab_family: dict[str, Path], tokenizer: dict[str, Any], message: str
+) -> None:
+    from alloykit.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(linear_config(vocab_family, **tokenizer))
+
+
+def test_tokens_entries_that_name_no_row_are_config_errors(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    base, chat = str(vocab_family["base"]), str(vocab_family["chat"])
+    tokens = {
+        CHAT_TOKENS[0]: {"source": base},  # the base has no such token
+        "<a>": {"source": {"kind": "model_token", "model": chat, "token_id": 10**6}},
+        "<b>": {"source": {"kind": "zero"}, "force": "yes"},
+        "<c>": {"force": True},
+    }
+    with pytest.raises(ConfigError) as caught:
+        merge(linear_config(vocab_family, tokens=tokens), tmp_path / "out")
+    text = str(caught.value)
+    assert f"model '{base}' has no token '{CHAT_TOKENS[0]}'" in text
+    assert "token_id: 1000000 is not a row of model" in text
+    assert "tokenizer.tokens.<c>: force needs a source" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_in_memory_stage_cannot_build_a_tokenizer(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    first = dict(linear_config(vocab_family, source="union"), name="first")
+    final = {
+        "merge_method": "linear",
+        "models": [{"model": "first", "parameters": {"weight": 1.0}}],
+    }
+    import yaml
+
+    text = yaml.safe_dump(first) + "---\n" + yaml.safe_dump(final)
+    with pytest.raises(AlloyError, match="stage 'first' builds a tokenizer"):
+        merge(text, tmp_path / "out")

@@ -139,7 +139,7 @@ def output_tokens(
 def check_related(
     vocabularies: Mapping[str, Vocabulary], tokens: Sequence[str], owner: str
 ) -> None:
-    """Refuse a model most of whose tokens are not in the output vocabulary (``owner``'s)."""
+    """Refuse a model most of whose tokens are not in ``tokens`` (``owner``'s vocabulary)."""
     wanted = set(tokens)
     for label, vocabulary in vocabularies.items():
         if not vocabulary.tokens:
@@ -148,7 +148,7 @@ def check_related(
         if shared < MIN_SHARED * len(vocabulary.tokens):
             raise IncompatibleModels(
                 f"model '{label}' shares only {shared} of its {len(vocabulary.tokens)} tokens "
-                f"with the output vocabulary ({owner}): its tokenizer is unrelated, and mapping "
+                f"with {owner}: its tokenizer is unrelated, and mapping "
                 "rows between unrelated tokenizers (tokenizer surgery) is not supported; merge "
                 "models that share a tokenizer family"
             )
@@ -169,11 +169,10 @@ def plan_vocabulary(
     ``token_rows`` are the resolved ``tokenizer.tokens`` entries.
     """
     tokens = output_tokens(source, vocabularies, base, list(token_rows))
-    if source == "union":
-        owner = "the union of every model's vocabulary"
-    else:
-        owner = f"the vocabulary of model '{base if source == 'base' else source}'"
-    check_related(vocabularies, tokens, owner)
+    # a union is checked against the base: it would hold any vocabulary whole
+    owner = base if source in ("base", "union") else source
+    reference = list(vocabularies[owner].tokens) if source == "union" else tokens
+    check_related(vocabularies, reference, f"the vocabulary of model '{owner}'")
     size = len(tokens)
     rows = size
     if pad_to_multiple_of:
