@@ -39,8 +39,9 @@ from alloykit.errors import ConfigError, IncompatibleModels
 log = logging.getLogger("alloykit")
 
 MissingRows = Literal["default_row", "holders_only"]
-# Below this share of its tokens in the output vocabulary, a model's tokenizer is not a variant
-# of the others' (mapping rows between unrelated tokenizers is tokenizer surgery: out of scope).
+# Below this share of shared tokens (of the smaller of a model's vocabulary and the reference
+# one), a model's tokenizer is not a variant of the others' (mapping rows between unrelated
+# tokenizers is tokenizer surgery: out of scope).
 MIN_SHARED = 0.5
 
 
@@ -145,7 +146,8 @@ def check_related(
         if not vocabulary.tokens:
             continue
         shared = sum(1 for token in vocabulary.tokens if token in wanted)
-        if shared < MIN_SHARED * len(vocabulary.tokens):
+        # the overlap coefficient: an extension of the reference (or a subset) is related
+        if shared < MIN_SHARED * min(len(vocabulary.tokens), len(wanted)):
             raise IncompatibleModels(
                 f"model '{label}' shares only {shared} of its {len(vocabulary.tokens)} tokens "
                 f"with {owner}: its tokenizer is unrelated, and mapping "

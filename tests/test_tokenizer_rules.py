@@ -1,0 +1,146 @@
+"""The vocabulary rules on their own: output order, row indices, default rows, padding.
+
+Vocabularies here are random subsets of a token pool with random ids (hypothesis), so the
+rules are checked on many shapes of disagreement, not only on the toy family's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alloykit.io.tokenizer_files import remap_token_ids
+from alloykit.tokenizer import TokenRow, Vocabulary, align_rows, plan_vocabulary
+
+POOL = [f"t{i}" for i in range(24)]
+
+
+@st.composite
+def vocabularies(draw: st.DrawFn) -> dict[str, Vocabulary]:
+    """2-4 models; each holds a random subset of POOL, numbered 0.. in a random order."""
+    count = draw(st.integers(2, 4))
+    result = {}
+    for m in range(count):
+        tokens = draw(st.lists(st.sampled_from(POOL), min_size=3, max_size=len(POOL), unique=True))
+        result[f"m{m}"] = Vocabulary(f"m{m}", {t: i for i, t in enumerate(tokens)}, len(tokens))
+    return result
+
+
+def related(vocabs: dict[str, Vocabulary]) -> dict[str, Vocabulary]:
+    """The same vocabularies where every model also holds the base's first tokens (so none is
+    unrelated), keeping each model's own ids first."""
+    base = vocabs["m0"]
+    out = {}
+    for label, v in vocabs.items():
+        tokens = list(v.by_id()) + [t for t in base.by_id() if t not in v.tokens]
+        out[label] = Vocabulary(label, {t: i for i, t in enumerate(tokens)}, len(tokens))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(vocabularies(), st.sampled_from(["union", "base", "m1"]), st.integers(1, 8))
+def test_order_indices_and_default_rows(
+    vocabs: dict[str, Vocabulary], source: str, multiple: int
+) -> None:
+    vocabs = related(vocabs)
+    plan = plan_vocabulary(
+        source=source,
+        vocabularies=vocabs,
+        base="m0",
+        token_rows={},
+        pad_to_multiple_of=multiple,
+        missing_rows="default_row",
+    )
+    owner = "m1" if source == "m1" else "m0"
+    # the owner's tokens keep their ids; a union appends new tokens model by model, by id
+    assert plan.tokens[: len(vocabs[owner].tokens)] == vocabs[owner].by_id()
+    if source == "union":
+        expected = []
+        for label in vocabs:
+            expected += [t for t in vocabs[label].by_id() if t not in expected]
+        assert plan.tokens == expected
+    else:
+        assert plan.tokens == vocabs[owner].by_id()
+    assert plan.rows % multiple == 0 and 0 <= plan.rows - plan.size < multiple
+    # each model's index points at its own row of the token, -1 where it lacks it
+    for label, v in vocabs.items():
+        assert [v.tokens.get(t, -1) for t in plan.tokens] == plan.index[label].tolist()
+    # the default row: the base's, else the single holder's, else every holder's
+    sources: dict[int, list[tuple[str, int]]] = {}
+    for label, (ids, rows) in plan.contributions.items():
+        for i, row in zip(ids.tolist(), rows.tolist(), strict=True):
+            sources.setdefault(i, []).append((label, row))
+    for i, token in enumerate(plan.tokens):
+        holders = [(label, v.tokens[token]) for label, v in vocabs.items() if token in v.tokens]
+        expected_sources = [h for h in holders if h[0] == "m0"] or holders
+        assert sorted(sources.get(i, [])) == sorted(expected_sources)
+        assert plan.counts[i] == len(expected_sources)
+
+
+@settings(max_examples=40, deadline=None)
+@given(vocabularies(), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_align_rows_matches_a_float64_reading_of_the_rule(
+    vocabs: dict[str, Vocabulary], multiple: int, seed: int
+) -> None:
+    vocabs = related(vocabs)
+    forced_token = vocabs["m0"].by_id()[0]
+    configured = {
+        forced_token: TokenRow("m1", 0, True),  # force m1's row 0 on everyone
+        "new": TokenRow(None, -1, False),  # a token no model has, zeros
+    }
+    plan = plan_vocabulary(
+        source="union",
+        vocabularies=vocabs,
+        base="m0",
+        token_rows=configured,
+        pad_to_multiple_of=multiple,
+        missing_rows="default_row",
+    )
+    rng = np.random.default_rng(seed)
+    raw = {label: rng.standard_normal((v.rows + 2, 3)) for label, v in vocabs.items()}
+    aligned = align_rows(plan, {k: torch.from_numpy(v) for k, v in raw.items()}, torch.float64)
+    for label, v in vocabs.items():
+        matrix = aligned[label].numpy()
+        assert matrix.shape == (plan.rows, 3)
+        for i, token in enumerate(plan.tokens):
+            holders = [m for m, w in vocabs.items() if token in w.tokens]
+            if token == forced_token:
+                expected = raw["m1"][0]
+            elif token == "new":
+                expected = np.zeros(3)
+            elif token in v.tokens:
+                expected = raw[label][v.tokens[token]]
+            elif "m0" in holders:
+                expected = raw["m0"][vocabs["m0"].tokens[token]]
+            else:
+                expected = np.mean([raw[m][vocabs[m].tokens[token]] for m in holders], axis=0)
+            np.testing.assert_allclose(matrix[i], expected, rtol=1e-12, atol=1e-12)
+        real = matrix[: plan.size].mean(axis=0)
+        for row in matrix[plan.size :]:
+            np.testing.assert_allclose(row, real, rtol=1e-12, atol=1e-12)
+        held = plan.holders(label)
+        assert held[: plan.size].tolist() == [
+            t in v.tokens and t != forced_token for t in plan.tokens
+        ]
+
+
+def test_token_ids_in_configs_follow_their_tokens() -> None:
+    old = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<pad>"}
+    new = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3}
+    config = {
+        "bos_token_id": 1,
+        "eos_token_id": [2, 3],
+        "pad_token_id": 9,  # not a token of the donor: left alone
+        "text_config": {"eos_token_id": 2},
+        "vocab_size": 4,
+    }
+    moved = remap_token_ids(config, old, new)
+    assert moved == {
+        "bos_token_id": 2,
+        "eos_token_id": [3, 1],
+        "pad_token_id": 9,
+        "text_config": {"eos_token_id": 3},
+        "vocab_size": 4,
+    }
