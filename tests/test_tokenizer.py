@@ -518,3 +518,16 @@ def test_an_in_memory_stage_cannot_build_a_tokenizer(
     text = yaml.safe_dump(first) + "---\n" + yaml.safe_dump(final)
     with pytest.raises(AlloyError, match="stage 'first' builds a tokenizer"):
         merge(text, tmp_path / "out")
+
+
+def test_dry_run_describes_the_vocabulary(vocab_family: dict[str, Path]) -> None:
+    from alloykit._output import describe_vocabulary
+
+    plan = plan_merge(linear_config(vocab_family, source="union", pad_to_multiple_of=64))
+    size = len(union_order(vocab_family))
+    assert describe_vocabulary(plan) == (
+        f"vocabulary: union, {size} tokens, 128 rows (tokenizer from m0; m0 lacks 8, m1 lacks 0, "
+        "m2 lacks 2, m3 lacks 11; missing rows: default_row)"
+    )
+    embedding = next(j for j in plan.jobs if j.output == "model.embed_tokens.weight")
+    assert embedding.vocabulary and embedding.shape == (128, 16)
