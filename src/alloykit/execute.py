@@ -24,7 +24,7 @@ from alloykit.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from alloykit.methods import Method, MethodInputs
 from alloykit.plan import COPY, MergePlan, TensorJob
 from alloykit.prepass import needs_model_scope, with_model_thresholds
-from alloykit.tokenizer import align_rows, merge_holders_only
+from alloykit.tokenizer import align_into, default_rows, merge_holders_only
 
 
 class TensorSink(Protocol):
@@ -118,10 +118,17 @@ def execute(
         items = [*job.inputs, *([job.base] if job.base is not None else [])]
         raw = {item.model: read(item.model, item.tensor) for item in items}
         dtype = SAFETENSORS_DTYPES[job.dtype] if job.method == COPY else work_dtype
-        aligned = align_rows(vocabulary, raw, dtype)
-        del raw
-        stack = torch.stack([aligned.pop(item.model) for item in job.inputs]).to(device)
-        base = aligned[job.base.model].to(device) if job.base is not None else None
+        defaults = default_rows(vocabulary, raw, dtype)
+        # each model's rows go straight into the stack the method receives, and its raw
+        # matrix is dropped once written: memory stays near one copy of the inputs
+        stack = torch.empty((len(job.inputs), *job.shape), dtype=dtype, device=device)
+        for row, item in enumerate(job.inputs):
+            align_into(vocabulary, item.model, raw.pop(item.model), defaults, stack[row])
+        base = None
+        if job.base is not None:
+            base = torch.empty(job.shape, dtype=dtype, device=device)
+            align_into(vocabulary, job.base.model, raw.pop(job.base.model), defaults, base)
+        del defaults
         holders = None
         if vocabulary.missing_rows == "holders_only" and job.method != COPY:
             masks = [vocabulary.holders(item.model) for item in job.inputs]

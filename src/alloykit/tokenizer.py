@@ -267,6 +267,43 @@ def _output_added(
 # --------------------------------------------------------------------------- aligning rows
 
 
+def default_rows(
+    vocabulary: VocabularyPlan, raw: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """Every output token's default row ``(vocabulary.size, *rest)``, from the models in ``raw``
+    (a model outside ``raw`` contributes nothing)."""
+    first = next(iter(raw.values()))
+    rest = tuple(first.shape[1:])
+    device = first.device
+    defaults = torch.zeros((vocabulary.size, *rest), dtype=dtype, device=device)
+    counts = torch.zeros(vocabulary.size, dtype=dtype, device=device)
+    for label, (ids, rows) in vocabulary.contributions.items():
+        if label not in raw:
+            continue
+        out_ids = torch.from_numpy(ids).to(device)
+        defaults.index_add_(0, out_ids, raw[label][torch.from_numpy(rows).to(device)].to(dtype))
+        counts.index_add_(0, out_ids, torch.ones(len(ids), dtype=dtype, device=device))
+    return defaults.div_(counts.clamp(min=1).reshape(-1, *([1] * len(rest))))
+
+
+def align_into(
+    vocabulary: VocabularyPlan,
+    label: str,
+    matrix: torch.Tensor,
+    defaults: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Write model ``label``'s ``matrix`` re-indexed to the output vocabulary into ``out``
+    (``(vocabulary.rows, *rest)``): its own rows, default rows, then mean padding rows."""
+    size = vocabulary.size
+    index = torch.from_numpy(vocabulary.index[label]).to(matrix.device)
+    own = (index >= 0) & ~torch.from_numpy(vocabulary.forced).to(matrix.device)
+    out[:size] = defaults
+    out[:size][own.to(out.device)] = matrix[index[own]].to(device=out.device, dtype=out.dtype)
+    if vocabulary.rows > size:  # padding: the mean of the real rows (Hewitt's init)
+        out[size:] = out[:size].mean(dim=0, keepdim=True)
+
+
 def align_rows(
     vocabulary: VocabularyPlan, raw: Mapping[str, torch.Tensor], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
@@ -274,31 +311,13 @@ def align_rows(
 
     ``raw`` maps model labels to their matrices ``(rows_m, *rest)``; the result maps the same
     labels to ``(vocabulary.rows, *rest)`` matrices in ``dtype``. Default rows are computed
-    from the models present in ``raw`` (a model outside ``raw`` contributes nothing).
+    from the models present in ``raw``.
     """
-    first = next(iter(raw.values()))
-    rest = tuple(first.shape[1:])
-    device = first.device
-    size = vocabulary.size
-    defaults = torch.zeros((size, *rest), dtype=dtype, device=device)
-    counts = torch.zeros(size, dtype=dtype, device=device)
-    for label, (ids, rows) in vocabulary.contributions.items():
-        if label not in raw:
-            continue
-        out_ids = torch.from_numpy(ids).to(device)
-        defaults.index_add_(0, out_ids, raw[label][torch.from_numpy(rows).to(device)].to(dtype))
-        counts.index_add_(0, out_ids, torch.ones(len(ids), dtype=dtype, device=device))
-    defaults /= counts.clamp(min=1).reshape(-1, *([1] * len(rest)))
-    forced = torch.from_numpy(vocabulary.forced).to(device)
+    defaults = default_rows(vocabulary, raw, dtype)
     aligned = {}
     for label, matrix in raw.items():
-        index = torch.from_numpy(vocabulary.index[label]).to(device)
-        own = (index >= 0) & ~forced
-        out = torch.empty((vocabulary.rows, *rest), dtype=dtype, device=device)
-        out[:size] = defaults
-        out[:size][own] = matrix[index[own]].to(dtype)
-        if vocabulary.rows > size:  # padding: the mean of the real rows (Hewitt's init)
-            out[size:] = out[:size].mean(dim=0, keepdim=True)
+        out = torch.empty((vocabulary.rows, *defaults.shape[1:]), dtype=dtype, device=matrix.device)
+        align_into(vocabulary, label, matrix, defaults, out)
         aligned[label] = out
     return aligned
 
