@@ -6,7 +6,11 @@ rules are checked on many shapes of disagreement, not only on the toy family's.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -144,3 +148,77 @@ def test_token_ids_in_configs_follow_their_tokens() -> None:
         "text_config": {"eos_token_id": 3},
         "vocab_size": 4,
     }
+
+
+def _trained(kind: str, vocab_size: int) -> dict[str, Any]:
+    """A tokenizer of model ``kind`` trained on the toy corpus, as a tokenizer.json document."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from alloykit.toymodels import CORPUS
+
+    specials = ["<unk>", "<s>", "</s>"]
+    if kind == "Unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        trainer: Any = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
+        )
+    elif kind == "WordPiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=specials, show_progress=False
+        )
+    else:
+        tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size, special_tokens=specials, show_progress=False
+        )
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([CORPUS] * 4, trainer)
+    document: dict[str, Any] = json.loads(tokenizer.to_str())
+    return document
+
+
+@pytest.mark.parametrize("kind", ["Unigram", "WordPiece", "WordLevel"])
+def test_union_tokenizers_of_each_model_kind_resolve_to_the_aligned_ids(kind: str) -> None:
+    from tokenizers import Tokenizer
+
+    from alloykit.io.tokenizer_files import build_document, document_vocabulary
+    from alloykit.tokenizer import full_token_map
+
+    small = _trained(kind, 60)
+    large = _trained(kind, 90)
+    # the large one also has an added special token
+    large["added_tokens"].append(
+        {
+            "id": 0,
+            "content": "<|im_start|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
+    large = json.loads(Tokenizer.from_str(json.dumps(large)).to_str())  # ids assigned
+    vocabs = {
+        "base": document_vocabulary(small, "base", 10**6),
+        "big": document_vocabulary(large, "big", 10**6),
+    }
+    plan = plan_vocabulary(
+        source="union",
+        vocabularies=vocabs,
+        base="base",
+        token_rows={},
+        pad_to_multiple_of=None,
+        missing_rows="default_row",
+    )
+    document = build_document(small, plan, "base")
+    assert full_token_map(document) == plan.token_ids()
+    assert plan.token_ids()["<|im_start|>"] == plan.size - 1
+    ours, base = Tokenizer.from_str(json.dumps(document)), Tokenizer.from_str(json.dumps(small))
+    text = "the merged model should answer questions"
+    if kind in ("WordPiece", "WordLevel"):  # whole-word matches: use words the base has
+        text = " ".join(t for t in vocabs["base"].by_id() if t.isalpha())
+    assert ours.encode(text).ids == base.encode(text).ids
+    assert ours.decode(ours.encode(text).ids) == base.decode(base.encode(text).ids)
+    assert ours.encode("<|im_start|>the").ids[0] == plan.size - 1

@@ -534,8 +534,7 @@ def plan_tokenizer(
     token_maps = {label: full_token_map(documents[label]) for label in documents}
     document = None
     if token_maps[owner] != vocabulary.token_ids():
-        others = [documents[label] for label in documents if label != owner]
-        document = files.build_document(documents[owner], vocabulary, others, owner)
+        document = files.build_document(documents[owner], vocabulary, owner)
         if full_token_map(document) != vocabulary.token_ids():
             raise IncompatibleModels(
                 f"the merged tokenizer built from model '{owner}' does not resolve every token "

@@ -32,6 +32,8 @@ log = logging.getLogger("alloykit")
 # Token-id keys of config.json / generation_config.json that name special tokens.
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 # Vocabulary files of slow tokenizers: stale once tokenizer.json describes another vocabulary.
+# The Unigram score of a piece the tokenizer source lacks: far below any real log-probability.
+UNUSED_PIECE_SCORE = -1e9
 SLOW_FILES = (
     "tokenizer.model",
     "spiece.model",
@@ -100,13 +102,13 @@ def _pairs(merges: Sequence[Any]) -> list[tuple[str, str]]:
 def build_document(
     owner: Mapping[str, Any],
     plan: VocabularyPlan,
-    others: Sequence[Mapping[str, Any]],
     owner_label: str,
 ) -> dict[str, Any]:
     """The output ``tokenizer.json``: ``owner``'s tokenizer over the plan's vocabulary.
 
-    ``others`` are the other models' documents (in config order), which give the Unigram
-    scores of tokens ``owner`` lacks.
+    A BPE keeps only ``owner``'s merges and a Unigram gives ``owner``'s pieces their scores and
+    new pieces :data:`UNUSED_PIECE_SCORE`, so both encode text as ``owner`` does; WordPiece and
+    WordLevel match words against the whole vocabulary, so they may produce new tokens too.
     """
     document = copy.deepcopy(dict(owner))
     model = document.get("model") or {}
@@ -122,13 +124,16 @@ def build_document(
             strings = bool(model.get("merges")) and isinstance(model["merges"][0], str)
             model["merges"] = [f"{a} {b}" if strings else [a, b] for a, b in kept]
     elif kind == "Unigram":
-        scores: dict[str, float] = {}
-        for source in (*others[::-1], owner):  # the owner's score wins, then the first model's
-            for piece, score in (source.get("model") or {}).get("vocab") or []:
-                scores[piece] = score
+        scores = {piece: score for piece, score in model.get("vocab") or []}
         unk = model.get("unk_id")
         unk_piece = model["vocab"][unk][0] if isinstance(unk, int) else None
-        model["vocab"] = [[token, scores.get(token, 0.0)] for token in plan.tokens]
+        # a piece the owner lacks gets a score no segmentation prefers, so text encodes as
+        # with the owner's tokenizer (added tokens are matched before segmentation anyway)
+        owner_pieces = {piece for piece, _ in model["vocab"]}
+        model["vocab"] = [
+            [token, scores.get(token, 0.0) if token in owner_pieces else UNUSED_PIECE_SCORE]
+            for token in plan.tokens
+        ]
         if unk_piece is not None:
             model["unk_id"] = ids[unk_piece]
     else:
