@@ -531,3 +531,38 @@ def test_dry_run_describes_the_vocabulary(vocab_family: dict[str, Path]) -> None
     )
     embedding = next(j for j in plan.jobs if j.output == "model.embed_tokens.weight")
     assert embedding.vocabulary and embedding.shape == (128, 16)
+
+
+def test_kept_embeddings_are_the_base_rows_aligned(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    """keep_from_base with a union: the base's rows, and default rows for tokens it lacks."""
+    config = ties_config(vocab_family, source="union")
+    config["keep_from_base"] = ["embedding", "head"]
+    out = merge_folder(tmp_path, "out", config)
+    tokens = union_order(vocab_family)
+    merged = load_tensors(out)
+    for tensor in VOCAB_TENSORS:
+        aligned, _ = aligned_rows(vocab_family, tokens, tensor)
+        np.testing.assert_array_equal(merged[tensor], aligned["base"].astype(np.float32))
+
+
+def test_vocab_size_is_set_in_nested_text_configs() -> None:
+    from alloykit.plan import _tokenizer_config
+    from alloykit.tokenizer import OutputTokenizer, Vocabulary, plan_vocabulary
+
+    vocabs = {"a": Vocabulary("a", {"x": 0, "y": 1}, 2), "b": Vocabulary("b", {"y": 0, "z": 1}, 2)}
+    plan = plan_vocabulary(
+        source="union",
+        vocabularies=vocabs,
+        base="a",
+        token_rows={},
+        pad_to_multiple_of=4,
+        missing_rows="default_row",
+    )
+    tokenizer = OutputTokenizer(plan, None, "a", None, {"a": {"x": 0, "y": 1}})
+    config = {"text_config": {"vocab_size": 2, "eos_token_id": 1}, "vision_config": {}}
+    assert _tokenizer_config(config, tokenizer, "a") == {
+        "text_config": {"vocab_size": 4, "eos_token_id": 1},
+        "vision_config": {},
+    }

@@ -738,7 +738,7 @@ class _Planner:
         if kept and output_slice.base is not None and output_slice.base in infos:
             # keep_from_base: the base's tensor, unchanged
             job = _copy_job(output, output_slice.base, infos[output_slice.base], dtype)
-            return _aligned(job, vocabulary_shape)
+            return _aligned(job, vocabulary_shape, infos)
         if reference.dtype not in FLOAT_CODES:  # integer buffers are copied from the base
             return _copy_job(output, donor, reference, reference.dtype)
 
@@ -857,11 +857,23 @@ def _copy_job(output: str, model: str, info: TensorInfo, dtype: str) -> TensorJo
     )
 
 
-def _aligned(job: TensorJob, shape: tuple[int, ...] | None) -> TensorJob:
-    """``job`` reading its input re-indexed to the output vocabulary (``shape``), if given."""
+def _aligned(
+    job: TensorJob, shape: tuple[int, ...] | None, infos: Mapping[str, TensorInfo]
+) -> TensorJob:
+    """The copy ``job`` reading its input re-indexed to the output vocabulary (``shape``), if
+    given; every model of ``infos`` is read too, after the copied one, for the default rows of
+    the tokens it lacks."""
     if shape is None:
         return job
-    return dataclasses.replace(job, shape=shape, vocabulary=True)
+    (kept,) = job.inputs
+    others = [TensorInput(label, info.name) for label, info in infos.items() if label != kept.model]
+    return dataclasses.replace(
+        job,
+        shape=shape,
+        vocabulary=True,
+        inputs=(kept, *others),
+        input_bytes=sum(info.nbytes for info in infos.values()),
+    )
 
 
 def _tokenizer_config(
