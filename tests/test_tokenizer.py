@@ -566,3 +566,32 @@ def test_vocab_size_is_set_in_nested_text_configs() -> None:
         "text_config": {"vocab_size": 4, "eos_token_id": 1},
         "vision_config": {},
     }
+
+
+def test_special_token_ids_follow_the_output_tokenizer(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    """A tokenizer source numbering <s> and </s> the other way round moves the donor's ids."""
+    import shutil
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(vocab_family["base"], swapped)
+    document = json.loads((swapped / "tokenizer.json").read_text())
+    ids = {"<s>": 2, "</s>": 1}
+    document["model"]["vocab"].update(ids)
+    for entry in document["added_tokens"]:
+        entry["id"] = ids.get(entry["content"], entry["id"])
+    (swapped / "tokenizer.json").write_text(json.dumps(document))
+    config = ties_config(dict(vocab_family, short=swapped))
+    del config["tokenizer"]
+    config["tokenizer_source"] = str(swapped)
+    out = merge_folder(tmp_path, "out", config)
+    tokens = output_map(out)
+    assert (tokens["<s>"], tokens["</s>"]) == (2, 1)
+    for name in ("config.json", "generation_config.json"):
+        settings = json.loads((out / name).read_text())
+        assert (settings["bos_token_id"], settings["eos_token_id"]) == (2, 1), name
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(out))
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (2, 1)
