@@ -595,3 +595,21 @@ def test_special_token_ids_follow_the_output_tokenizer(
 
     loaded = AutoTokenizer.from_pretrained(str(out))
     assert (loaded.bos_token_id, loaded.eos_token_id) == (2, 1)
+
+
+def test_a_configured_token_outside_the_base_vocabulary_is_an_added_token(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    """source: base with a tokens: entry for chat's <|im_start|>: it joins the base's vocabulary
+    as chat's special token, with chat's row, and is matched in text."""
+    from transformers import AutoTokenizer
+
+    tokens = {CHAT_TOKENS[0]: {"source": str(vocab_family["chat"])}}
+    out = merge_folder(tmp_path, "out", linear_config(vocab_family, source="base", tokens=tokens))
+    base = token_map(vocab_family["base"])
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.get_vocab() == {**base, CHAT_TOKENS[0]: len(base)}
+    assert tokenizer(CHAT_TOKENS[0] + "the")["input_ids"][0] == len(base)
+    chat = token_map(vocab_family["chat"])
+    row = load_tensors(vocab_family["chat"])["lm_head.weight"][chat[CHAT_TOKENS[0]]]
+    np.testing.assert_allclose(load_tensors(out)["lm_head.weight"][len(base)], row, atol=TOL)

@@ -26,15 +26,18 @@ tokenizer files lives in :mod:`alloykit.io.tokenizer_files`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from alloykit.errors import ConfigError, IncompatibleModels
+
+if TYPE_CHECKING:
+    from alloykit.methods import MethodInputs
 
 log = logging.getLogger("alloykit")
 
@@ -248,19 +251,15 @@ def _output_added(
         for content, entry in vocabulary.added.items():
             if content in wanted and content in vocabulary.tokens:
                 added.setdefault(content, dict(entry))
-    held = {t for v in vocabularies.values() for t in v.tokens}
+    # a tokens: key the vocabulary did not have is an added token: the entry a model gives it,
+    # else a plain one (it can then be matched in text, as MergeKit's added tokens are)
+    held = {t for label in order for t in vocabularies[label].tokens}
+    plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True}
     for token in extra:
-        if token not in held:
-            added.setdefault(
-                token,
-                {
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": True,
-                    "special": False,
-                },
-            )
+        if token in added or token in held:
+            continue
+        entries = [v.added[token] for v in vocabularies.values() if token in v.added]
+        added[token] = dict(entries[0]) if entries else {**plain, "special": False}
     return added
 
 
@@ -323,8 +322,8 @@ def align_rows(
 
 
 def merge_holders_only(
-    run: Any,
-    inputs: Any,
+    run: Callable[[MethodInputs], torch.Tensor],
+    inputs: MethodInputs,
     holders: torch.Tensor,
     full: torch.Tensor,
     min_models: int,
