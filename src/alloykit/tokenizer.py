@@ -19,8 +19,9 @@ New tokens get fixed ids: the base's tokens keep theirs, then each other model's
 are new, model by model in config order and by id within a model, then the new ``tokens:``
 keys in config order. The same config always gives the same ids.
 
-This module is pure: it works on :class:`Vocabulary` objects and tensors. Reading and writing
-tokenizer files lives in :mod:`alloykit.io.tokenizer_files`.
+The rules work on :class:`Vocabulary` objects and tensors only; reading and writing tokenizer
+files lives in :mod:`alloykit.io.tokenizer_files`, which :func:`plan_tokenizer` uses to read
+the inputs' tokenizers at plan time (no tensor data is read).
 """
 
 from __future__ import annotations
