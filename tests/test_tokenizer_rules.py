@@ -78,6 +78,10 @@ def test_order_indices_and_default_rows(
             sources.setdefault(i, []).append((label, row))
     for i, token in enumerate(plan.tokens):
         holders = [(label, v.tokens[token]) for label, v in vocabs.items() if token in v.tokens]
+        if len(holders) == len(vocabs):  # every model has it: no default row is needed
+            assert i not in plan.default_ids and i not in sources
+            continue
+        assert i in plan.default_ids
         expected_sources = [h for h in holders if h[0] == "m0"] or holders
         assert sorted(sources.get(i, [])) == sorted(expected_sources)
         assert plan.counts[i] == len(expected_sources)

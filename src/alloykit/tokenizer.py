@@ -86,8 +86,9 @@ class VocabularyPlan:
     """The output vocabulary and how each model's rows map onto it.
 
     ``index[label][i]`` is model ``label``'s row for output token ``i`` (-1 when it lacks it).
-    The default row of token ``i`` is the mean of the rows ``contributions`` lists for it
-    (``counts[i]`` of them; zeros when none). ``forced[i]`` gives the default row to every model.
+    Only the tokens ``default_ids`` (some model lacks them, or ``tokens:`` configures them) have
+    a default row: the mean of the rows ``contributions`` lists for it (``counts[i]`` of them;
+    zeros when none). ``forced[i]`` gives the default row to every model.
     """
 
     tokens: list[str]  # output id -> token
@@ -95,6 +96,7 @@ class VocabularyPlan:
     index: dict[str, np.ndarray]
     contributions: dict[str, tuple[np.ndarray, np.ndarray]]  # label -> (output ids, rows)
     counts: np.ndarray
+    default_ids: np.ndarray  # sorted output ids that have a default row
     forced: np.ndarray
     missing_rows: MissingRows
     added: dict[str, dict[str, Any]]  # added-token entries of the output, by content
@@ -191,7 +193,13 @@ def plan_vocabulary(
     counts = np.zeros(size, dtype=np.int64)
     forced = np.zeros(size, dtype=bool)
     unheld = []
-    for i, token in enumerate(tokens):
+    lacking = np.zeros(size, dtype=bool)
+    for model_index in index.values():
+        lacking |= model_index < 0
+    lacking |= np.array([token in token_rows for token in tokens], dtype=bool)
+    default_ids = np.flatnonzero(lacking)
+    for i in default_ids.tolist():  # tokens every model has need no default row
+        token = tokens[i]
         configured = token_rows.get(token)
         if configured is not None:
             forced[i] = configured.force
@@ -223,6 +231,7 @@ def plan_vocabulary(
             if ids
         },
         counts=counts,
+        default_ids=default_ids,
         forced=forced,
         missing_rows=missing_rows,
         added=_output_added(tokens, vocabularies, base, source, list(token_rows)),
@@ -270,20 +279,29 @@ def _output_added(
 def default_rows(
     vocabulary: VocabularyPlan, raw: Mapping[str, torch.Tensor], dtype: torch.dtype
 ) -> torch.Tensor:
-    """Every output token's default row ``(vocabulary.size, *rest)``, from the models in ``raw``
-    (a model outside ``raw`` contributes nothing)."""
+    """The default rows ``(len(vocabulary.default_ids), *rest)``, in ``default_ids`` order,
+    from the models in ``raw`` (a model outside ``raw`` contributes nothing)."""
     first = next(iter(raw.values()))
     rest = tuple(first.shape[1:])
     device = first.device
-    defaults = torch.zeros((vocabulary.size, *rest), dtype=dtype, device=device)
-    counts = torch.zeros(vocabulary.size, dtype=dtype, device=device)
+    count = len(vocabulary.default_ids)
+    slot = _slots(vocabulary)
+    defaults = torch.zeros((count, *rest), dtype=dtype, device=device)
+    counts = torch.zeros(count, dtype=dtype, device=device)
     for label, (ids, rows) in vocabulary.contributions.items():
         if label not in raw:
             continue
-        out_ids = torch.from_numpy(ids).to(device)
-        defaults.index_add_(0, out_ids, raw[label][torch.from_numpy(rows).to(device)].to(dtype))
-        counts.index_add_(0, out_ids, torch.ones(len(ids), dtype=dtype, device=device))
+        slots = torch.from_numpy(slot[ids]).to(device)
+        defaults.index_add_(0, slots, raw[label][torch.from_numpy(rows).to(device)].to(dtype))
+        counts.index_add_(0, slots, torch.ones(len(ids), dtype=dtype, device=device))
     return defaults.div_(counts.clamp(min=1).reshape(-1, *([1] * len(rest))))
+
+
+def _slots(vocabulary: VocabularyPlan) -> np.ndarray:
+    """Output id -> its position in ``default_ids`` (-1 for tokens without a default row)."""
+    slot = np.full(vocabulary.size, -1, dtype=np.int64)
+    slot[vocabulary.default_ids] = np.arange(len(vocabulary.default_ids))
+    return slot
 
 
 def align_into(
@@ -294,14 +312,26 @@ def align_into(
     out: torch.Tensor,
 ) -> None:
     """Write model ``label``'s ``matrix`` re-indexed to the output vocabulary into ``out``
-    (``(vocabulary.rows, *rest)``): its own rows, default rows, then mean padding rows."""
+    (``(vocabulary.rows, *rest)``): its own rows, default rows, then mean padding rows.
+
+    Each output row is written once, by two gathers (own rows, default rows).
+    """
     size = vocabulary.size
-    index = torch.from_numpy(vocabulary.index[label]).to(matrix.device)
-    own = (index >= 0) & ~torch.from_numpy(vocabulary.forced).to(matrix.device)
-    out[:size] = defaults
-    out[:size][own.to(out.device)] = matrix[index[own]].to(device=out.device, dtype=out.dtype)
+    index = vocabulary.index[label]
+    own = (index >= 0) & ~vocabulary.forced
+    own_ids, other_ids = np.flatnonzero(own), np.flatnonzero(~own)
+
+    def tensor(ids: np.ndarray, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(ids).to(device)
+
+    real = out[:size]
+    rows = matrix.index_select(0, tensor(index[own_ids], matrix.device))
+    real.index_copy_(0, tensor(own_ids, out.device), rows.to(device=out.device, dtype=out.dtype))
+    if len(other_ids):
+        picked = defaults.index_select(0, tensor(_slots(vocabulary)[other_ids], defaults.device))
+        real.index_copy_(0, tensor(other_ids, out.device), picked.to(out.device, out.dtype))
     if vocabulary.rows > size:  # padding: the mean of the real rows (Hewitt's init)
-        out[size:] = out[:size].mean(dim=0, keepdim=True)
+        out[size:] = real.mean(dim=0, keepdim=True)
 
 
 def align_rows(
