@@ -613,3 +613,23 @@ def test_a_configured_token_outside_the_base_vocabulary_is_an_added_token(
     chat = token_map(vocab_family["chat"])
     row = load_tensors(vocab_family["chat"])["lm_head.weight"][chat[CHAT_TOKENS[0]]]
     np.testing.assert_allclose(load_tensors(out)["lm_head.weight"][len(base)], row, atol=TOL)
+
+
+def test_modules_align_the_embeddings_and_an_unmoduled_head(
+    vocab_family: dict[str, Path], tmp_path: Path
+) -> None:
+    """modules: {model: ...} merges the embeddings (aligned) and copies lm_head, aligned."""
+    config = linear_config(vocab_family, source="union")
+    config["modules"] = {"model": {"models": config.pop("models")}}
+    out = merge_folder(tmp_path, "out", config)
+    tokens = union_order(vocab_family)
+    merged = load_tensors(out)
+    aligned, _ = aligned_rows(vocab_family, tokens, "model.embed_tokens.weight")
+    weights = np.array([WEIGHTS[n] for n in MODELS])
+    expected = np.einsum("m,mvh->vh", weights, np.stack([aligned[n] for n in MODELS]))
+    np.testing.assert_allclose(
+        merged["model.embed_tokens.weight"], expected / weights.sum(), atol=TOL
+    )
+    head, _ = aligned_rows(vocab_family, tokens, "lm_head.weight")
+    np.testing.assert_allclose(merged["lm_head.weight"], head["base"], atol=TOL)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(tokens)

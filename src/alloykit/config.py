@@ -589,11 +589,6 @@ def _check_tokenizer(config: MergeConfig) -> list[str]:
             f"{where}: '{source}' is not base, union or one of the config's models "
             f"({listing}){did_you_mean(source, ['base', 'union', *labels])}"
         )
-    if (source is not None or config.chat_template is not None) and config.modules is not None:
-        problems.append(
-            f"{where if source is not None else 'chat_template'}: building a tokenizer is not "
-            "supported with modules: yet; merge without it and set the tokenizer afterwards"
-        )
     return problems
 
 

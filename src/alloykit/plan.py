@@ -276,11 +276,14 @@ def _module_plan(
 ) -> MergePlan:
     """Plan ``modules:``: each module merges the tensors under ``<name>.`` like a whole config.
 
-    Tensors under no module's prefix are copied from the donor (base or first model).
+    Tensors under no module's prefix are copied from the donor (base or first model); with a
+    merged vocabulary, a token-embedding or head tensor among them is the donor's aligned rows.
     """
     assert config.modules is not None
+    tokenizer = plan_tokenizer(config, checkpoints, donor)
+    vocabulary = tokenizer.vocabulary if tokenizer is not None else None
     jobs: list[TensorJob] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(vocabulary.warnings) if vocabulary is not None else []
     layers = 0
     donor_tensors = checkpoints[donor].tensors
     donor_config = checkpoints[donor].config
@@ -302,7 +305,7 @@ def _module_plan(
         views = {label: _restricted(checkpoints[label], prefix) for label in labels}
         check_one_stack(sub, views, where=f"{where}.slices")
         module_jobs, _, module_layers, planner = _plan_jobs(
-            sub, views, method, out_dtype, module.parameters
+            sub, views, method, out_dtype, module.parameters, vocabulary
         )
         jobs += module_jobs
         layers += module_layers
@@ -324,12 +327,20 @@ def _module_plan(
         for name in rest:
             info = donor_tensors[name]
             dtype = out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
-            jobs.append(_copy_job(name, donor, info, dtype))
+            job = _copy_job(name, donor, info, dtype)
+            if vocabulary is not None and is_vocabulary_tensor(name):
+                holders = {
+                    label: c.tensors[name] for label, c in checkpoints.items() if name in c.tensors
+                }
+                job = _aligned(job, (vocabulary.rows, *info.shape[1:]), holders)
+            jobs.append(job)
         warnings.append(
             f"modules: {len(rest)} tensors of model '{donor}' are under no module (e.g. "
             f"'{rest[0]}'); they are copied from '{donor}' unchanged"
         )
     donor_ckpt = checkpoints[donor]
+    if tokenizer is not None and output_config is not None:
+        output_config = _tokenizer_config(output_config, tokenizer, donor)
     return MergePlan(
         jobs=jobs,
         kernel=method,
@@ -340,6 +351,7 @@ def _module_plan(
         load_dtype=load_dtype,
         layers=layers,
         warnings=warnings,
+        tokenizer=tokenizer,
     )
 
 
