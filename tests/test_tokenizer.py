@@ -11,6 +11,7 @@ method is applied to those rows.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from alloykit import merge
-from alloykit.errors import AlloyError, CheckpointError, ConfigError, IncompatibleModels
+from alloykit.errors import CheckpointError, ConfigError, IncompatibleModels
 from alloykit.methods import METHODS, MethodInputs
 from alloykit.pipeline import MergeOptions, plan_merge
 from alloykit.toymodels import CHAT_TOKENS, make_vocabulary_family
@@ -505,19 +506,34 @@ def test_tokens_entries_that_name_no_row_are_config_errors(
     assert not (tmp_path / "out").exists()
 
 
-def test_an_in_memory_stage_cannot_build_a_tokenizer(
+def test_an_in_memory_stage_passes_its_tokenizer_on(
     vocab_family: dict[str, Path], tmp_path: Path
 ) -> None:
+    """A stage that builds a union vocabulary, merged again with the base (whose vocabulary
+    is smaller) in a final stage with tokenizer_source: union."""
+    import yaml
+
     first = dict(linear_config(vocab_family, source="union"), name="first")
     final = {
         "merge_method": "linear",
-        "models": [{"model": "first", "parameters": {"weight": 1.0}}],
+        "models": [
+            {"model": "first", "parameters": {"weight": 1.0}},
+            {"model": str(vocab_family["base"]), "parameters": {"weight": 1.0}},
+        ],
+        "tokenizer_source": "union",
     }
-    import yaml
-
     text = yaml.safe_dump(first) + "---\n" + yaml.safe_dump(final)
-    with pytest.raises(AlloyError, match="stage 'first' builds a tokenizer"):
-        merge(text, tmp_path / "out")
+    out = tmp_path / "out"
+    merge(text, out, MergeOptions(precision="float64"))
+    tokens = union_order(vocab_family)
+    assert output_map(out) == {token: i for i, token in enumerate(tokens)}
+    # the base lacks chat's tokens: their rows are the first stage's (its single holder)
+    stage = merge_folder(tmp_path, "stage", linear_config(vocab_family, source="union"))
+    base = load_tensors(vocab_family["base"])["lm_head.weight"]
+    merged, first_rows = load_tensors(out)["lm_head.weight"], load_tensors(stage)["lm_head.weight"]
+    np.testing.assert_allclose(merged[len(base) :], first_rows[len(base) :], atol=TOL)
+    np.testing.assert_allclose(merged[: len(base)], (first_rows[: len(base)] + base) / 2, atol=TOL)
+    assert not list(Path(tempfile.gettempdir()).glob("alloykit-stage-first-*"))
 
 
 def test_dry_run_describes_the_vocabulary(vocab_family: dict[str, Path]) -> None:
