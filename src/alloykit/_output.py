@@ -89,10 +89,29 @@ def print_plan(plan: MergePlan) -> None:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
         line = f"{line}  {row[5]}"
         out.print(f"[bold]{escape(line)}[/]" if number == 0 else escape(line))
+    if plan.tokenizer is not None and plan.tokenizer.vocabulary is not None:
+        out.print(escape(describe_vocabulary(plan)))
     out.print(
         f"[bold]total:[/] {len(plan.jobs)} tensors, {plan.layers} layers, "
         f"{len(plan.models)} models, reads {human_bytes(plan.input_bytes)}, "
         f"writes {human_bytes(plan.output_bytes)} ({plan.output_dtype})"
+    )
+
+
+def describe_vocabulary(plan: MergePlan) -> str:
+    """One line on the output vocabulary: source, size, rows, and how many tokens each model lacks."""
+    assert plan.tokenizer is not None and plan.tokenizer.vocabulary is not None
+    vocabulary = plan.tokenizer.vocabulary
+    names = _model_names(plan)
+    lacking = ", ".join(
+        f"{names[label]} lacks {int((index < 0).sum())}"
+        for label, index in vocabulary.index.items()
+        if label in names
+    )
+    return (
+        f"vocabulary: {vocabulary.source}, {vocabulary.size} tokens, {vocabulary.rows} rows "
+        f"(tokenizer from {names.get(plan.tokenizer.owner, plan.tokenizer.owner)}; {lacking}; "
+        f"missing rows: {vocabulary.missing_rows})"
     )
 
 

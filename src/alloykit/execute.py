@@ -8,6 +8,7 @@ into the ``(k, *shape)`` stack the method receives. Results go to a sink: the sh
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from alloykit.errors import AlloyError, MergeError
@@ -22,6 +24,7 @@ from alloykit.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from alloykit.methods import Method, MethodInputs
 from alloykit.plan import COPY, MergePlan, TensorJob
 from alloykit.prepass import needs_model_scope, with_model_thresholds
+from alloykit.tokenizer import align_into, default_rows, merge_holders_only
 
 
 class TensorSink(Protocol):
@@ -52,6 +55,7 @@ class _Loaded:
     job: TensorJob
     tensors: torch.Tensor  # (k, *shape): one row per non-base input
     base: torch.Tensor | None
+    holders: torch.Tensor | None = None  # (k, rows): which input has which token (holders_only)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,6 +98,8 @@ def execute(
             value = checkpoints[model].read(tensor)
             return value.to(load_dtype) if load_dtype is not None else value
 
+        if job.vocabulary:
+            return load_aligned(job, read)
         if job.method == COPY:
             (only,) = job.inputs
             return _Loaded(job, read(only.model, only.tensor).unsqueeze(0), None)
@@ -104,6 +110,30 @@ def execute(
         if job.base is not None:
             base = read(job.base.model, job.base.tensor).to(device=device, dtype=work_dtype)
         return _Loaded(job, stack, base)
+
+    def load_aligned(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> _Loaded:
+        """A vocabulary tensor: every model's rows re-indexed to the output vocabulary."""
+        vocabulary = plan.tokenizer.vocabulary if plan.tokenizer is not None else None
+        assert vocabulary is not None, f"job '{job.output}' needs the plan's vocabulary"
+        items = [*job.inputs, *([job.base] if job.base is not None else [])]
+        raw = {item.model: read(item.model, item.tensor) for item in items}
+        dtype = SAFETENSORS_DTYPES[job.dtype] if job.method == COPY else work_dtype
+        defaults = default_rows(vocabulary, raw, dtype)
+        # each model's rows go straight into the stack the method receives, and its raw
+        # matrix is dropped once written: memory stays near one copy of the inputs
+        stack = torch.empty((len(job.inputs), *job.shape), dtype=dtype, device=device)
+        for row, item in enumerate(job.inputs):
+            align_into(vocabulary, item.model, raw.pop(item.model), defaults, stack[row])
+        base = None
+        if job.base is not None:
+            base = torch.empty(job.shape, dtype=dtype, device=device)
+            align_into(vocabulary, job.base.model, raw.pop(job.base.model), defaults, base)
+        del defaults
+        holders = None
+        if vocabulary.missing_rows == "holders_only" and job.method != COPY:
+            masks = [vocabulary.holders(item.model) for item in job.inputs]
+            holders = torch.from_numpy(np.stack(masks)).to(device)
+        return _Loaded(job, stack, base, holders)
 
     jobs = plan.jobs
     if needs_model_scope(plan.kernel, jobs):  # model-wide top-k: two statistics passes first
@@ -138,7 +168,12 @@ def _compute(method: Method, loaded: _Loaded, seed: int, device: torch.device) -
         name: torch.tensor(values, dtype=torch.float64) for name, values in job.per_model.items()
     }
     inputs = MethodInputs(loaded.tensors, loaded.base, per_model, job.params, generator)
-    result = method.run(inputs).to(device="cpu", dtype=out_dtype)
+    if loaded.holders is not None:  # holders_only: keep the inputs for the per-subset runs
+        full = method.run(dataclasses.replace(inputs, tensors=inputs.tensors.clone()))
+        merged = merge_holders_only(method.run, inputs, loaded.holders, full, method.min_models)
+    else:
+        merged = method.run(inputs)
+    result = merged.to(device="cpu", dtype=out_dtype)
     finite = torch.isfinite(result)
     if not bool(finite.all()):
         bad = int(torch.count_nonzero(~finite))

@@ -7,6 +7,7 @@ each step lives in its own module.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from alloykit.errors import AlloyError
 from alloykit.execute import ExecutionOptions, StateDictSink, execute
 from alloykit.io.checkpoint import Checkpoint, open_checkpoint
 from alloykit.io.hub import resolve_model
+from alloykit.io.tokenizer_files import write_output_tokenizer
 from alloykit.io.writer import (
     OutputFolder,
     ShardWriter,
@@ -162,8 +164,11 @@ def _run_stage(
         plans.append(plan)
         for warning in plan.warnings:
             log.warning(f"stage '{name}': {warning}")
+        files = None
+        if plan.tokenizer is not None and (dry_run or options.intermediate_dir is None):
+            files = _stage_files(name, plan)  # later stages read the stage's tokenizer
         if dry_run:
-            return MemoryCheckpoint(name, plan, None)
+            return MemoryCheckpoint(name, plan, None, files)
         if options.intermediate_dir is not None:
             target = Path(options.intermediate_dir) / name
             _write(plan, checkpoints, [stage], target, replace(options, overwrite=True), None)
@@ -177,7 +182,22 @@ def _run_stage(
         log.info(f"stage '{name}': merging {len(plan.jobs)} tensors in memory")
         sink = StateDictSink()
         execute(plan, checkpoints, sink, _execution(options))
-        return MemoryCheckpoint(name, plan, sink)
+        return MemoryCheckpoint(name, plan, sink, files)
+
+
+def _stage_files(name: str, plan: MergePlan) -> Path:
+    """A temporary folder with an in-memory stage's tokenizer and generation files."""
+    import tempfile
+
+    assert plan.tokenizer is not None
+    folder = Path(tempfile.mkdtemp(prefix=f"alloykit-stage-{name}-"))
+    try:
+        copy_donor_files(folder, plan.models[plan.donor], tokenizer=False, code=False)
+        write_output_tokenizer(folder, plan.tokenizer, plan.models, plan.donor)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 def plan_stages(
@@ -266,9 +286,11 @@ def _write(
         copy_donor_files(
             folder.path,
             donor.folder,
-            tokenizer=options.copy_tokenizer,
+            tokenizer=options.copy_tokenizer and plan.tokenizer is None,
             code=bool((donor.config or {}).get("auto_map")) and options.trust_remote_code,
         )
+        if plan.tokenizer is not None:  # the config builds one: written even without copying
+            write_output_tokenizer(folder.path, plan.tokenizer, plan.models, plan.donor)
         recipes = _portable_stages(stages)
         digest = recipes_hash(recipes)
         header = f"# alloykit recipe {digest[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
