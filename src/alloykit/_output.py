@@ -15,6 +15,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from alloykit.pipeline import MergeResult
     from alloykit.plan import MergePlan, TensorJob
+    from alloykit.rebasin.align import AlignResult
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -163,3 +164,18 @@ class MergeProgress:
             return
         self._done += 1
         self._progress.update(self._task, advance=job.input_bytes, done=self._done)
+
+
+def print_alignment(result: AlignResult) -> None:
+    """What ``alloykit align`` found and wrote: groups, convergence, distances, output."""
+    state = "converged" if result.converged else "stopped at --max-iter"
+    out.print(
+        f"aligned {len(result.spec.sizes)} permutation groups over {len(result.spec.axes)} "
+        f"tensors: {state} after {result.rounds} rounds"
+    )
+    out.print(f"weight distance {result.distance_before:.4g} -> {result.distance_after:.4g}")
+    for note in result.spec.notes:
+        err.print(f"[dim]note:[/] {escape(note)}")
+    for step in result.calibrated:
+        out.print(f"calibrated: {escape(step)}")
+    out.print(f"wrote {escape(str(result.output))} ({', '.join(result.files)})")
