@@ -43,8 +43,8 @@ def batches(inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 def reset_batchnorm(module: nn.Module, data: Iterable[torch.Tensor]) -> int:
     """Recompute every BatchNorm's running mean and variance on ``data``; return how many.
 
-    The statistics are the exact average over all batches (``momentum=None``), not an
-    exponential average, so the result does not depend on batch order. The module's training
+    The statistics are the plain average of the batches' statistics (``momentum=None``), not
+    an exponential average, so the result does not depend on batch order. The module's training
     flags and momenta are restored afterwards.
     """
     norms = [m for m in module.modules() if isinstance(m, _NORMS) and m.track_running_stats]

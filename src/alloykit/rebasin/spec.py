@@ -170,7 +170,8 @@ def load_spec(path: Path, shapes: Mapping[str, tuple[int, ...]], label: str) -> 
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"'{path}': cannot read the permutation spec ({e})") from e
+        reason = " ".join(str(e).split())  # YAML errors span lines; the CLI prints one
+        raise ConfigError(f"'{path}': cannot read the permutation spec ({reason})") from e
     if not isinstance(raw, dict) or not isinstance(raw.get("tensors"), dict):
         raise ConfigError(f"'{path}': a permutation spec needs a 'tensors:' mapping")
     declared = raw.get("permutations") or {}

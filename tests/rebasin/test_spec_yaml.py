@@ -1,0 +1,113 @@
+"""Permutation specs declared in YAML: a residual network inference cannot handle, and errors."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from alloykit.errors import ConfigError
+from alloykit.rebasin import SpecError, apply_permutations, load_spec, weight_matching
+from tests.rebasin.nets import assert_states_equal, random_permutations, state
+
+RESIDUAL_SPEC = """\
+# the residual stream 'res' is one permutation shared by every block's input and output
+tensors:
+  inp.weight: [res, null]
+  inp.bias: [res]
+  blocks.0.fc1.weight: [hid0, res]
+  blocks.0.fc1.bias: [hid0]
+  blocks.0.fc2.weight: [res, hid0]
+  blocks.0.fc2.bias: [res]
+  blocks.1.fc1.weight: [hid1, res]
+  blocks.1.fc1.bias: [hid1]
+  blocks.1.fc2.weight: [res, hid1]
+  blocks.1.fc2.bias: [res]
+  norm.weight: [res]
+  norm.bias: [res]
+  out.weight: [null, res]
+"""
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 24)
+        self.fc2 = nn.Linear(24, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 3)
+        with torch.no_grad():
+            self.norm.weight.normal_(1, 0.2)
+            self.norm.bias.normal_(0, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.norm(x))
+
+
+def shapes(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in weights.items()}
+
+
+def test_residual_spec_recovers_and_preserves_function(tmp_path: Path) -> None:
+    net = ResidualMLP(0)
+    weights = state(net)
+    path = tmp_path / "spec.yml"
+    path.write_text(RESIDUAL_SPEC)
+    spec = load_spec(path, shapes(weights), "res")
+    assert spec.sizes == {"res": 16, "hid0": 24, "hid1": 24}
+    scrambled = apply_permutations(spec, random_permutations(spec, 2), weights)
+    permuted = copy.deepcopy(net)
+    permuted.load_state_dict(scrambled)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(permuted(x), net(x), rtol=1e-5, atol=1e-5)
+    found = weight_matching(spec, weights, scrambled, seed=3)
+    assert_states_equal(apply_permutations(spec, found.perms, scrambled), weights)
+
+
+def test_declared_sizes_and_outer_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "heads.yml"
+    path.write_text(
+        "permutations: {heads: 4}\n"
+        "tensors:\n  qkv.weight: [{perm: heads, outer: 3}, null]\n  proj.weight: [null, heads]\n"
+    )
+    spec = load_spec(path, {"qkv.weight": (24, 8), "proj.weight": (8, 8)}, "m")
+    assert spec.sizes == {"heads": 4}
+    assert spec.axes["qkv.weight"][0] is not None and spec.axes["qkv.weight"][0].outer == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "message"),
+    [
+        ("tensors:\n  missing.weight: [a, null]\n", SpecError, "'missing.weight' is not in"),
+        ("tensors:\n  fc.weight: [a]\n", SpecError, "gives 1 axes for tensor 'fc.weight'"),
+        ("permutations: {a: 5}\ntensors:\n  fc.weight: [a, null]\n", SpecError, "not a multiple"),
+        ("tensors:\n  fc.weight: [3, null]\n", ConfigError, "tensors.fc.weight[0]"),
+        ("tensors:\n  fc.weight: [{perm: a, outer: 0}, null]\n", ConfigError, "positive"),
+        ("fc.weight: [a, null]\n", ConfigError, "needs a 'tensors:' mapping"),
+        ("tensors: [\n", ConfigError, "cannot read"),
+    ],
+)
+def test_bad_specs_name_the_problem(tmp_path: Path, text: str, error: type, message: str) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text(text)
+    with pytest.raises(error) as caught:
+        load_spec(path, {"fc.weight": (8, 4), "fc.bias": (8,)}, "m")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
