@@ -288,12 +288,8 @@ def align(
     that best matches the reference model's weights. The permuted model computes the same
     function; averaging it with the reference then works far better than averaging directly.
     """
-    from alloykit import _output
     from alloykit.errors import AlloyError
-    from alloykit.rebasin.align import AlignOptions, align_many
-    from alloykit.rebasin.align import align as run_align
 
-    _output.setup_logging(quiet)
     if (reference is None) == (not merge_many):
         raise AlloyError("give exactly one of --reference MODEL and --merge-many")
     if reference is not None and len(paths) != 2:
@@ -302,6 +298,12 @@ def align(
         raise AlloyError("--merge-many takes at least two models and OUTPUT")
     if merge_many and interpolate is not None:
         raise AlloyError("--interpolate goes with --reference; --merge-many writes the mean")
+    # flags are checked before torch is imported, so a mistyped command fails at once
+    from alloykit import _output
+    from alloykit.rebasin.align import AlignOptions, align_many
+    from alloykit.rebasin.align import align as run_align
+
+    _output.setup_logging(quiet)
     options = AlignOptions(
         seed=seed,
         max_iter=max_iter,

@@ -129,7 +129,7 @@ def align(
     ``out/permutations.json`` records each group's permutation.
     """
     options = options or AlignOptions()
-    _check_options(options, [reference, model])
+    _check_options(options, [reference, model], merging=options.interpolate is not None)
     ref_checkpoint, ref_state = read_state(reference)
     with ref_checkpoint:
         model_checkpoint, state = read_state(model)
@@ -178,7 +178,7 @@ def align_many(
     options = options or AlignOptions()
     if len(models) < 2:
         raise AlloyError("--merge-many needs at least two models")
-    _check_options(options, list(models))
+    _check_options(options, list(models), merging=True)
     checkpoints: list[Checkpoint] = []
     try:
         states = []
@@ -211,7 +211,7 @@ def align_many(
     return AlignResult(out, spec, found.rounds, found.converged, before, after, files, calibrated)
 
 
-def _check_options(options: AlignOptions, models: Sequence[Path]) -> None:
+def _check_options(options: AlignOptions, models: Sequence[Path], *, merging: bool) -> None:
     """Refuse inconsistent options before reading any tensor."""
     if options.max_iter < 1:
         raise AlloyError(f"--max-iter {options.max_iter}: give at least 1")
@@ -224,8 +224,17 @@ def _check_options(options: AlignOptions, models: Sequence[Path]) -> None:
         )
     if options.repair and options.calibration is None:
         raise AlloyError("--repair needs calibration inputs: pass --calibration FILE")
+    if options.calibration is not None and not merging:
+        raise AlloyError(
+            "--calibration repairs a merged model: add --interpolate T (or use --merge-many); "
+            "a permuted model alone computes the same function and needs no repair"
+        )
     if options.calibration is not None and not options.calibration.is_file():
         raise AlloyError(f"calibration file '{options.calibration}' not found")
+    if options.module is not None:
+        from alloykit.rebasin.repair import load_builder
+
+        load_builder(options.module)  # a bad FILE.py:FUNCTION fails before any tensor is read
     if options.spec is not None and not options.spec.is_file():
         raise AlloyError(f"permutation spec '{options.spec}' not found")
     for path in models:
