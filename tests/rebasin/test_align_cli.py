@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from alloykit.errors import AlloyError
 from alloykit.rebasin import AlignOptions, align, apply_permutations, infer_spec
 from tests.helpers import run_cli
-from tests.rebasin.nets import mlp, state
+from tests.rebasin.nets import mlp, random_permutations, state
 
 NET_CODE = """\
 import torch.nn as nn
@@ -91,12 +91,52 @@ def test_merge_many_with_batchnorm_reset_and_repair(tmp_path: Path) -> None:
     torch.testing.assert_close(merged["1.running_mean"], hidden.mean(0), rtol=1e-4, atol=1e-5)
 
 
-def test_hf_folder_keeps_config_and_tokenizer(tmp_path: Path, family: dict[str, Path]) -> None:
-    result = align(family["base"], family["ft1"], tmp_path / "out", AlignOptions(seed=0))
+def test_hf_folder_scrambled_is_recovered_exactly(tmp_path: Path, family: dict[str, Path]) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    original = load_file(family["ft1"] / "model.safetensors")
+    config = json.loads((family["ft1"] / "config.json").read_text())
+    spec = infer_spec({k: tuple(v.shape) for k, v in original.items()}, config, "ft1")
+    scrambled = tmp_path / "scrambled"
+    shutil.copytree(family["ft1"], scrambled)
+    permuted = apply_permutations(spec, random_permutations(spec, 5), original)
+    save_file(permuted, scrambled / "model.safetensors", metadata={"format": "pt"})
+
+    result = align(family["ft1"], scrambled, tmp_path / "out", AlignOptions(seed=0))
     files = set(result.files)
     assert {"config.json", "model.safetensors", "permutations.json", "tokenizer.json"} <= files
     assert any(p.endswith("heads") for p in result.spec.sizes)
-    assert result.distance_after <= result.distance_before
+    assert result.distance_after == 0 < result.distance_before
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(written[k], original[k]) for k in original)
+    tokens = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad():
+        before = AutoModelForCausalLM.from_pretrained(scrambled)(input_ids=tokens).logits
+        after = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=tokens).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_finetunes_of_one_base_need_no_permutation(family: dict[str, Path], tmp_path: Path) -> None:
+    result = align(family["base"], family["ft1"], tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "permutations.json").read_text())
+    assert all(v == list(range(len(v))) for v in record["perms"].values())
+    assert result.distance_after == result.distance_before
+
+
+def test_interpolate_writes_the_aligned_average(
+    tmp_path: Path, two_mlps: tuple[Path, Path]
+) -> None:
+    a, b = two_mlps
+    align(a, b, tmp_path / "aligned")
+    align(a, b, tmp_path / "mid", AlignOptions(interpolate=0.25))
+    aligned = load_file(tmp_path / "aligned" / "model.safetensors")
+    mid = load_file(tmp_path / "mid" / "model.safetensors")
+    reference = torch.load(a)
+    for name, tensor in mid.items():
+        torch.testing.assert_close(tensor, 0.75 * reference[name] + 0.25 * aligned[name])
 
 
 @pytest.mark.parametrize(

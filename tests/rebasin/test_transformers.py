@@ -94,3 +94,17 @@ def test_without_a_config_only_the_mlps_are_permuted() -> None:
     spec = infer_spec(shapes, None, "llama")
     assert sorted(spec.sizes) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert spec.notes and "head count" in spec.notes[0]
+
+
+def test_an_unknown_transformer_layout_asks_for_a_spec() -> None:
+    from alloykit.rebasin import SpecError
+
+    shapes = {  # Falcon-style names: the MLP modules are not in any known layout
+        "transformer.word_embeddings.weight": (64, 32),
+        "transformer.h.0.self_attention.query_key_value.weight": (96, 32),
+        "transformer.h.0.self_attention.dense.weight": (32, 32),
+        "transformer.h.0.mlp.dense_h_to_4h.weight": (128, 32),
+        "transformer.h.0.mlp.dense_4h_to_h.weight": (32, 128),
+    }
+    with pytest.raises(SpecError, match="transformer layout .* is not one alloykit knows"):
+        infer_spec(shapes, {"num_attention_heads": 4}, "falcon")

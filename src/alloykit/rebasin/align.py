@@ -61,6 +61,7 @@ class AlignResult:
     distance_before: float  # L2 distance between the models' permuted tensors, before
     distance_after: float  # ... and after alignment (MergeMany: mean distance to the mean)
     files: list[str] = field(default_factory=list)
+    models: int = 2  # how many models were aligned
     calibrated: list[str] = field(default_factory=list)  # "batchnorm reset (3 layers)", ...
 
 
@@ -163,6 +164,7 @@ def align(
         _distance(spec, ref_state, state),
         _distance(spec, ref_state, aligned),
         files,
+        2,
         calibrated,
     )
 
@@ -208,7 +210,9 @@ def align_many(
     finally:
         for checkpoint in checkpoints:
             checkpoint.close()
-    return AlignResult(out, spec, found.rounds, found.converged, before, after, files, calibrated)
+    return AlignResult(
+        out, spec, found.rounds, found.converged, before, after, files, len(states), calibrated
+    )
 
 
 def _check_options(options: AlignOptions, models: Sequence[Path], *, merging: bool) -> None:

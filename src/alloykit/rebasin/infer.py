@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from alloykit.architecture import layer_stack_prefix, split_layer_name
+from alloykit.architecture import layer_stack_prefix, module_kind, split_layer_name
 from alloykit.rebasin.spec import AxisPermutation, PermutationSpec, SpecError, check_spec
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -93,11 +93,22 @@ def infer_spec(shapes: Shapes, config: Mapping[str, Any] | None, label: str) -> 
     """
     prefix = layer_stack_prefix(shapes)
     if prefix is not None:
+        layers = {
+            p.index for n in shapes if (p := split_layer_name(n)) is not None and p.prefix == prefix
+        }
         for layout in LAYOUTS:
-            if all(f"{prefix}0.{m}.weight" in shapes for m in (*layout.mlp_in, layout.mlp_out)):
+            modules = (*layout.mlp_in, layout.mlp_out)
+            if all(f"{prefix}{i}.{m}.weight" in shapes for i in layers for m in modules):
                 spec = _transformer_spec(shapes, config, prefix, layout)
                 check_spec(spec, shapes, label)
                 return spec
+    attention = next((n for n in shapes if module_kind(n) in ("attention", "embedding")), None)
+    if attention is not None:  # a chain of layers read from it would break the function
+        raise SpecError(
+            f"cannot infer a permutation spec for model '{label}': its transformer layout "
+            f"('{attention}') is not one alloykit knows; declare the permutations in a YAML "
+            "spec (--spec, see docs/rebasin.md)"
+        )
     return _sequential_spec(shapes, label)
 
 

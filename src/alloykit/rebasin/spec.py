@@ -129,7 +129,10 @@ def apply_permutations(
         >>> out["a"].flatten().tolist()
         [0.0, 1.0]
     """
-    return {name: permute_tensor(name, tensor, spec, perms) for name, tensor in state.items()}
+    return {
+        name: permute_tensor(name, tensor, spec, perms).contiguous()
+        for name, tensor in state.items()
+    }
 
 
 def identity_permutations(spec: PermutationSpec) -> Permutations:
