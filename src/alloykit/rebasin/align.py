@@ -322,7 +322,8 @@ def _write(
                 writer.write(name, state[name].contiguous())
             writer.finish()
         if donor.config is not None:
-            dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+            floating = [t.dtype for t in state.values() if t.is_floating_point()]
+            dtype = str(floating[0] if floating else torch.float32).removeprefix("torch.")
             write_config(folder.path, donor.config, dtype)
         if donor.folder.is_dir():
             copy_donor_files(
