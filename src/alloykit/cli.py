@@ -220,6 +220,7 @@ ALIGN_EXAMPLES = """Examples:
   alloykit align --reference a.pt b.pt mid/ --interpolate 0.5   # write the aligned midpoint
   alloykit align --merge-many m1/ m2/ m3/ merged/       # MergeMany: align all, write the mean
   alloykit align --reference a/ b/ out/ --spec resnet.yml      # a declared permutation spec
+  alloykit align a/ --print-spec > spec.yml            # the inferred spec, to edit for --spec
   alloykit align --merge-many m1.pt m2.pt out/ --calibration x.pt --module net.py:build --repair
 """
 
@@ -273,6 +274,13 @@ def align(
         typer.Option("--repair", help="REPAIR the merge's unit statistics (needs --calibration)."),
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 256,
+    print_spec: Annotated[
+        bool,
+        typer.Option(
+            "--print-spec",
+            help="Print the permutation spec of the first model as YAML (to edit for --spec) and stop.",
+        ),
+    ] = False,
     out_shard_size: Annotated[
         str, typer.Option(help="Largest output shard: 5B = 5x10^9 bytes, 500MB, 2GiB.")
     ] = "5B",
@@ -290,6 +298,12 @@ def align(
     """
     from alloykit.errors import AlloyError
 
+    if print_spec:
+        from alloykit.rebasin.align import describe_spec
+        from alloykit.rebasin.spec import spec_to_yaml
+
+        typer.echo(spec_to_yaml(describe_spec(reference or paths[0], spec)), nl=False)
+        return
     if (reference is None) == (not merge_many):
         raise AlloyError("give exactly one of --reference MODEL and --merge-many")
     if reference is not None and len(paths) != 2:

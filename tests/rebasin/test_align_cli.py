@@ -210,6 +210,15 @@ def test_existing_output_is_refused_and_kept(tmp_path: Path, two_mlps: tuple[Pat
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_print_spec_prints_yaml_and_writes_nothing(
+    tmp_path: Path, two_mlps: tuple[Path, Path]
+) -> None:
+    result = run_cli("align", two_mlps[0], "--print-spec")
+    assert result.returncode == 0, result.stderr
+    assert "tensors:" in result.stdout and "2.weight: ['2', '0']" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+
+
 def test_align_help_has_examples() -> None:
     result = run_cli("align", "--help")
     assert result.returncode == 0
@@ -223,6 +232,7 @@ def test_align_help_has_examples() -> None:
         "--module",
         "--repair",
         "--interpolate",
+        "--print-spec",
         "Examples:",
     ):
         assert flag in result.stdout, flag

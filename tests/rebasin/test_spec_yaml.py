@@ -111,3 +111,24 @@ def test_bad_specs_name_the_problem(tmp_path: Path, text: str, error: type, mess
         load_spec(path, {"fc.weight": (8, 4), "fc.bias": (8,)}, "m")
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_printed_spec_reads_back_as_the_same_spec(tmp_path: Path) -> None:
+    from alloykit.rebasin import infer_spec
+    from alloykit.rebasin.spec import spec_to_yaml
+
+    # GPT-2-like names: fused q|k|v (outer 3), heads from the config, Conv1D (in, out) weights
+    shapes = {
+        "h.0.attn.c_attn.weight": (16, 48),
+        "h.0.attn.c_attn.bias": (48,),
+        "h.0.attn.c_proj.weight": (16, 16),
+        "h.0.mlp.c_fc.weight": (16, 64),
+        "h.0.mlp.c_fc.bias": (64,),
+        "h.0.mlp.c_proj.weight": (64, 16),
+    }
+    spec = infer_spec(shapes, {"n_head": 4}, "gpt2")
+    path = tmp_path / "spec.yml"
+    path.write_text(spec_to_yaml(spec))
+    again = load_spec(path, shapes, "gpt2")
+    assert again.sizes == spec.sizes == {"h.0.mlp": 64, "h.0.heads": 4}
+    assert again.axes == spec.axes

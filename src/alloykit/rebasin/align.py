@@ -109,6 +109,19 @@ def model_spec(
     return infer_spec(shapes, config, label)
 
 
+def describe_spec(path: Path, spec_file: Path | None = None) -> PermutationSpec:
+    """The spec ``alloykit align`` would use for the model at ``path``; reads no tensor data."""
+    if not path.exists():
+        raise AlloyError(f"model '{path}' not found")
+    if spec_file is not None and not spec_file.is_file():
+        raise AlloyError(f"permutation spec '{spec_file}' not found")
+    with open_checkpoint(path) as checkpoint:
+        shapes = {name: info.shape for name, info in checkpoint.tensors.items()}
+        if spec_file is not None:
+            return load_spec(spec_file, shapes, str(path))
+        return infer_spec(shapes, checkpoint.config, str(path))
+
+
 def _distance(
     spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
 ) -> float:

@@ -91,14 +91,8 @@ def weight_matching(
         >>> weight_matching(spec, {"w": a}, {"w": a[[2, 0, 1]]}).perms["h"].tolist()
         [1, 2, 0]
     """
-    reference_rows = {
-        (name, axis): unit_view(
-            reference[name].to(torch.float64), axis, placement, spec.sizes[placement.perm]
-        )
-        for perm in spec.sizes
-        for name, axis, placement in spec.uses(perm)
-    }
-    model64 = {name: model[name].to(torch.float64) for name in spec.axes}
+    # float64 copies are made per use, not kept: memory stays at the two models as given
+    uses = {perm: spec.uses(perm) for perm in spec.sizes}
     perms = dict(init) if init is not None else identity_permutations(spec)
     order_rng = np.random.default_rng(seed)
     groups = sorted(spec.sizes)
@@ -109,9 +103,10 @@ def weight_matching(
             perm = groups[index]
             units = spec.sizes[perm]
             scores = torch.zeros(units, units, dtype=torch.float64)
-            for name, axis, placement in spec.uses(perm):
-                others = permute_tensor(name, model64[name], spec, perms, except_axis=axis)
-                scores += reference_rows[name, axis] @ unit_view(others, axis, placement, units).T
+            for name, axis, placement in uses[perm]:
+                ours = unit_view(reference[name].to(torch.float64), axis, placement, units)
+                theirs = permute_tensor(name, model[name], spec, perms, except_axis=axis)
+                scores += ours @ unit_view(theirs.to(torch.float64), axis, placement, units).T
             best = _solve_assignment(scores)
             diagonal = torch.arange(units)
             gain = scores[diagonal, best].sum() - scores[diagonal, perms[perm]].sum()

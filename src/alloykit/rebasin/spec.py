@@ -217,6 +217,26 @@ def load_spec(path: Path, shapes: Mapping[str, tuple[int, ...]], label: str) -> 
     return spec
 
 
+def spec_to_yaml(spec: PermutationSpec) -> str:
+    """``spec`` in the YAML format :func:`load_spec` reads (a starting point for editing)."""
+
+    def entry(placement: AxisPermutation | None) -> object:
+        if placement is None:
+            return None
+        return (
+            placement.perm
+            if placement.outer == 1
+            else {"perm": placement.perm, "outer": placement.outer}
+        )
+
+    document = {
+        "permutations": dict(spec.sizes),
+        "tensors": {name: [entry(p) for p in axes] for name, axes in spec.axes.items()},
+    }
+    header = "".join(f"# note: {note}\n" for note in spec.notes)
+    return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=100)
+
+
 def _parse_placement(entry: Any) -> AxisPermutation | str | None:
     """A YAML axis entry (null, a group name, or {perm, outer}); a problem string when invalid."""
     if entry is None:
