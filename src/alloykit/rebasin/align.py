@@ -21,6 +21,7 @@ from alloykit.io.checkpoint import DTYPE_CODES, Checkpoint, open_checkpoint
 from alloykit.io.writer import (
     OutputFolder,
     ShardWriter,
+    check_output_folder,
     copy_donor_files,
     layout_shards,
     parse_size,
@@ -143,7 +144,7 @@ def align(
     ``out/permutations.json`` records each group's permutation.
     """
     options = options or AlignOptions()
-    _check_options(options, [reference, model], merging=options.interpolate is not None)
+    _check_options(options, [reference, model], out, merging=options.interpolate is not None)
     ref_checkpoint, ref_state = read_state(reference)
     with ref_checkpoint:
         model_checkpoint, state = read_state(model)
@@ -193,7 +194,7 @@ def align_many(
     options = options or AlignOptions()
     if len(models) < 2:
         raise AlloyError("--merge-many needs at least two models")
-    _check_options(options, list(models), merging=True)
+    _check_options(options, list(models), out, merging=True)
     checkpoints: list[Checkpoint] = []
     try:
         states = []
@@ -228,8 +229,11 @@ def align_many(
     )
 
 
-def _check_options(options: AlignOptions, models: Sequence[Path], *, merging: bool) -> None:
-    """Refuse inconsistent options before reading any tensor."""
+def _check_options(
+    options: AlignOptions, models: Sequence[Path], out: Path, *, merging: bool
+) -> None:
+    """Refuse inconsistent options, missing inputs and a used output before reading any tensor."""
+    check_output_folder(out, overwrite=options.overwrite)
     if options.max_iter < 1:
         raise AlloyError(f"--max-iter {options.max_iter}: give at least 1")
     if options.interpolate is not None and not 0 <= options.interpolate <= 1:

@@ -93,9 +93,7 @@ def infer_spec(shapes: Shapes, config: Mapping[str, Any] | None, label: str) -> 
     """
     prefix = layer_stack_prefix(shapes)
     if prefix is not None:
-        layers = {
-            p.index for n in shapes if (p := split_layer_name(n)) is not None and p.prefix == prefix
-        }
+        layers = _layer_indices(shapes, prefix)
         for layout in LAYOUTS:
             modules = (*layout.mlp_in, layout.mlp_out)
             if all(f"{prefix}{i}.{m}.weight" in shapes for i in layers for m in modules):
@@ -110,6 +108,13 @@ def infer_spec(shapes: Shapes, config: Mapping[str, Any] | None, label: str) -> 
             "spec (--spec, see docs/rebasin.md)"
         )
     return _sequential_spec(shapes, label)
+
+
+def _layer_indices(shapes: Shapes, prefix: str) -> list[int]:
+    """The layer numbers of the stack ``prefix`` (``model.layers.``), in order."""
+    return sorted(
+        {p.index for n in shapes if (p := split_layer_name(n)) is not None and p.prefix == prefix}
+    )
 
 
 def _axes(
@@ -130,9 +135,7 @@ def _axes(
 def _transformer_spec(
     shapes: Shapes, config: Mapping[str, Any] | None, prefix: str, layout: BlockLayout
 ) -> PermutationSpec:
-    layers = sorted(
-        {p.index for n in shapes if (p := split_layer_name(n)) is not None and p.prefix == prefix}
-    )
+    layers = _layer_indices(shapes, prefix)
     heads, kv_heads = _head_counts(config)
     sizes: dict[str, int] = {}
     axes: dict[str, tuple[AxisPermutation | None, ...]] = {}
