@@ -132,3 +132,64 @@ def test_printed_spec_reads_back_as_the_same_spec(tmp_path: Path) -> None:
     again = load_spec(path, shapes, "gpt2")
     assert again.sizes == spec.sizes == {"h.0.mlp": 64, "h.0.heads": 4}
     assert again.axes == spec.axes
+
+
+RESNET_SPEC = """\
+tensors:
+  stem.weight: [res, null, null, null]
+  stem_bn.weight: [res]
+  stem_bn.bias: [res]
+  stem_bn.running_mean: [res]
+  stem_bn.running_var: [res]
+  block.conv1.weight: [mid, res, null, null]
+  block.bn1.weight: [mid]
+  block.bn1.bias: [mid]
+  block.bn1.running_mean: [mid]
+  block.bn1.running_var: [mid]
+  block.conv2.weight: [res, mid, null, null]
+  block.bn2.weight: [res]
+  block.bn2.bias: [res]
+  block.bn2.running_mean: [res]
+  block.bn2.running_var: [res]
+  head.weight: [null, res]
+"""
+
+
+class TinyResNet(nn.Module):
+    """A stem and one residual block with BatchNorm: the residual stream is one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.block = nn.Module()
+        self.block.conv1 = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.block.bn1 = nn.BatchNorm2d(12)
+        self.block.conv2 = nn.Conv2d(12, 8, 3, padding=1, bias=False)
+        self.block.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        h = torch.relu(self.block.bn1(self.block.conv1(x)))
+        x = torch.relu(x + self.block.bn2(self.block.conv2(h)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_resnet_block_spec_with_batchnorm(tmp_path: Path) -> None:
+    from tests.rebasin.nets import randomise_batchnorm
+
+    net = TinyResNet().eval()
+    randomise_batchnorm(net, 1)
+    weights = state(net)
+    path = tmp_path / "resnet.yml"
+    path.write_text(RESNET_SPEC)
+    spec = load_spec(path, shapes(weights), "resnet")
+    scrambled = apply_permutations(spec, random_permutations(spec, 6), weights)
+    permuted = copy.deepcopy(net)
+    permuted.load_state_dict(scrambled)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(permuted(x), net(x), rtol=1e-5, atol=1e-5)
+    found = weight_matching(spec, weights, scrambled)
+    assert_states_equal(apply_permutations(spec, found.perms, scrambled), weights)
