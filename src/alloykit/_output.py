@@ -173,7 +173,8 @@ def print_alignment(result: AlignResult) -> None:
         f"aligned {len(result.spec.sizes)} permutation groups over {len(result.spec.axes)} "
         f"tensors: {state} after {result.rounds} rounds"
     )
-    out.print(f"weight distance {result.distance_before:.4g} -> {result.distance_after:.4g}")
+    what = "weight distance" if result.models == 2 else "mean weight distance to the mean"
+    out.print(f"{what} {result.distance_before:.4g} -> {result.distance_after:.4g}")
     for note in result.spec.notes:
         err.print(f"[dim]note:[/] {escape(note)}")
     for step in result.calibrated:

@@ -74,13 +74,6 @@ class PermutationSpec:
             if placement is not None and placement.perm == perm
         ]
 
-    def describe(self) -> str:
-        """One line per group: its size and how many tensor axes it permutes."""
-        return "\n".join(
-            f"{perm}: {size} units, {len(self.uses(perm))} tensor axes"
-            for perm, size in self.sizes.items()
-        )
-
 
 def unit_view(
     tensor: torch.Tensor, axis: int, placement: AxisPermutation, units: int
