@@ -25,6 +25,8 @@ MODULES = [
     "alloykit.methods.spectral",
     "alloykit.methods.spherical",
     "alloykit.methods.task_vectors",
+    "alloykit.rebasin.matching",
+    "alloykit.rebasin.spec",
 ]
 
 

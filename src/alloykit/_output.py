@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from alloykit.evaluation.score import Results
     from alloykit.pipeline import MergeResult
     from alloykit.plan import MergePlan, TensorJob
+    from alloykit.rebasin.align import AlignResult
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -290,3 +291,19 @@ class EvalProgress:
     def advance(self, count: int) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=count)
+
+
+def print_alignment(result: AlignResult) -> None:
+    """What ``alloykit align`` found and wrote: groups, convergence, distances, output."""
+    state = "converged" if result.converged else "stopped at --max-iter"
+    out.print(
+        f"aligned {len(result.spec.sizes)} permutation groups over {len(result.spec.axes)} "
+        f"tensors: {state} after {result.rounds} rounds"
+    )
+    what = "weight distance" if result.models == 2 else "mean weight distance to the mean"
+    out.print(f"{what} {result.distance_before:.4g} -> {result.distance_after:.4g}")
+    for note in result.spec.notes:
+        err.print(f"[dim]note:[/] {escape(note)}")
+    for step in result.calibrated:
+        out.print(f"calibrated: {escape(step)}")
+    out.print(f"wrote {escape(str(result.output))} ({', '.join(result.files)})")

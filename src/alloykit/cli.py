@@ -224,6 +224,131 @@ def example(
     run_example(folder, method, quiet=quiet)
 
 
+ALIGN_EXAMPLES = """Examples:
+
+\b
+  alloykit align --reference a/ b/ b-aligned/           # permute b's units to match a
+  alloykit align --reference a.pt b.pt mid/ --interpolate 0.5   # write the aligned midpoint
+  alloykit align --merge-many m1/ m2/ m3/ merged/       # MergeMany: align all, write the mean
+  alloykit align --reference a/ b/ out/ --spec resnet.yml      # a declared permutation spec
+  alloykit align a/ --print-spec > spec.yml            # the inferred spec, to edit for --spec
+  alloykit align --merge-many m1.pt m2.pt out/ --calibration x.pt --module net.py:build --repair
+"""
+
+
+@app.command(epilog=ALIGN_EXAMPLES)
+def align(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="MODEL... OUTPUT",
+            help="The model(s) to align, then the output folder.",
+            show_default=False,
+        ),
+    ],
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Align MODEL to this model (weight matching); writes MODEL permuted."),
+    ] = None,
+    merge_many: Annotated[
+        bool,
+        typer.Option("--merge-many", help="Align all MODELs to each other; write their mean."),
+    ] = False,
+    spec: Annotated[
+        Path | None,
+        typer.Option(help="YAML permutation spec (default: inferred; see docs/rebasin.md)."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the order groups and models are visited.")
+    ] = 0,
+    max_iter: Annotated[
+        int, typer.Option(help="Most rounds of coordinate descent (MergeMany: of rounds).")
+    ] = 100,
+    interpolate: Annotated[
+        float | None,
+        typer.Option(
+            help="With --reference: write (1-t)*REFERENCE + t*aligned MODEL instead of the aligned MODEL."
+        ),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Inputs (.pt/.safetensors tensor) for resetting BatchNorm statistics of the merge."
+        ),
+    ] = None,
+    module: Annotated[
+        str | None,
+        typer.Option(help="FILE.py:FUNCTION returning the torch module (needed by --calibration)."),
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="REPAIR the merge's unit statistics (needs --calibration)."),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 256,
+    print_spec: Annotated[
+        bool,
+        typer.Option(
+            "--print-spec",
+            help="Print the permutation spec of the first model as YAML (to edit for --spec) and stop.",
+        ),
+    ] = False,
+    out_shard_size: Annotated[
+        str, typer.Option(help="Largest output shard: 5B = 5x10^9 bytes, 500MB, 2GiB.")
+    ] = "5B",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Permute hidden units of models trained from different initialisations so they match (Git Re-Basin).
+
+    Weight matching (Ainsworth et al. 2023, arXiv:2209.04836) finds, for each group of
+    interchangeable units (MLP hidden units, conv channels, attention heads), the permutation
+    that best matches the reference model's weights. The permuted model computes the same
+    function; averaging it with the reference then works far better than averaging directly.
+    """
+    from alloykit.errors import AlloyError
+
+    if print_spec:
+        from alloykit.rebasin.align import describe_spec
+        from alloykit.rebasin.spec import spec_to_yaml
+
+        typer.echo(spec_to_yaml(describe_spec(reference or paths[0], spec)), nl=False)
+        return
+    if (reference is None) == (not merge_many):
+        raise AlloyError("give exactly one of --reference MODEL and --merge-many")
+    if reference is not None and len(paths) != 2:
+        raise AlloyError(f"--reference takes MODEL OUTPUT, got {len(paths)} paths")
+    if merge_many and len(paths) < 3:
+        raise AlloyError("--merge-many takes at least two models and OUTPUT")
+    if merge_many and interpolate is not None:
+        raise AlloyError("--interpolate goes with --reference; --merge-many writes the mean")
+    # flags are checked before torch is imported, so a mistyped command fails at once
+    from alloykit import _output
+    from alloykit.rebasin.align import AlignOptions, align_many
+    from alloykit.rebasin.align import align as run_align
+
+    _output.setup_logging(quiet)
+    options = AlignOptions(
+        seed=seed,
+        max_iter=max_iter,
+        spec=spec,
+        interpolate=interpolate,
+        calibration=calibration,
+        module=module,
+        repair=repair,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        out_shard_size=out_shard_size,
+    )
+    *models, output = paths
+    if reference is not None:
+        result = run_align(reference, models[0], output, options)
+    else:
+        result = align_many(models, output, options)
+    _output.print_alignment(result)
+
+
 MOE_EXAMPLES = """Examples:
 
 \b
