@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "alloykit.config",
     "alloykit.io.writer",
+    "alloykit.methods.data_aware",
     "alloykit.methods.extrapolate",
     "alloykit.methods.fusion",
     "alloykit.methods.linear",

@@ -17,9 +17,11 @@ from typing import Protocol
 
 import torch
 
+from alloykit.calibration import StatisticsFile, model_statistics
 from alloykit.errors import AlloyError, MergeError
 from alloykit.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from alloykit.methods import Method, MethodInputs
+from alloykit.methods.data_aware import aim
 from alloykit.plan import COPY, MergePlan, TensorJob
 from alloykit.prepass import needs_model_scope, with_model_thresholds
 
@@ -52,6 +54,63 @@ class _Loaded:
     job: TensorJob
     tensors: torch.Tensor  # (k, *shape): one row per non-base input
     base: torch.Tensor | None
+    statistics: torch.Tensor | None = None  # (k, ...): one calibration statistic per input
+    input_axis: int = -1
+    activation: torch.Tensor | None = None  # AIM: the base's mean |input| per channel
+    aim_base: torch.Tensor | None = None  # AIM: the base's tensor, kept from the method
+
+
+@dataclass
+class _Calibrated:
+    """The statistics files a plan reads, opened once (a method's per model, AIM's base's)."""
+
+    per_model: dict[str, StatisticsFile]
+    base: StatisticsFile | None
+
+    @staticmethod
+    def open(plan: MergePlan, checkpoints: Mapping[str, Checkpoint]) -> _Calibrated | None:
+        if plan.calibration is None or (plan.kernel.statistics is None and plan.aim is None):
+            return None
+        per_model: dict[str, StatisticsFile] = {}
+        if plan.kernel.statistics is not None:
+            labels = {i.model for j in plan.jobs if j.method != COPY for i in j.inputs}
+            per_model = {
+                label: model_statistics(
+                    checkpoints[label], plan.kernel.statistics, plan.calibration
+                )
+                for label in sorted(labels)
+            }
+        base = None
+        if plan.aim is not None and plan.aim.strength > 0 and plan.base_model is not None:
+            base = model_statistics(checkpoints[plan.base_model], "activation", plan.calibration)
+        return _Calibrated(per_model, base)
+
+    def attach(self, loaded: _Loaded, base_model: str | None) -> None:
+        """Add the job's statistics (and AIM's base activation and tensor) to ``loaded``."""
+        job = loaded.job
+        tensors = loaded.tensors
+        if self.per_model:
+            rows = [self.per_model[i.model].read(i.tensor) for i in job.inputs]
+            if rows and all(r is not None for r in rows):
+                stack = torch.stack([r for r in rows if r is not None])
+                loaded.statistics = stack.to(device=tensors.device)
+                loaded.input_axis = self.per_model[job.inputs[0].model].input_axis(
+                    job.inputs[0].tensor
+                )
+        if self.base is None:
+            return
+        if job.base is not None:
+            base_name, base_tensor = job.base.tensor, loaded.base
+        else:  # the base is one of the inputs (linear and other "input" methods)
+            row = next((r for r, i in enumerate(job.inputs) if i.model == base_model), None)
+            if row is None:
+                return
+            base_name, base_tensor = job.inputs[row].tensor, tensors[row].clone()
+        activation = self.base.read(base_name)
+        if activation is not None and base_tensor is not None:
+            loaded.activation = activation.to(device=tensors.device)
+            loaded.aim_base = base_tensor
+            loaded.input_axis = self.base.input_axis(base_name)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,6 +147,7 @@ def execute(
     if options.threads:
         torch.set_num_threads(options.threads)
     seed = options.seed if options.seed is not None else secrets.randbits(63)  # no global RNG
+    calibrated = _Calibrated.open(plan, checkpoints)  # measured once per model, then cached
 
     def load(job: TensorJob) -> _Loaded:
         def read(model: str, tensor: str) -> torch.Tensor:
@@ -103,7 +163,10 @@ def execute(
         base = None
         if job.base is not None:
             base = read(job.base.model, job.base.tensor).to(device=device, dtype=work_dtype)
-        return _Loaded(job, stack, base)
+        loaded = _Loaded(job, stack, base)
+        if calibrated is not None:
+            calibrated.attach(loaded, plan.base_model)
+        return loaded
 
     jobs = plan.jobs
     if needs_model_scope(plan.kernel, jobs):  # model-wide top-k: two statistics passes first
@@ -121,13 +184,16 @@ def execute(
             loaded = pending.result()
             if index + 1 < len(jobs):
                 pending = reader.submit(load, jobs[index + 1])
-            sink.write(loaded.job.output, _compute(plan.kernel, loaded, seed, device))
+            strength = plan.aim.strength if plan.aim is not None else 0.0
+            sink.write(loaded.job.output, _compute(plan.kernel, loaded, seed, device, strength))
             if on_job_done is not None:
                 on_job_done(loaded.job)
             del loaded
 
 
-def _compute(method: Method, loaded: _Loaded, seed: int, device: torch.device) -> torch.Tensor:
+def _compute(
+    method: Method, loaded: _Loaded, seed: int, device: torch.device, aim_strength: float = 0.0
+) -> torch.Tensor:
     job = loaded.job
     out_dtype = SAFETENSORS_DTYPES[job.dtype]
     if job.method == COPY:
@@ -137,8 +203,19 @@ def _compute(method: Method, loaded: _Loaded, seed: int, device: torch.device) -
     per_model = {
         name: torch.tensor(values, dtype=torch.float64) for name, values in job.per_model.items()
     }
-    inputs = MethodInputs(loaded.tensors, loaded.base, per_model, job.params, generator)
-    result = method.run(inputs).to(device="cpu", dtype=out_dtype)
+    inputs = MethodInputs(
+        loaded.tensors,
+        loaded.base,
+        per_model,
+        job.params,
+        generator,
+        loaded.statistics,
+        loaded.input_axis,
+    )
+    result = method.run(inputs)
+    if loaded.activation is not None and loaded.aim_base is not None:
+        result = aim(result, loaded.aim_base, loaded.activation, aim_strength, loaded.input_axis)
+    result = result.to(device="cpu", dtype=out_dtype)
     finite = torch.isfinite(result)
     if not bool(finite.all()):
         bad = int(torch.count_nonzero(~finite))

@@ -317,6 +317,8 @@ def portable_recipe(config: MergeConfig, stage_names: set[str] | None = None) ->
         return ref
 
     data = config.model_copy(deep=True)
+    if data.calibration is not None and Path(data.calibration.data).expanduser().exists():
+        data.calibration.data = str(Path(data.calibration.data).expanduser().resolve())
     if data.base_model is not None:
         data.base_model = absolute(data.base_model)
     if data.heads is not None:

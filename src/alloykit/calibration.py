@@ -1,0 +1,306 @@
+"""Calibration statistics: what the data-aware methods measure by running models on text.
+
+Owns the ``calibration:`` section's data (reading local JSONL/TXT, tokenizing into fixed-size
+blocks), the forward (and for Fisher, backward) passes, and the per-model cache. Three
+statistics, each a safetensors file of one model:
+
+- ``gram``: per linear layer, ``G = XᵀX`` over every calibration token (RegMean, Jin et al.
+  2023, arXiv:2212.09849); layers that read the same input (q/k/v, gate/up) share one matrix;
+- ``activation``: per linear layer, ``a_j = Σ_batches mean_tokens |x_j|`` (AIM, Nobari et al.
+  2025, arXiv:2502.02421), measured on the base model only;
+- ``fisher``: per parameter, the diagonal Fisher ``mean_x (∂ log p(y|x)/∂θ)²`` with ``y`` drawn
+  from the model's own predictions at every position of a block, one backward pass per block
+  (Matena & Raffel 2022, arXiv:2111.09832).
+
+Memory: one model at a time, one batch of activations at a time, plus the statistics being
+accumulated (a ``d×d`` float64 matrix per distinct linear input for ``gram``, one float32 copy
+of the parameters for ``fisher``). Results are written to ``cache_dir`` under a name keyed by the
+model's files, the data and the settings, so each model is measured once; the merge then reads
+them one tensor at a time (mmap), like the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from alloykit.config import CalibrationConfig
+from alloykit.errors import CalibrationError
+from alloykit.io.checkpoint import Checkpoint
+
+Statistic = Literal["gram", "activation", "fisher"]
+DEFAULT_CACHE = Path("~/.cache/alloykit/calibration")
+_FORMAT = 1  # bump when a statistic's definition changes, so old cache files are not reused
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_texts(calibration: CalibrationConfig) -> list[str]:
+    """The calibration texts: each JSONL line's ``text_key`` field, or a whole TXT file."""
+    path = Path(calibration.data).expanduser()
+    if not path.is_file():
+        raise CalibrationError(
+            f"calibration.data: '{calibration.data}' does not exist; give a local .jsonl or "
+            ".txt file"
+        )
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CalibrationError(
+                    f"calibration.data: '{path}' line {number} is not JSON ({e.msg})"
+                ) from e
+            if not isinstance(record, dict) or not isinstance(
+                record.get(calibration.text_key), str
+            ):
+                raise CalibrationError(
+                    f"calibration.data: '{path}' line {number} has no string field "
+                    f"'{calibration.text_key}' (set calibration.text_key)"
+                )
+            texts.append(record[calibration.text_key])
+        return texts
+    if path.suffix == ".txt":
+        return [path.read_text()]
+    raise CalibrationError(
+        f"calibration.data: '{path}' is neither .jsonl nor .txt (task files are not supported yet)"
+    )
+
+
+def token_blocks(calibration: CalibrationConfig, tokenizer: Any, label: str) -> torch.Tensor:
+    """``(samples, sequence_length)`` token ids: the texts' tokens joined by EOS, cut in blocks."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    wanted = calibration.samples * calibration.sequence_length
+    for text in read_texts(calibration):
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
+        if len(stream) >= wanted:
+            break
+    if len(stream) < wanted:
+        raise CalibrationError(
+            f"calibration.data: '{calibration.data}' gives {len(stream)} tokens with model "
+            f"'{label}''s tokenizer, fewer than samples × sequence_length = "
+            f"{calibration.samples} × {calibration.sequence_length} = {wanted}; add text or "
+            "lower samples or sequence_length"
+        )
+    return torch.tensor(stream[:wanted]).reshape(calibration.samples, -1)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_model(checkpoint: Checkpoint) -> Any:
+    """The checkpoint as its ``transformers`` class (float32, eval mode), and its tokenizer."""
+    from alloykit.stages import MemoryCheckpoint
+
+    label = checkpoint.label
+    if isinstance(checkpoint, MemoryCheckpoint):
+        raise CalibrationError(
+            f"model '{label}' is an earlier stage kept in memory and cannot run forward on "
+            "calibration data; pass --intermediate-dir to write it to a folder"
+        )
+    if checkpoint.config is None or checkpoint.folder.is_file():
+        raise CalibrationError(
+            f"model '{label}' ('{checkpoint.folder}') has no config.json, so it cannot run "
+            "forward on calibration data; data-aware methods need Hugging Face model folders"
+        )
+    import transformers
+
+    architectures = checkpoint.config.get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        model_class = transformers.AutoModel
+    try:
+        model = model_class.from_pretrained(str(checkpoint.folder), dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint.folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise CalibrationError(
+            f"model '{label}' ('{checkpoint.folder}') cannot be loaded to run forward on "
+            f"calibration data: {' '.join(str(e).split())[:200]}"
+        ) from e
+    model.eval()
+    return model, tokenizer
+
+
+def _linear_layers(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:
+    """``{weight tensor name: (module, input axis of its weight)}`` for every linear layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    layers: dict[str, tuple[torch.nn.Module, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            layers[f"{name}.weight"] = (module, 1)  # weight (out, in)
+        elif isinstance(module, Conv1D):
+            layers[f"{name}.weight"] = (module, 0)  # GPT-2 stores (in, out)
+    return layers
+
+
+def input_statistics(
+    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, statistic: Statistic
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
+    """Per linear layer, the Gram matrix or mean |activation| of its inputs over ``blocks``.
+
+    Returns (statistics by the first layer's weight name, input axis by weight name, aliases:
+    weight name -> the name whose statistic it shares because it reads the same input).
+    """
+    layers = _linear_layers(model)
+    totals: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    # the last input seen and its first reader; q/k/v (gate/up) are called one after another
+    # on the very same tensor object, and holding it keeps its memory from being reused
+    last: list[Any] = [None, ""]
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if x is last[0]:  # read by the previous layer too: measure it once
+                aliases[name] = last[1]
+                return
+            last[0], last[1] = x, name
+            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, d)
+            # gram: (d, d); activation: (d,), the mean over this batch's tokens
+            update = flat.T @ flat if statistic == "gram" else flat.abs().mean(0)
+            previous = totals.get(name)
+            totals[name] = update if previous is None else previous.add_(update)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, (m, _) in layers.items()]
+    try:
+        with torch.no_grad():
+            for start in range(0, blocks.shape[0], batch_size):
+                model(input_ids=blocks[start : start + batch_size])
+    finally:
+        last[0] = None
+        for handle in handles:
+            handle.remove()
+    axes = {name: axis for name, (_, axis) in layers.items()}
+    aliases = {n: a for n, a in aliases.items() if n not in totals}
+    return totals, axes, aliases
+
+
+def fisher_statistics(model: Any, blocks: torch.Tensor, seed: int, label: str) -> dict[str, Any]:
+    """The diagonal Fisher of every parameter: mean over blocks of (∂ log p(y|x)/∂θ)².
+
+    ``y`` is drawn from the model's own distribution at each position (the true Fisher, not
+    the empirical one on the data's next tokens); one backward pass per block, so each block
+    is one example. The draw uses a generator seeded by ``seed``.
+    """
+    if model.get_output_embeddings() is None:
+        raise CalibrationError(
+            f"fisher: model '{label}' ({type(model).__name__}) has no language-model head, so "
+            "it defines no p(y|x); use a ...ForCausalLM or ...ForMaskedLM checkpoint"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    parameters = dict(model.named_parameters())
+    totals = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    for block in blocks:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=block[None]).logits[0]  # (T, vocab)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        with torch.no_grad():
+            drawn = torch.multinomial(log_probs.exp(), 1, generator=generator)  # (T, 1)
+        log_probs.gather(1, drawn).sum().backward()
+        for name, p in parameters.items():
+            if p.grad is not None:
+                totals[name].addcmul_(p.grad, p.grad)
+    model.zero_grad(set_to_none=True)
+    return {name: (total / blocks.shape[0]).contiguous() for name, total in totals.items()}
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class StatisticsFile:
+    """One model's statistic, read one tensor at a time from its safetensors cache file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+        metadata = self._file.metadata() or {}
+        self.axes: dict[str, int] = json.loads(metadata.get("axes", "{}"))
+        self.aliases: dict[str, str] = json.loads(metadata.get("aliases", "{}"))
+        self._names = set(self._file.keys())
+
+    def read(self, name: str) -> torch.Tensor | None:
+        """The statistic of tensor ``name``, or None when this model has none for it."""
+        name = self.aliases.get(name, name)
+        return self._file.get_tensor(name) if name in self._names else None
+
+    def input_axis(self, name: str) -> int:
+        return self.axes.get(name, -1)
+
+
+def _cache_key(checkpoint: Checkpoint, statistic: Statistic, calibration: CalibrationConfig) -> str:
+    """A digest of what the statistic depends on: the model's files, the data, the settings."""
+    folder = checkpoint.folder.resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".md")
+    data = Path(calibration.data).expanduser()
+    key = {
+        "format": _FORMAT,
+        "statistic": statistic,
+        "model": str(folder),
+        "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "data": hashlib.sha256(data.read_bytes()).hexdigest(),
+        "text_key": calibration.text_key,
+        "samples": calibration.samples,
+        "sequence_length": calibration.sequence_length,
+        "seed": calibration.seed if statistic == "fisher" else None,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def model_statistics(
+    checkpoint: Checkpoint, statistic: Statistic, calibration: CalibrationConfig
+) -> StatisticsFile:
+    """``statistic`` of ``checkpoint`` on the calibration data, from the cache or measured now."""
+    read_texts(calibration)  # a missing or unreadable file fails before any model is loaded
+    cache = Path(calibration.cache_dir or DEFAULT_CACHE).expanduser()
+    if checkpoint.config is None or checkpoint.folder.is_file():
+        load_model(checkpoint)  # raises the "cannot run forward" error
+    safe_label = "".join(c if c.isalnum() or c in "-_." else "_" for c in checkpoint.label)
+    path = (
+        cache
+        / f"{safe_label[-60:]}-{statistic}-{_cache_key(checkpoint, statistic, calibration)}.safetensors"
+    )
+    if path.is_file():
+        return StatisticsFile(path)
+    model, tokenizer = load_model(checkpoint)
+    blocks = token_blocks(calibration, tokenizer, checkpoint.label)
+    metadata: dict[str, str] = {}
+    if statistic == "fisher":
+        tensors = fisher_statistics(model, blocks, calibration.seed, checkpoint.label)
+    else:
+        totals, axes, aliases = input_statistics(model, blocks, calibration.batch_size, statistic)
+        tensors = {name: total.float().contiguous() for name, total in totals.items()}
+        metadata = {"axes": json.dumps(axes), "aliases": json.dumps(aliases)}
+    del model
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)  # atomic: a concurrent merge sees the whole file or none
+    return StatisticsFile(path)
+
+
+def plan_statistics(
+    checkpoints: Mapping[str, Checkpoint],
+    wanted: Mapping[str, Statistic],
+    calibration: CalibrationConfig,
+) -> dict[str, StatisticsFile]:
+    """``{model label: its statistics}`` for each ``(label, statistic)`` in ``wanted``."""
+    return {
+        label: model_statistics(checkpoints[label], statistic, calibration)
+        for label, statistic in wanted.items()
+    }
