@@ -14,7 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from alloykit import calibration as calibration_module
-from alloykit.calibration import input_statistics, load_model, model_statistics, token_blocks
+from alloykit.calibration import (
+    fisher_statistics,
+    input_statistics,
+    load_model,
+    model_statistics,
+    token_blocks,
+)
 from alloykit.config import CalibrationConfig, load_config
 from alloykit.errors import CalibrationError, ConfigError
 from alloykit.io.checkpoint import Checkpoint
@@ -285,6 +291,32 @@ def test_fisher_needs_a_language_model_head(
 ) -> None:
     bert = make_family(tmp_path_factory.mktemp("bert"), ToySpec(model_type="bert"), finetunes=2)
     with pytest.raises(
-        CalibrationError, match=r"fisher: model '.*ft1' \(BertModel\) has no language-model head"
+        CalibrationError, match=r"fisher: model '.*ft1' \(BertModel\) has no head that gives logits"
     ):
         merge_to_state_dict(recipe("fisher", bert, text_file, cache))
+
+
+def test_fisher_of_a_classifier_bias_is_the_mean_squared_score() -> None:
+    # for a softmax head, ∂ log p_y / ∂ bias = onehot(y) − p, so F_bias = mean (onehot(y) − p)²
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    model = BertForSequenceClassification(config).eval()
+    blocks = torch.randint(0, 50, (5, 7), generator=torch.Generator().manual_seed(1))
+    fisher = fisher_statistics(model, blocks, seed=3, label="classifier")
+    generator = torch.Generator().manual_seed(3)
+    expected = torch.zeros(3)
+    with torch.no_grad():
+        for block in blocks:
+            p = torch.softmax(model(input_ids=block[None]).logits[0], dim=-1)
+            y = int(torch.multinomial(p[None], 1, generator=generator))
+            expected += (torch.nn.functional.one_hot(torch.tensor(y), 3) - p) ** 2
+    torch.testing.assert_close(fisher["classifier.bias"], expected / 5)

@@ -180,8 +180,9 @@ def input_statistics(
     handles = [m.register_forward_pre_hook(hook(n)) for n, (m, _) in layers.items()]
     try:
         with torch.no_grad():
+            device = next(model.parameters()).device
             for start in range(0, blocks.shape[0], batch_size):
-                model(input_ids=blocks[start : start + batch_size])
+                model(input_ids=blocks[start : start + batch_size].to(device))
     finally:
         last[0] = None
         for handle in handles:
@@ -191,33 +192,39 @@ def input_statistics(
     return totals, axes, aliases
 
 
-def fisher_statistics(model: Any, blocks: torch.Tensor, seed: int, label: str) -> dict[str, Any]:
+def fisher_statistics(
+    model: Any, blocks: torch.Tensor, seed: int, label: str
+) -> dict[str, torch.Tensor]:
     """The diagonal Fisher of every parameter: mean over blocks of (∂ log p(y|x)/∂θ)².
 
-    ``y`` is drawn from the model's own distribution at each position (the true Fisher, not
-    the empirical one on the data's next tokens); one backward pass per block, so each block
-    is one example. The draw uses a generator seeded by ``seed``.
+    ``y`` is drawn from the model's own distribution (the Fisher of Matena & Raffel 2022, not
+    the empirical one on the data's next tokens): at every position for a language model, one
+    label per block for a sequence classifier. One backward pass per block, so each block is
+    one example; the draws use a CPU generator seeded by ``seed``.
     """
-    if model.get_output_embeddings() is None:
-        raise CalibrationError(
-            f"fisher: model '{label}' ({type(model).__name__}) has no language-model head, so "
-            "it defines no p(y|x); use a ...ForCausalLM or ...ForMaskedLM checkpoint"
-        )
     generator = torch.Generator().manual_seed(seed)
     parameters = dict(model.named_parameters())
     totals = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    device = next(iter(parameters.values())).device
     for block in blocks:
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=block[None]).logits[0]  # (T, vocab)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        logits = getattr(model(input_ids=block[None].to(device)), "logits", None)
+        if logits is None:
+            raise CalibrationError(
+                f"fisher: model '{label}' ({type(model).__name__}) has no head that gives "
+                "logits, so it defines no p(y|x); use a ...ForCausalLM, ...ForMaskedLM or "
+                "...ForSequenceClassification checkpoint"
+            )
+        # (positions, classes): every position of a language model, the one label of a classifier
+        log_probs = torch.log_softmax(logits[0].float().reshape(-1, logits.shape[-1]), dim=-1)
         with torch.no_grad():
-            drawn = torch.multinomial(log_probs.exp(), 1, generator=generator)  # (T, 1)
-        log_probs.gather(1, drawn).sum().backward()
+            drawn = torch.multinomial(log_probs.exp().cpu(), 1, generator=generator)
+        log_probs.gather(1, drawn.to(device)).sum().backward()
         for name, p in parameters.items():
             if p.grad is not None:
                 totals[name].addcmul_(p.grad, p.grad)
     model.zero_grad(set_to_none=True)
-    return {name: (total / blocks.shape[0]).contiguous() for name, total in totals.items()}
+    return {name: (t / blocks.shape[0]).cpu().contiguous() for name, t in totals.items()}
 
 
 # --------------------------------------------------------------------------- cache
@@ -263,9 +270,13 @@ def _cache_key(checkpoint: Checkpoint, statistic: Statistic, calibration: Calibr
 
 
 def model_statistics(
-    checkpoint: Checkpoint, statistic: Statistic, calibration: CalibrationConfig
+    checkpoint: Checkpoint,
+    statistic: Statistic,
+    calibration: CalibrationConfig,
+    device: torch.device | str = "cpu",
 ) -> StatisticsFile:
-    """``statistic`` of ``checkpoint`` on the calibration data, from the cache or measured now."""
+    """``statistic`` of ``checkpoint`` on the calibration data, from the cache or measured now
+    (the passes run on ``device``)."""
     read_texts(calibration)  # a missing or unreadable file fails before any model is loaded
     cache = Path(calibration.cache_dir or DEFAULT_CACHE).expanduser()
     if checkpoint.config is None or checkpoint.folder.is_file():
@@ -278,13 +289,14 @@ def model_statistics(
     if path.is_file():
         return StatisticsFile(path)
     model, tokenizer = load_model(checkpoint)
+    model.to(device)
     blocks = token_blocks(calibration, tokenizer, checkpoint.label)
     metadata: dict[str, str] = {}
     if statistic == "fisher":
         tensors = fisher_statistics(model, blocks, calibration.seed, checkpoint.label)
     else:
         totals, axes, aliases = input_statistics(model, blocks, calibration.batch_size, statistic)
-        tensors = {name: total.float().contiguous() for name, total in totals.items()}
+        tensors = {name: total.float().cpu().contiguous() for name, total in totals.items()}
         metadata = {"axes": json.dumps(axes), "aliases": json.dumps(aliases)}
     del model
     cache.mkdir(parents=True, exist_ok=True)

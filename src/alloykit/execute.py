@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from alloykit.calibration import StatisticsFile, model_statistics
-from alloykit.errors import AlloyError, MergeError
+from alloykit.errors import AlloyError, CalibrationError, MergeError
 from alloykit.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from alloykit.methods import Method, MethodInputs
 from alloykit.methods.data_aware import aim
@@ -68,21 +68,28 @@ class _Calibrated:
     base: StatisticsFile | None
 
     @staticmethod
-    def open(plan: MergePlan, checkpoints: Mapping[str, Checkpoint]) -> _Calibrated | None:
-        if plan.calibration is None or (plan.kernel.statistics is None and plan.aim is None):
+    def open(
+        plan: MergePlan, checkpoints: Mapping[str, Checkpoint], device: torch.device
+    ) -> _Calibrated | None:
+        calibration = plan.calibration
+        if calibration is None or (plan.kernel.statistics is None and plan.aim is None):
             return None
+        merged = [j for j in plan.jobs if j.method != COPY]
         per_model: dict[str, StatisticsFile] = {}
         if plan.kernel.statistics is not None:
-            labels = {i.model for j in plan.jobs if j.method != COPY for i in j.inputs}
-            per_model = {
-                label: model_statistics(
-                    checkpoints[label], plan.kernel.statistics, plan.calibration
+            for label in sorted({i.model for j in merged for i in j.inputs}):
+                statistics = model_statistics(
+                    checkpoints[label], plan.kernel.statistics, calibration, device
                 )
-                for label in sorted(labels)
-            }
+                names = [i.tensor for j in merged for i in j.inputs if i.model == label]
+                _check_names(statistics, names, label)
+                per_model[label] = statistics
         base = None
-        if plan.aim is not None and plan.aim.strength > 0 and plan.base_model is not None:
-            base = model_statistics(checkpoints[plan.base_model], "activation", plan.calibration)
+        base_model = plan.base_model
+        if plan.aim is not None and plan.aim.strength > 0 and base_model is not None:
+            base = model_statistics(checkpoints[base_model], "activation", calibration, device)
+            sources = [i for j in merged for i in (j.base, *j.inputs) if i is not None]
+            _check_names(base, [i.tensor for i in sources if i.model == base_model], base_model)
         return _Calibrated(per_model, base)
 
     def attach(self, loaded: _Loaded, base_model: str | None) -> None:
@@ -111,6 +118,20 @@ class _Calibrated:
             loaded.activation = activation.to(device=tensors.device)
             loaded.aim_base = base_tensor
             loaded.input_axis = self.base.input_axis(base_name)
+
+
+def _check_names(statistics: StatisticsFile, names: list[str], label: str) -> None:
+    """Refuse statistics whose names match none of the model's merged tensors.
+
+    ``transformers`` renames some legacy checkpoints' parameters when it loads them; were that
+    to happen to every tensor, the method would silently fall back to an average.
+    """
+    if names and all(statistics.read(name) is None for name in names):
+        raise CalibrationError(
+            f"model '{label}': none of its tensors (e.g. '{names[0]}') matches the names of its "
+            f"calibration statistics in '{statistics.path}' (transformers renamed its "
+            "parameters on loading); resave the model with save_pretrained and merge that"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,7 +168,7 @@ def execute(
     if options.threads:
         torch.set_num_threads(options.threads)
     seed = options.seed if options.seed is not None else secrets.randbits(63)  # no global RNG
-    calibrated = _Calibrated.open(plan, checkpoints)  # measured once per model, then cached
+    calibrated = _Calibrated.open(plan, checkpoints, device)  # measured once per model, then cached
 
     def load(job: TensorJob) -> _Loaded:
         def read(model: str, tensor: str) -> torch.Tensor:
