@@ -19,6 +19,7 @@ from alloykit.calibration import (
     input_statistics,
     load_model,
     model_statistics,
+    streamed_model,
     token_blocks,
 )
 from alloykit.config import CalibrationConfig, load_config
@@ -111,6 +112,27 @@ def test_gram_is_the_inputs_transpose_times_inputs(
     assert axes["model.layers.1.mlp.down_proj.weight"] == 1
 
 
+@pytest.mark.parametrize("spec", [ToySpec(tie_word_embeddings=True), ToySpec(model_type="gpt2")])
+def test_streamed_statistics_equal_the_whole_model_s(
+    spec: ToySpec, tmp_path: Path, text_file: Path
+) -> None:
+    # one module's weights at a time: tied heads, GPT-2's Conv1D, rotary buffers all still work
+    folder = make_family(tmp_path, spec, finetunes=0)["base"]
+    checkpoint = Checkpoint(folder, "base")
+    model, tokenizer = load_model(checkpoint)
+    blocks = token_blocks(
+        CalibrationConfig(data=str(text_file), samples=3, sequence_length=LENGTH), tokenizer, "b"
+    )
+    streamed = streamed_model(checkpoint)
+    for statistic in ("gram", "activation"):
+        whole = input_statistics(model, blocks, 2, statistic)
+        parts = input_statistics(streamed, blocks, 2, statistic)
+        assert whole[1:] == parts[1:]
+        for name, value in whole[0].items():
+            torch.testing.assert_close(parts[0][name], value, rtol=1e-6, atol=1e-9)
+    assert all(p.is_meta for p in streamed.parameters())  # nothing kept after the pass
+
+
 def test_regmean_merge_is_the_closed_form_on_every_linear_layer(
     family: dict[str, Path], text_file: Path, cache: Path
 ) -> None:
@@ -149,9 +171,10 @@ def test_statistics_are_cached_per_model(
     config = CalibrationConfig(**calibration(text_file, cache))
     first = model_statistics(Checkpoint(family["ft3"], "ft3"), "activation", config)
 
-    def refuse(checkpoint: Checkpoint) -> Any:
+    def refuse(*args: Any) -> Any:
         raise AssertionError("the cache was not used")
 
+    monkeypatch.setattr(calibration_module, "streamed_model", refuse)
     monkeypatch.setattr(calibration_module, "load_model", refuse)
     again = model_statistics(Checkpoint(family["ft3"], "ft3"), "activation", config)
     assert again.path == first.path

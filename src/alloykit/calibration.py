@@ -12,19 +12,23 @@ statistics, each a safetensors file of one model:
   from the model's own predictions at every position of a block, one backward pass per block
   (Matena & Raffel 2022, arXiv:2111.09832).
 
-Memory: one model at a time, one batch of activations at a time, plus the statistics being
-accumulated (a ``d×d`` float64 matrix per distinct linear input for ``gram``, one float32 copy
-of the parameters for ``fisher``). Results are written to ``cache_dir`` under a name keyed by the
-model's files, the data and the settings, so each model is measured once; the merge then reads
-them one tensor at a time (mmap), like the weights.
+Memory: the forward-only statistics run each model through :func:`streamed_model`, which holds
+one module's weights at a time (read from the checkpoint when the module runs, dropped after),
+so a pass needs one batch of activations plus the statistics being accumulated (a ``d×d`` float64
+matrix per distinct linear input for ``gram``, a ``d``-vector for ``activation``). Fisher needs
+every parameter and its gradient at once: one whole model (float32) and its Fisher. Results are
+written to ``cache_dir`` under a name keyed by the model's files, the data and the settings, so
+each model is measured once; the merge then reads them one tensor at a time (mmap), like the weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +40,7 @@ from alloykit.config import CalibrationConfig
 from alloykit.errors import CalibrationError
 from alloykit.io.checkpoint import Checkpoint
 
+log = logging.getLogger("alloykit")
 Statistic = Literal["gram", "activation", "fisher"]
 DEFAULT_CACHE = Path("~/.cache/alloykit/calibration")
 _FORMAT = 1  # bump when a statistic's definition changes, so old cache files are not reused
@@ -101,8 +106,8 @@ def token_blocks(calibration: CalibrationConfig, tokenizer: Any, label: str) -> 
 # --------------------------------------------------------------------------- models
 
 
-def load_model(checkpoint: Checkpoint) -> Any:
-    """The checkpoint as its ``transformers`` class (float32, eval mode), and its tokenizer."""
+def _model_class(checkpoint: Checkpoint) -> Any:
+    """The ``transformers`` class of a checkpoint that can run forward; CalibrationError if none."""
     from alloykit.stages import MemoryCheckpoint
 
     label = checkpoint.label
@@ -120,18 +125,115 @@ def load_model(checkpoint: Checkpoint) -> Any:
 
     architectures = checkpoint.config.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        model_class = transformers.AutoModel
+    return model_class or transformers.AutoModel
+
+
+def _loading(checkpoint: Checkpoint, load: Callable[[], Any]) -> Any:
+    """``load()``, with transformers' loading failures as a CalibrationError naming the model."""
     try:
-        model = model_class.from_pretrained(str(checkpoint.folder), dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint.folder))
+        return load()
     except (OSError, ValueError, KeyError) as e:
         raise CalibrationError(
-            f"model '{label}' ('{checkpoint.folder}') cannot be loaded to run forward on "
-            f"calibration data: {' '.join(str(e).split())[:200]}"
+            f"model '{checkpoint.label}' ('{checkpoint.folder}') cannot be loaded to run forward "
+            f"on calibration data: {' '.join(str(e).split())[:200]}"
         ) from e
-    model.eval()
-    return model, tokenizer
+
+
+def load_tokenizer(checkpoint: Checkpoint) -> Any:
+    """The checkpoint's tokenizer (from its folder)."""
+    import transformers
+
+    _model_class(checkpoint)
+    folder = str(checkpoint.folder)
+    return _loading(checkpoint, lambda: transformers.AutoTokenizer.from_pretrained(folder))
+
+
+def load_model(checkpoint: Checkpoint) -> Any:
+    """The whole checkpoint as its ``transformers`` class (float32, eval mode), and its tokenizer.
+
+    Fisher needs every parameter at once (each gets a gradient); the forward-only statistics
+    use :func:`streamed_model` instead.
+    """
+    model_class = _model_class(checkpoint)
+    folder = str(checkpoint.folder)
+    model = _loading(checkpoint, lambda: model_class.from_pretrained(folder, dtype=torch.float32))
+    return model.eval(), load_tokenizer(checkpoint)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (no memory, no initialisation);
+    their buffers (rotary frequencies, position ids) are built as usual."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def streamed_model(checkpoint: Checkpoint, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The checkpoint as its ``transformers`` class, holding one module's weights at a time.
+
+    Parameters stay on the meta device; a hook reads a module's own parameters from the
+    checkpoint (float32) just before the module runs and drops them right after, so a forward
+    pass holds the activations and one module's weights, whatever the model's size. Tied
+    parameters are read under whichever of their names the checkpoint stores. Buffers and
+    parameters live on ``device``.
+    """
+    import transformers
+
+    model_class = _model_class(checkpoint)
+    folder = str(checkpoint.folder)
+    config = _loading(checkpoint, lambda: transformers.AutoConfig.from_pretrained(folder))
+    with _parameters_on_meta():
+        model = model_class(config)
+    names: dict[int, list[str]] = {}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # a tied head -> its embedding
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).extend([name] + ([tied[name]] if name in tied else []))
+
+    def stored_name(param: torch.nn.Parameter) -> str:
+        candidates = names[id(param)]
+        found = next((n for n in candidates if n in checkpoint.tensors), None)
+        if found is None:
+            raise CalibrationError(
+                f"model '{checkpoint.label}' has no tensor '{candidates[0]}', which its class "
+                f"{model_class.__name__} needs to run forward"
+            )
+        return found
+
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+        metas = {n: p for n, p in module._parameters.items() if p is not None}
+        if not metas:
+            continue
+        sources = {n: stored_name(p) for n, p in metas.items()}
+
+        def load(module: torch.nn.Module, args: Any, sources: dict[str, str] = sources) -> None:
+            for name, source in sources.items():
+                value = checkpoint.read(source).to(device=device, dtype=torch.float32)
+                module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+
+        def drop(
+            module: torch.nn.Module,
+            args: Any,
+            output: Any,
+            metas: dict[str, torch.nn.Parameter] = metas,
+        ) -> None:
+            module._parameters.update(metas)
+
+        module.register_forward_pre_hook(load)
+        module.register_forward_hook(drop)
+    return model.eval()
 
 
 def _linear_layers(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:
@@ -148,7 +250,11 @@ def _linear_layers(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, i
 
 
 def input_statistics(
-    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, statistic: Statistic
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int,
+    statistic: Statistic,
+    device: torch.device | str = "cpu",
 ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
     """Per linear layer, the Gram matrix or mean |activation| of its inputs over ``blocks``.
 
@@ -180,7 +286,6 @@ def input_statistics(
     handles = [m.register_forward_pre_hook(hook(n)) for n, (m, _) in layers.items()]
     try:
         with torch.no_grad():
-            device = next(model.parameters()).device
             for start in range(0, blocks.shape[0], batch_size):
                 model(input_ids=blocks[start : start + batch_size].to(device))
     finally:
@@ -279,8 +384,7 @@ def model_statistics(
     (the passes run on ``device``)."""
     read_texts(calibration)  # a missing or unreadable file fails before any model is loaded
     cache = Path(calibration.cache_dir or DEFAULT_CACHE).expanduser()
-    if checkpoint.config is None or checkpoint.folder.is_file():
-        load_model(checkpoint)  # raises the "cannot run forward" error
+    _model_class(checkpoint)  # a model that cannot run forward fails before the cache is read
     safe_label = "".join(c if c.isalnum() or c in "-_." else "_" for c in checkpoint.label)
     path = (
         cache
@@ -288,14 +392,28 @@ def model_statistics(
     )
     if path.is_file():
         return StatisticsFile(path)
-    model, tokenizer = load_model(checkpoint)
-    model.to(device)
-    blocks = token_blocks(calibration, tokenizer, checkpoint.label)
+    blocks = token_blocks(calibration, load_tokenizer(checkpoint), checkpoint.label)
     metadata: dict[str, str] = {}
     if statistic == "fisher":
+        model, _ = load_model(checkpoint)
+        model.to(device)
         tensors = fisher_statistics(model, blocks, calibration.seed, checkpoint.label)
     else:
-        totals, axes, aliases = input_statistics(model, blocks, calibration.batch_size, statistic)
+        model = streamed_model(checkpoint, device)
+        try:
+            totals, axes, aliases = input_statistics(
+                model, blocks, calibration.batch_size, statistic, device
+            )
+        except (RuntimeError, NotImplementedError) as e:
+            # a module reading another module's weights sees them on the meta device
+            log.warning(
+                f"model '{checkpoint.label}' cannot run one module at a time ({e!s:.120}); "
+                "loading it whole to measure its calibration statistics"
+            )
+            model = load_model(checkpoint)[0].to(device)
+            totals, axes, aliases = input_statistics(
+                model, blocks, calibration.batch_size, statistic, device
+            )
         tensors = {name: total.float().cpu().contiguous() for name, total in totals.items()}
         metadata = {"axes": json.dumps(axes), "aliases": json.dumps(aliases)}
     del model
