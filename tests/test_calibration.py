@@ -72,6 +72,16 @@ def recipe(
     }
 
 
+def test_txt_is_one_text_and_other_files_are_refused(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2\nw3\n")
+    assert calibration_module.read_texts(CalibrationConfig(data=str(text))) == ["w1 w2\nw3\n"]
+    csv = tmp_path / "data.csv"
+    csv.write_text("w1")
+    with pytest.raises(CalibrationError, match=r"neither \.jsonl nor \.txt"):
+        calibration_module.read_texts(CalibrationConfig(data=str(csv)))
+
+
 def test_texts_become_blocks_joined_by_eos(text_file: Path, family: dict[str, Path]) -> None:
     _, tokenizer = load_model(Checkpoint(family["base"], "base"))
     blocks = token_blocks(
@@ -343,3 +353,23 @@ def test_fisher_of_a_classifier_bias_is_the_mean_squared_score() -> None:
             y = int(torch.multinomial(p[None], 1, generator=generator))
             expected += (torch.nn.functional.one_hot(torch.tensor(y), 3) - p) ** 2
     torch.testing.assert_close(fisher["classifier.bias"], expected / 5)
+
+
+def test_fisher_normalize_divides_each_fisher_by_its_whole_model_norm(
+    family: dict[str, Path], text_file: Path, cache: Path
+) -> None:
+    config = recipe("fisher", family, text_file, cache, parameters={"normalize": True})
+    merged = merge_to_state_dict(config)
+    fishers, weights = {}, {}
+    for label in ("ft1", "ft2"):
+        (path,) = cache.glob(f"*_{label}-fisher-*.safetensors")
+        fishers[label] = load_file(path)
+        weights[label] = load_file(family[label] / "model.safetensors")
+    norms = {
+        label: sum(float(t.double().square().sum()) for t in f.values()) ** 0.5
+        for label, f in fishers.items()
+    }
+    name = "model.layers.1.self_attn.o_proj.weight"
+    f1, f2 = (fishers[label][name].double() / norms[label] + 1e-6 for label in ("ft1", "ft2"))
+    expected = (f1 * weights["ft1"][name] + f2 * weights["ft2"][name]) / (f1 + f2)
+    torch.testing.assert_close(merged[name].double(), expected, rtol=1e-5, atol=1e-7)

@@ -26,9 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -353,6 +355,12 @@ class StatisticsFile:
 
     def input_axis(self, name: str) -> int:
         return self.axes.get(name, -1)
+
+    @cached_property
+    def norm(self) -> float:
+        """The L2 norm of the whole statistic (every tensor, read one at a time)."""
+        squares = sum(float(self._file.get_tensor(n).double().square().sum()) for n in self._names)
+        return math.sqrt(squares)
 
 
 def _cache_key(checkpoint: Checkpoint, statistic: Statistic, calibration: CalibrationConfig) -> str:

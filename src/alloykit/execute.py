@@ -12,7 +12,7 @@ import hashlib
 import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -66,6 +66,7 @@ class _Calibrated:
 
     per_model: dict[str, StatisticsFile]
     base: StatisticsFile | None
+    statistic: str | None  # what per_model holds: the kernel's statistic
 
     @staticmethod
     def open(
@@ -90,7 +91,7 @@ class _Calibrated:
             base = model_statistics(checkpoints[base_model], "activation", calibration, device)
             sources = [i for j in merged for i in (j.base, *j.inputs) if i is not None]
             _check_names(base, [i.tensor for i in sources if i.model == base_model], base_model)
-        return _Calibrated(per_model, base)
+        return _Calibrated(per_model, base, plan.kernel.statistics)
 
     def attach(self, loaded: _Loaded, base_model: str | None) -> None:
         """Add the job's statistics (and AIM's base activation and tensor) to ``loaded``."""
@@ -101,6 +102,11 @@ class _Calibrated:
             if rows and all(r is not None for r in rows):
                 stack = torch.stack([r for r in rows if r is not None])
                 loaded.statistics = stack.to(device=tensors.device)
+                if job.params.get("normalize") and self.statistic == "fisher":
+                    # Matena & Raffel's c_i ∝ 1/‖F_i‖: each model's whole Fisher at unit norm
+                    norms = tuple(self.per_model[i.model].norm for i in job.inputs)
+                    per_model = {**job.per_model, "statistics_norm": norms}
+                    loaded.job = replace(job, per_model=per_model)
                 loaded.input_axis = self.per_model[job.inputs[0].model].input_axis(
                     job.inputs[0].tensor
                 )

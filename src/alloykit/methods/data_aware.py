@@ -108,11 +108,19 @@ def fisher_merge(
 
 
 def run_fisher(inputs: MethodInputs) -> torch.Tensor:
-    """Registry adapter: Fisher-weighted average; the weighted mean where no Fisher exists."""
+    """Registry adapter: Fisher-weighted average; the weighted mean where no Fisher exists.
+
+    With ``normalize``, each model's Fisher is divided by its L2 norm over the whole model,
+    ``statistics_norm`` (per model, supplied by the executor): Matena & Raffel's c_i ∝ 1/‖F_i‖.
+    """
     weights = inputs.per_model["weight"]
-    if inputs.statistics is None:
+    fishers = inputs.statistics
+    if fishers is None:
         return _weighted_mean(inputs.tensors, weights)
-    return fisher_merge(inputs.tensors, inputs.statistics, weights, float(inputs.params["epsilon"]))
+    if inputs.params.get("normalize") and "statistics_norm" in inputs.per_model:
+        norms = inputs.per_model["statistics_norm"].to(fishers)
+        fishers = fishers / norms.clamp_min(1e-30).reshape(-1, *([1] * (fishers.dim() - 1)))
+    return fisher_merge(inputs.tensors, fishers, weights, float(inputs.params["epsilon"]))
 
 
 def aim(
