@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -278,12 +279,15 @@ def test_aim_on_linear_uses_the_base_among_the_inputs(
 # --------------------------------------------------------------------------- errors
 
 
-def test_data_aware_methods_need_a_calibration_section(family: dict[str, Path]) -> None:
+def test_data_aware_methods_need_a_calibration_section(caplog: pytest.LogCaptureFixture) -> None:
     config = {"merge_method": "regmean", "models": [{"model": "a"}, {"model": "b"}]}
     with pytest.raises(ConfigError, match="calibration: regmean needs calibration data"):
         load_config(config)
     with pytest.raises(ConfigError, match="aim: needs a base_model"):
         load_config({**config, "calibration": {"data": "x.jsonl"}, "aim": {"strength": 0.5}})
+    with caplog.at_level(logging.WARNING, logger="alloykit"):
+        load_config({**config, "merge_method": "linear", "calibration": {"data": "x.jsonl"}})
+    assert "calibration: linear uses no calibration data" in caplog.text
     with pytest.raises(ConfigError, match=r"calibration\.samples"):
         load_config({**config, "calibration": {"data": "x.jsonl", "samples": 0}})
 

@@ -453,6 +453,11 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
                 f"calibration: {method.name} needs calibration data; add "
                 "calibration: {data: FILE.jsonl, samples: 128, sequence_length: 512}"
             )
+        if config.calibration is not None and method.statistics is None and config.aim is None:
+            warnings.append(
+                f"calibration: {method.name} uses no calibration data and no aim: is set; "
+                "the section is ignored"
+            )
     if config.aim is not None:
         if config.calibration is None:
             problems.append(
