@@ -9,7 +9,9 @@ import pytest
 
 MODULES = [
     "alloykit.config",
+    "alloykit.evaluation.metrics",
     "alloykit.io.writer",
+    "alloykit.lora.factorize",
     "alloykit.methods.data_aware",
     "alloykit.methods.extrapolate",
     "alloykit.methods.fusion",

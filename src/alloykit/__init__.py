@@ -3,9 +3,11 @@
 The public API is a handful of verbs:
 
 - :func:`merge` (config -> model folder) and :func:`merge_to_state_dict` (config -> tensors);
+  :func:`merge_in_memory` (tensors, plan and recipe hash);
 - :func:`plan_merge` (what a merge will do, without reading tensors);
 - :func:`load_config` and :class:`MergeConfig` (MergeKit-compatible YAML), :func:`recipe_hash`;
-- :data:`METHODS` and :func:`get_method`, the method registry.
+- :data:`METHODS` and :func:`get_method`, the method registry;
+- :func:`evaluate` and :class:`EvalOptions`: score a model, merge config or state dict on tasks.
 
 Example:
     >>> import alloykit
@@ -27,11 +29,14 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 __version__ = "0.1.0"
 __all__ = [
     "METHODS",
+    "EvalOptions",
     "MergeConfig",
     "MergeOptions",
+    "evaluate",
     "get_method",
     "load_config",
     "merge",
+    "merge_in_memory",
     "merge_to_state_dict",
     "plan_merge",
     "recipe_hash",
@@ -47,13 +52,23 @@ _LAZY = {
     "MergeOptions": "alloykit.pipeline",
     "merge": "alloykit.pipeline",
     "merge_to_state_dict": "alloykit.pipeline",
+    "merge_in_memory": "alloykit.pipeline",
     "plan_merge": "alloykit.pipeline",
+    "evaluate": "alloykit.evaluation",
+    "EvalOptions": "alloykit.evaluation",
 }
 
 if TYPE_CHECKING:
     from alloykit.config import MergeConfig, load_config, recipe_hash
+    from alloykit.evaluation import EvalOptions, evaluate
     from alloykit.methods import METHODS, get_method
-    from alloykit.pipeline import MergeOptions, merge, merge_to_state_dict, plan_merge
+    from alloykit.pipeline import (
+        MergeOptions,
+        merge,
+        merge_in_memory,
+        merge_to_state_dict,
+        plan_merge,
+    )
 
 
 def __getattr__(name: str) -> Any:

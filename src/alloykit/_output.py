@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from alloykit.evaluation.compare import Comparison
+    from alloykit.evaluation.score import Results
     from alloykit.pipeline import MergeResult
     from alloykit.plan import MergePlan, TensorJob
 
@@ -87,6 +89,8 @@ def print_plan(plan: MergePlan) -> None:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
         line = f"{line}  {row[5]}"
         out.print(f"[bold]{escape(line)}[/]" if number == 0 else escape(line))
+    if plan.tokenizer is not None and plan.tokenizer.vocabulary is not None:
+        out.print(escape(describe_vocabulary(plan)))
     out.print(
         f"[bold]total:[/] {len(plan.jobs)} tensors, {plan.layers} layers, "
         f"{len(plan.models)} models, reads {human_bytes(plan.input_bytes)}, "
@@ -104,6 +108,23 @@ def print_plan(plan: MergePlan) -> None:
             f"{calibration.sequence_length} tokens; measures {' and '.join(measured)}, "
             f"cached in {escape(calibration.cache_dir or str(DEFAULT_CACHE))}"
         )
+
+
+def describe_vocabulary(plan: MergePlan) -> str:
+    """One line on the output vocabulary: source, size, rows, and how many tokens each model lacks."""
+    assert plan.tokenizer is not None and plan.tokenizer.vocabulary is not None
+    vocabulary = plan.tokenizer.vocabulary
+    names = _model_names(plan)
+    lacking = ", ".join(
+        f"{names[label]} lacks {int((index < 0).sum())}"
+        for label, index in vocabulary.index.items()
+        if label in names
+    )
+    return (
+        f"vocabulary: {vocabulary.source}, {vocabulary.size} tokens, {vocabulary.rows} rows "
+        f"(tokenizer from {names.get(plan.tokenizer.owner, plan.tokenizer.owner)}; {lacking}; "
+        f"missing rows: {vocabulary.missing_rows})"
+    )
 
 
 def print_result(result: MergeResult) -> None:
@@ -184,3 +205,100 @@ def print_rows(rows: list[tuple[str, ...]]) -> None:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         line = "  ".join([*cells, row[-1]])
         out.print(f"[bold]{escape(line)}[/]" if number == 0 else escape(line))
+
+
+def _score(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def print_results(results: Results) -> None:
+    """One model's scores: a row per task, the primary score first, then the others."""
+    table = Table(box=None, header_style="bold", title=escape(results.model))
+    for column in ("task", "metric", "score", "other scores", "n"):
+        table.add_column(column, justify="right" if column in ("score", "n") else "left")
+    for result in results.tasks.values():
+        others = "  ".join(
+            f"{k}={_score(v)}" for k, v in result.scores.items() if k != result.primary
+        )
+        arrow = " (lower is better)" if result.lower_is_better else ""
+        table.add_row(
+            escape(result.task),
+            f"{result.primary}{arrow}",
+            _score(result.value),
+            escape(others),
+            str(result.n),
+        )
+    out.print(table)
+    digest = f"recipe hash {results.recipe_hash[:16]}, " if results.recipe_hash else ""
+    out.print(f"  {digest}{results.seconds:.1f} s")
+
+
+def print_comparison(comparison: Comparison) -> None:
+    """Models as rows, tasks as columns (primary score, and normalised score when known)."""
+    table = Table(box=None, header_style="bold")
+    table.add_column("model")
+    for task in comparison.tasks:
+        table.add_column(escape(task), justify="right")
+    normalising = bool(comparison.references)
+    if normalising:
+        table.add_column("mean normalised", justify="right")
+    for label, result in zip(comparison.models, comparison.results, strict=True):
+        cells = []
+        for task in comparison.tasks:
+            cell = _score(result.tasks[task].value)
+            ratio = comparison.normalised[label][task]
+            cells.append(cell + (f" ({ratio:.3f})" if ratio is not None else ""))
+        if normalising:
+            cells.append(_score(comparison.mean_normalised[label]))
+        table.add_row(escape(label), *cells)
+    out.print(table)
+    if normalising:
+        references = ", ".join(f"{t} ÷ {r}" for t, r in comparison.references.items())
+        out.print(f"  (normalised: {escape(references)}; 1.0 = as good as the fine-tune)")
+
+
+class EvalProgress:
+    """A progress bar per task: items scored, rate, time left (implements ProgressHook)."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> EvalProgress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def start(self, label: str, total: int) -> None:
+        if self._progress is None:
+            return
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(escape(label), total=total)
+
+    def advance(self, count: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=count)

@@ -7,6 +7,7 @@ transformers) happen inside commands so ``alloykit --help`` starts fast.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,16 @@ MERGE_EXAMPLES = """Examples:
   alloykit merge recipe.yml merged/ --device auto --out-shard-size 2GiB --overwrite
   alloykit merge merged/alloykit_config.yml again/   # re-run a recipe written by a merge
   alloykit merge stages.yml merged/ --intermediate-dir work/   # multi-document recipe
+"""
+
+EVALUATE_EXAMPLES = """Examples:
+
+\b
+  alloykit evaluate merged/ --task arith.yml                     # a model folder (or repo id)
+  alloykit evaluate recipe.yml --task arith.yml --task ppl.yml   # merged in memory, nothing written
+  alloykit evaluate merged/ --task arith.yml --output scores.json --device auto --batch-size 8
+  alloykit evaluate --compare base/ ft1/ ft2/ recipe.yml --task t1.yml --task t2.yml --plot bars.png
+  alloykit evaluate merged/ --harness-task hellaswag --limit 100  # lm-evaluation-harness (extra 'eval')
 """
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
@@ -301,6 +312,149 @@ def moe(
         f"wrote {result.output} ({result.architecture}, {result.experts} experts, "
         f"{result.experts_per_token} per token) in {result.seconds:.1f} s"
     )
+
+
+from alloykit._cli_lora import lora_app  # noqa: E402 (a sub-app: wiring, no heavy imports)
+
+app.add_typer(lora_app, name="lora")
+
+
+@app.command(epilog=EVALUATE_EXAMPLES)
+def evaluate(
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="MODEL_OR_CONFIG...",
+            help="A model folder or repo id, or a merge recipe (.yml, merged in memory). "
+            "Several with --compare.",
+        ),
+    ],
+    task: Annotated[
+        list[Path] | None,
+        typer.Option("--task", "-t", help="A task file (YAML; docs/evaluate.md). Repeatable."),
+    ] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Evaluate several models: one table, scores normalised by each "
+            "task's own fine-tune.",
+        ),
+    ] = False,
+    finetune: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--finetune",
+            help="TASK=MODEL: the fine-tune that TASK's scores are normalised by "
+            "(overrides the task file). Repeatable.",
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    batch_size: Annotated[
+        str, typer.Option(help="Sequences per forward pass, or auto (halved on out-of-memory).")
+    ] = "auto",
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="float32, bfloat16 or float16 (default: the model's own)."),
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(min=2, help="Longest sequence fed to the model.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-j", min=1, help="CPU threads for torch.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of merge methods that sample (merge recipes only).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the results as JSON here.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="With --compare: write a bar chart PNG here.")
+    ] = None,
+    harness_task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--harness-task", help="An lm-evaluation-harness task name (needs the 'eval' extra)."
+        ),
+    ] = None,
+    harness_include: Annotated[
+        Path | None,
+        typer.Option(help="A folder of extra lm-evaluation-harness task YAMLs."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="lm-evaluation-harness: items per task.")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score models or merge recipes on task files (and lm-evaluation-harness tasks)."""
+    from alloykit import _output
+    from alloykit.errors import AlloyError
+
+    _output.setup_logging(quiet)
+    if not task and not harness_task:
+        raise AlloyError("evaluate needs at least one --task FILE (or --harness-task NAME)")
+    if len(models) > 1 and not compare:
+        raise AlloyError(f"{len(models)} models given: pass --compare to evaluate several")
+    if plot is not None and not compare:
+        raise AlloyError("--plot draws the --compare table: pass --compare")
+    if finetune and not compare:
+        raise AlloyError("--finetune sets what --compare normalises by: pass --compare")
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        raise AlloyError(f"--batch-size '{batch_size}': use a positive number or auto")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise AlloyError(f"--dtype '{dtype}': use float32, bfloat16 or float16")
+    finetunes = {}
+    for item in finetune or []:
+        name, sep, model = item.partition("=")
+        if not sep or not name or not model:
+            raise AlloyError(f"--finetune '{item}': use TASK=MODEL")
+        finetunes[name] = model
+    from alloykit.evaluation import EvalOptions
+    from alloykit.pipeline import MergeOptions
+
+    options = EvalOptions(
+        device=device,
+        batch_size=None if batch_size == "auto" else int(batch_size),
+        dtype=dtype,
+        max_length=max_length,
+        threads=threads,
+        merge=MergeOptions(device=device, seed=seed, threads=threads),
+    )
+    with _output.EvalProgress(enabled=not quiet) as progress:
+        if harness_task:
+            from alloykit.evaluation.harness import run_harness
+
+            if compare or task:
+                raise AlloyError("--harness-task runs alone: one model, no --task, no --compare")
+            scores = run_harness(
+                models[0], harness_task, options, limit=limit, include=harness_include
+            )
+            _output.out.print_json(json.dumps(scores, default=str))
+            if output is not None:
+                output.write_text(json.dumps(scores, indent=2, default=str) + "\n")
+            return
+        tasks = list(task or [])
+        if compare:
+            from alloykit.evaluation.compare import bar_chart
+            from alloykit.evaluation.compare import compare as run_compare
+
+            table = run_compare(models, tasks, options, finetunes=finetunes, progress=progress)
+            text = table.to_json()
+        else:
+            from alloykit.evaluation import evaluate as run_evaluate
+
+            results = run_evaluate(models[0], tasks, options, progress=progress)
+            text = results.to_json()
+    if compare:
+        _output.print_comparison(table)
+        if plot is not None:
+            _output.out.print(f"  bar chart: {bar_chart(table, plot)}")
+    else:
+        _output.print_results(results)
+    if output is not None:
+        output.write_text(text + "\n")
+        _output.out.print(f"  results: {output}")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from alloykit.chat_templates import CHAT_TEMPLATES
 from alloykit.errors import ConfigError, did_you_mean
 
 log = logging.getLogger("alloykit")
@@ -36,7 +37,8 @@ DTYPE_ALIASES = {
     "float": "float32",
     "double": "float64",
 }
-BUILTIN_CHAT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+BUILTIN_CHAT_TEMPLATES = tuple(CHAT_TEMPLATES)
+MISSING_ROWS = ("default_row", "holders_only")
 
 
 class ModelRef(BaseModel):
@@ -124,12 +126,19 @@ class OutputSlice(BaseModel):
 
 
 class TokenizerConfig(BaseModel):
-    """The ``tokenizer:`` block (output vocabulary and per-token embedding sources)."""
+    """The ``tokenizer:`` block: the output vocabulary and where its embedding rows come from.
+
+    ``source`` is ``union`` (default), ``base`` or a model; ``tokens`` maps a token to
+    ``{source, force}``; ``pad_to_multiple_of`` rounds the row count up; ``missing_rows`` says
+    how a token some models lack is merged (``default_row``: they get its default row, as in
+    MergeKit; ``holders_only``: it is merged from the models that have it).
+    """
 
     model_config = ConfigDict(extra="forbid")
     source: str = "union"
     tokens: dict[str, Any] | None = None
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
+    missing_rows: str = "default_row"
 
 
 class HeadsConfig(BaseModel):
@@ -548,14 +557,6 @@ def _check_inputs(config: MergeConfig) -> list[str]:
     refs: list[tuple[str, ModelRef]] = []
     for top, models, slices in _input_groups(config):
         problems += _check_group(top, models, slices, refs)
-    if config.base_model is not None:
-        refs.append(("base_model", config.base_model))
-    for where, ref in refs:
-        if ref.lora:
-            problems.append(
-                f"{where}: '{ref}' names a LoRA adapter; adapters as merge inputs are not "
-                "supported yet: merge the adapter into its base with peft first"
-            )
     return problems
 
 
@@ -615,13 +616,26 @@ def _check_tokenizer(config: MergeConfig) -> list[str]:
                 f"chat_template: '{template}' is neither 'auto', a built-in template "
                 f"({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor a Jinja template"
             )
-    if config.tokenizer_source is not None or config.tokenizer is not None:
+    source, where = config.tokenizer_source, "tokenizer_source"
+    if config.tokenizer is not None:
+        source, where = config.tokenizer.source, "tokenizer.source"
+        if config.tokenizer.missing_rows not in MISSING_ROWS:
+            problems.append(
+                f"tokenizer.missing_rows: '{config.tokenizer.missing_rows}' is not one of "
+                f"{', '.join(MISSING_ROWS)}"
+            )
+        for token, entry in (config.tokenizer.tokens or {}).items():
+            if entry is not None and (
+                not isinstance(entry, dict) or set(entry) - {"source", "force"}
+            ):
+                problems.append(f"tokenizer.tokens.{token}: expected {{source, force}}")
+    labels = [str(ref) for ref in model_refs(config)]
+    if source is not None and source not in ("base", "union") and source not in labels:
+        listing = ", ".join(f"'{label}'" for label in labels)
         problems.append(
-            "tokenizer_source/tokenizer: building a merged vocabulary is not supported yet; "
-            "remove the key to copy the base model's tokenizer"
+            f"{where}: '{source}' is not base, union or one of the config's models "
+            f"({listing}){did_you_mean(source, ['base', 'union', *labels])}"
         )
-    if config.chat_template is not None:
-        problems.append("chat_template: setting a chat template is not supported yet")
     return problems
 
 

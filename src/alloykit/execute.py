@@ -8,13 +8,15 @@ into the ``(k, *shape)`` stack the method receives. Results go to a sink: the sh
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from alloykit.calibration import StatisticsFile, model_statistics
@@ -24,6 +26,7 @@ from alloykit.methods import Method, MethodInputs
 from alloykit.methods.data_aware import aim
 from alloykit.plan import COPY, MergePlan, TensorJob
 from alloykit.prepass import needs_model_scope, with_model_thresholds
+from alloykit.tokenizer import align_into, default_rows, merge_holders_only
 
 
 class TensorSink(Protocol):
@@ -58,6 +61,7 @@ class _Loaded:
     input_axis: int = -1
     activation: torch.Tensor | None = None  # AIM: the base's mean |input| per channel
     aim_base: torch.Tensor | None = None  # AIM: the base's tensor, kept from the method
+    holders: torch.Tensor | None = None  # (k, rows): which input has which token (holders_only)
 
 
 @dataclass
@@ -99,6 +103,10 @@ class _Calibrated:
         tensors = loaded.tensors
         if self.per_model:
             rows = [self.per_model[i.model].read(i.tensor) for i in job.inputs]
+            if self.statistic == "fisher" and any(
+                r is not None and r.shape != tensors.shape[1:] for r in rows
+            ):  # rows re-indexed to another vocabulary: the Fishers no longer line up
+                rows = []
             if rows and all(r is not None for r in rows):
                 stack = torch.stack([r for r in rows if r is not None])
                 loaded.statistics = stack.to(device=tensors.device)
@@ -106,7 +114,7 @@ class _Calibrated:
                     # Matena & Raffel's c_i ∝ 1/‖F_i‖: each model's whole Fisher at unit norm
                     norms = tuple(self.per_model[i.model].norm for i in job.inputs)
                     per_model = {**job.per_model, "statistics_norm": norms}
-                    loaded.job = replace(job, per_model=per_model)
+                    loaded.job = dataclasses.replace(job, per_model=per_model)
                 loaded.input_axis = self.per_model[job.inputs[0].model].input_axis(
                     job.inputs[0].tensor
                 )
@@ -181,6 +189,8 @@ def execute(
             value = checkpoints[model].read(tensor)
             return value.to(load_dtype) if load_dtype is not None else value
 
+        if job.vocabulary:
+            return load_aligned(job, read)
         if job.method == COPY:
             (only,) = job.inputs
             return _Loaded(job, read(only.model, only.tensor).unsqueeze(0), None)
@@ -191,6 +201,33 @@ def execute(
         if job.base is not None:
             base = read(job.base.model, job.base.tensor).to(device=device, dtype=work_dtype)
         loaded = _Loaded(job, stack, base)
+        if calibrated is not None:
+            calibrated.attach(loaded, plan.base_model)
+        return loaded
+
+    def load_aligned(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> _Loaded:
+        """A vocabulary tensor: every model's rows re-indexed to the output vocabulary."""
+        vocabulary = plan.tokenizer.vocabulary if plan.tokenizer is not None else None
+        assert vocabulary is not None, f"job '{job.output}' needs the plan's vocabulary"
+        items = [*job.inputs, *([job.base] if job.base is not None else [])]
+        raw = {item.model: read(item.model, item.tensor) for item in items}
+        dtype = SAFETENSORS_DTYPES[job.dtype] if job.method == COPY else work_dtype
+        defaults = default_rows(vocabulary, raw, dtype)
+        # each model's rows go straight into the stack the method receives, and its raw
+        # matrix is dropped once written: memory stays near one copy of the inputs
+        stack = torch.empty((len(job.inputs), *job.shape), dtype=dtype, device=device)
+        for row, item in enumerate(job.inputs):
+            align_into(vocabulary, item.model, raw.pop(item.model), defaults, stack[row])
+        base = None
+        if job.base is not None:
+            base = torch.empty(job.shape, dtype=dtype, device=device)
+            align_into(vocabulary, job.base.model, raw.pop(job.base.model), defaults, base)
+        del defaults
+        holders = None
+        if vocabulary.missing_rows == "holders_only" and job.method != COPY:
+            masks = [vocabulary.holders(item.model) for item in job.inputs]
+            holders = torch.from_numpy(np.stack(masks)).to(device)
+        loaded = _Loaded(job, stack, base, holders=holders)
         if calibrated is not None:
             calibrated.attach(loaded, plan.base_model)
         return loaded
@@ -239,10 +276,14 @@ def _compute(
         loaded.statistics,
         loaded.input_axis,
     )
-    result = method.run(inputs)
+    if loaded.holders is not None:  # holders_only: keep the inputs for the per-subset runs
+        full = method.run(dataclasses.replace(inputs, tensors=inputs.tensors.clone()))
+        merged = merge_holders_only(method.run, inputs, loaded.holders, full, method.min_models)
+    else:
+        merged = method.run(inputs)
     if loaded.activation is not None and loaded.aim_base is not None:
-        result = aim(result, loaded.aim_base, loaded.activation, aim_strength, loaded.input_axis)
-    result = result.to(device="cpu", dtype=out_dtype)
+        merged = aim(merged, loaded.aim_base, loaded.activation, aim_strength, loaded.input_axis)
+    result = merged.to(device="cpu", dtype=out_dtype)
     finite = torch.isfinite(result)
     if not bool(finite.all()):
         bad = int(torch.count_nonzero(~finite))

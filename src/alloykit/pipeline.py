@@ -7,6 +7,7 @@ each step lives in its own module.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from alloykit.errors import AlloyError
 from alloykit.execute import ExecutionOptions, StateDictSink, execute
 from alloykit.io.checkpoint import Checkpoint, open_checkpoint
 from alloykit.io.hub import resolve_model
+from alloykit.io.tokenizer_files import write_output_tokenizer
 from alloykit.io.writer import (
     OutputFolder,
     ShardWriter,
@@ -88,11 +90,15 @@ ProgressHook = Callable[[TensorJob], None]
 
 @contextmanager
 def open_models(
-    config: MergeConfig, provided: Mapping[str, Checkpoint] | None = None
+    config: MergeConfig,
+    provided: Mapping[str, Checkpoint] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[dict[str, Checkpoint]]:
     """Resolve and index every model the config names (no tensor data is read).
 
     ``provided`` holds checkpoints already open (earlier stages' results), used by label.
+    ``base+adapter`` references open as the base read through the adapter; ``dtype`` is the
+    dtype their adapted tensors are returned in (None: as stored, like PEFT's merged model).
     """
     checkpoints: dict[str, Checkpoint] = {}
     opened: list[Checkpoint] = []
@@ -104,6 +110,11 @@ def open_models(
                 continue
             checkpoint = open_checkpoint(resolve_model(ref.path, ref.revision), label)
             opened.append(checkpoint)
+            if ref.lora:  # base+adapter: the adapter is applied as each tensor is read
+                from alloykit.lora.checkpoint import open_adapted
+
+                checkpoint = open_adapted(checkpoint, ref.lora, ref.lora_revision, label, dtype)
+                opened[-1] = checkpoint
             if ref.override_architecture and checkpoint.config is not None:
                 checkpoint.config["architectures"] = [ref.override_architecture]
             checkpoints[label] = checkpoint
@@ -153,8 +164,11 @@ def _run_stage(
         plans.append(plan)
         for warning in plan.warnings:
             log.warning(f"stage '{name}': {warning}")
+        files = None
+        if plan.tokenizer is not None and (dry_run or options.intermediate_dir is None):
+            files = _stage_files(name, plan)  # later stages read the stage's tokenizer
         if dry_run:
-            return MemoryCheckpoint(name, plan, None)
+            return MemoryCheckpoint(name, plan, None, files)
         if options.intermediate_dir is not None:
             target = Path(options.intermediate_dir) / name
             _write(plan, checkpoints, [stage], target, replace(options, overwrite=True), None)
@@ -168,7 +182,22 @@ def _run_stage(
         log.info(f"stage '{name}': merging {len(plan.jobs)} tensors in memory")
         sink = StateDictSink()
         execute(plan, checkpoints, sink, _execution(options))
-        return MemoryCheckpoint(name, plan, sink)
+        return MemoryCheckpoint(name, plan, sink, files)
+
+
+def _stage_files(name: str, plan: MergePlan) -> Path:
+    """A temporary folder with an in-memory stage's tokenizer and generation files."""
+    import tempfile
+
+    assert plan.tokenizer is not None
+    folder = Path(tempfile.mkdtemp(prefix=f"alloykit-stage-{name}-"))
+    try:
+        copy_donor_files(folder, plan.models[plan.donor], tokenizer=False, code=False)
+        write_output_tokenizer(folder, plan.tokenizer, plan.models, plan.donor)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 def plan_stages(
@@ -257,10 +286,12 @@ def _write(
         copy_donor_files(
             folder.path,
             donor.folder,
-            tokenizer=options.copy_tokenizer,
+            tokenizer=options.copy_tokenizer and plan.tokenizer is None,
             code=bool((donor.config or {}).get("auto_map")) and options.trust_remote_code,
         )
-        recipes = [portable_recipe(stage, stage_names(stages)) for stage in stages]
+        if plan.tokenizer is not None:  # the config builds one: written even without copying
+            write_output_tokenizer(folder.path, plan.tokenizer, plan.models, plan.donor)
+        recipes = _portable_stages(stages)
         digest = recipes_hash(recipes)
         header = f"# alloykit recipe {digest[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
         body = "---\n".join(recipe.to_yaml() for recipe in recipes)
@@ -270,6 +301,10 @@ def _write(
     return files, digest
 
 
+def _portable_stages(stages: list[MergeConfig]) -> list[MergeConfig]:
+    return [portable_recipe(stage, stage_names(stages)) for stage in stages]
+
+
 def recipes_hash(stages: list[MergeConfig]) -> str:
     """:func:`recipe_hash` of a one-stage recipe; a hash of the stages' hashes otherwise."""
     if len(stages) == 1:
@@ -277,6 +312,49 @@ def recipes_hash(stages: list[MergeConfig]) -> str:
     import hashlib
 
     return hashlib.sha256("".join(recipe_hash(s) for s in stages).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MergedState:
+    """A merge held in memory: its tensors, its plan and the hash of its recipe.
+
+    ``config`` is the ``config.json`` a merge would write (with the output dtype) and
+    ``donor_folder`` the folder whose tokenizer it would copy.
+    """
+
+    state: dict[str, torch.Tensor]
+    plan: MergePlan
+    recipe_hash: str
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        if self.plan.config is None:
+            return None
+        return dict(self.plan.config, dtype=self.plan.output_dtype)
+
+    @property
+    def donor_folder(self) -> Path:
+        return self.plan.models[self.plan.donor]
+
+
+def merge_in_memory(
+    config: ConfigSource,
+    options: MergeOptions | None = None,
+    *,
+    progress: ProgressHook | None = None,
+) -> MergedState:
+    """Run the same plan as :func:`merge` into memory, with what is needed to load the result.
+
+    The recipe hash equals the one :func:`merge` reports for the same recipe; the plan's
+    warnings are in ``plan.warnings`` (not logged).
+    """
+    options = options or MergeOptions()
+    with _final_inputs(config, options) as run:
+        plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
+        sink = StateDictSink()
+        execute(plan, run.checkpoints, sink, _execution(options), progress)
+        digest = recipes_hash(_portable_stages(run.stages))
+    return MergedState(dict(sink), plan, digest)
 
 
 def merge_to_state_dict(
@@ -291,12 +369,7 @@ def merge_to_state_dict(
         >>> state = merge_to_state_dict("examples/linear.yml")  # doctest: +SKIP
         >>> model.load_state_dict(state)
     """
-    options = options or MergeOptions()
-    with _final_inputs(config, options) as run:
-        plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
-        sink = StateDictSink()
-        execute(plan, run.checkpoints, sink, _execution(options), progress)
-    return dict(sink)
+    return merge_in_memory(config, options, progress=progress).state
 
 
 def _execution(options: MergeOptions) -> ExecutionOptions:
@@ -311,10 +384,13 @@ def portable_recipe(config: MergeConfig, stage_names: set[str] | None = None) ->
     from alloykit.config import ModelRef
 
     def absolute(ref: ModelRef) -> ModelRef:
+        update = {}
         local = Path(ref.path).expanduser()
         if ref.path not in (stage_names or set()) and local.exists():
-            return ref.model_copy(update={"path": str(local.resolve())})
-        return ref
+            update["path"] = str(local.resolve())
+        if ref.lora and Path(ref.lora).expanduser().exists():
+            update["lora"] = str(Path(ref.lora).expanduser().resolve())
+        return ref.model_copy(update=update) if update else ref
 
     data = config.model_copy(deep=True)
     if data.calibration is not None and Path(data.calibration.data).expanduser().exists():

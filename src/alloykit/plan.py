@@ -22,6 +22,7 @@ names the model to copy them from.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,10 @@ from alloykit.io.checkpoint import (
     TensorInfo,
 )
 from alloykit.methods import Method, Param, resolve_method
+from alloykit.tokenizer import OutputTokenizer, VocabularyPlan, plan_tokenizer
 
 COPY = "copy"  # the job "method" for tensors that are not merged (integer buffers)
+VOCAB_SIZE_KEYS = ("vocab_size", "n_vocab", "padded_vocab_size")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class TensorJob:
     per_model: Mapping[str, tuple[float, ...]]
     params: Mapping[str, Any]
     input_bytes: int
+    vocabulary: bool = False  # rows are re-indexed to the output vocabulary before the method
 
     @property
     def output_bytes(self) -> int:
@@ -111,6 +115,7 @@ class MergePlan:
     calibration: CalibrationConfig | None = None  # data for methods that measure statistics
     aim: AimConfig | None = None  # activation-informed merging after the method
     base_model: str | None = None  # the base model's label
+    tokenizer: OutputTokenizer | None = None  # the tokenizer to write, when the config builds one
 
     @property
     def method(self) -> str:
@@ -162,12 +167,18 @@ def build_plan(
     if config.modules is not None:
         return _module_plan(config, checkpoints, method, donor, load_dtype, out_dtype)
     check_one_stack(config, checkpoints)
-    jobs, slices, offset, planner = _plan_jobs(config, checkpoints, method, out_dtype, {})
+    tokenizer = plan_tokenizer(config, checkpoints, donor)
+    vocabulary = tokenizer.vocabulary if tokenizer is not None else None
+    jobs, slices, offset, planner = _plan_jobs(
+        config, checkpoints, method, out_dtype, {}, vocabulary
+    )
 
     # the heads' model gives the config too, so the output loads as that task model
     donor = planner.heads_source or donor
     donor_ckpt = checkpoints[donor]
     output_config = _output_config(donor_ckpt, slices, offset, jobs)
+    if tokenizer is not None and output_config is not None:
+        output_config = _tokenizer_config(output_config, tokenizer, donor)
     return MergePlan(
         jobs=jobs,
         kernel=method,
@@ -177,7 +188,8 @@ def build_plan(
         output_dtype=out_dtype or _donor_dtype(donor_ckpt, jobs),
         load_dtype=load_dtype,
         layers=offset,
-        warnings=planner.warnings,
+        warnings=planner.warnings + (vocabulary.warnings if vocabulary is not None else []),
+        tokenizer=tokenizer,
         **_data_fields(config),
     )
 
@@ -203,11 +215,12 @@ def _plan_jobs(
     method: Method,
     out_dtype: str | None,
     module_parameters: Mapping[str, Any],
+    vocabulary: VocabularyPlan | None = None,
 ) -> tuple[list[TensorJob], list[_Slice], int, _Planner]:
     """The jobs of a config's ``models``/``slices`` over ``checkpoints``: (jobs, slices, layers,
     planner)."""
     slices = _slices(config, checkpoints, method)
-    planner = _Planner(method, config, checkpoints, out_dtype, module_parameters)
+    planner = _Planner(method, config, checkpoints, out_dtype, module_parameters, vocabulary)
     jobs: list[TensorJob] = []
     first, last = slices[0], slices[-1]
     jobs += planner.non_layer_jobs(first, "pre")
@@ -281,11 +294,14 @@ def _module_plan(
 ) -> MergePlan:
     """Plan ``modules:``: each module merges the tensors under ``<name>.`` like a whole config.
 
-    Tensors under no module's prefix are copied from the donor (base or first model).
+    Tensors under no module's prefix are copied from the donor (base or first model); with a
+    merged vocabulary, a token-embedding or head tensor among them is the donor's aligned rows.
     """
     assert config.modules is not None
+    tokenizer = plan_tokenizer(config, checkpoints, donor)
+    vocabulary = tokenizer.vocabulary if tokenizer is not None else None
     jobs: list[TensorJob] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(vocabulary.warnings) if vocabulary is not None else []
     layers = 0
     donor_tensors = checkpoints[donor].tensors
     donor_config = checkpoints[donor].config
@@ -307,7 +323,7 @@ def _module_plan(
         views = {label: _restricted(checkpoints[label], prefix) for label in labels}
         check_one_stack(sub, views, where=f"{where}.slices")
         module_jobs, _, module_layers, planner = _plan_jobs(
-            sub, views, method, out_dtype, module.parameters
+            sub, views, method, out_dtype, module.parameters, vocabulary
         )
         jobs += module_jobs
         layers += module_layers
@@ -329,12 +345,20 @@ def _module_plan(
         for name in rest:
             info = donor_tensors[name]
             dtype = out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
-            jobs.append(_copy_job(name, donor, info, dtype))
+            job = _copy_job(name, donor, info, dtype)
+            if vocabulary is not None and is_vocabulary_tensor(name):
+                holders = {
+                    label: c.tensors[name] for label, c in checkpoints.items() if name in c.tensors
+                }
+                job = _aligned(job, (vocabulary.rows, *info.shape[1:]), holders)
+            jobs.append(job)
         warnings.append(
             f"modules: {len(rest)} tensors of model '{donor}' are under no module (e.g. "
             f"'{rest[0]}'); they are copied from '{donor}' unchanged"
         )
     donor_ckpt = checkpoints[donor]
+    if tokenizer is not None and output_config is not None:
+        output_config = _tokenizer_config(output_config, tokenizer, donor)
     return MergePlan(
         jobs=jobs,
         kernel=method,
@@ -345,6 +369,7 @@ def _module_plan(
         load_dtype=load_dtype,
         layers=layers,
         warnings=warnings,
+        tokenizer=tokenizer,
         **_data_fields(config),
     )
 
@@ -491,8 +516,10 @@ class _Planner:
         checkpoints: Mapping[str, Checkpoint],
         out_dtype: str | None,
         module_parameters: Mapping[str, Any],
+        vocabulary: VocabularyPlan | None = None,
     ) -> None:
         self.method = method
+        self.vocabulary = vocabulary
         self.top = config.parameters
         self.module = module_parameters  # modules.<name>.parameters, between slice and top
         self.keep = set(config.keep_from_base or ())
@@ -687,6 +714,9 @@ class _Planner:
         reference = infos.get(donor) or next(iter(infos.values()), None)
         if reference is None:
             return _empty_job(output)
+        aligned = self.vocabulary is not None and is_vocabulary_tensor(output)
+        if aligned:
+            return self._vocabulary_job(output_slice, output, infos, names, t, reference)
         for label, info in infos.items():
             if info.shape != reference.shape:
                 self._problem(
@@ -695,11 +725,51 @@ class _Planner:
                     f"{list(reference.shape)} in model '{reference_label(infos, reference)}'"
                     + (" (the vocabularies differ)" if is_vocabulary_tensor(output) else ""),
                 )
+        return self._merge_job(output_slice, output, infos, names, t, reference)
+
+    def _vocabulary_job(
+        self,
+        output_slice: _Slice,
+        output: str,
+        infos: Mapping[str, TensorInfo],
+        names: Mapping[str, str],
+        t: float,
+        reference: TensorInfo,
+    ) -> TensorJob | None:
+        """A token-embedding or LM-head tensor: every input's rows re-indexed to the output
+        vocabulary (``vocabulary=True``), so only the trailing dimensions must agree."""
+        assert self.vocabulary is not None
+        for label, info in infos.items():
+            rows = self.vocabulary.model_rows.get(label, 0)
+            if info.shape[1:] != reference.shape[1:] or info.shape[0] < rows:
+                self._problem(
+                    f"shape:{output}",
+                    f"tensor '{info.name}' has shape {list(info.shape)} in model '{label}', which "
+                    f"does not fit its {rows} token rows and the hidden size "
+                    f"{list(reference.shape[1:])} of model '{reference_label(infos, reference)}'",
+                )
+        shape = (self.vocabulary.rows, *reference.shape[1:])
+        return self._merge_job(output_slice, output, infos, names, t, reference, shape)
+
+    def _merge_job(
+        self,
+        output_slice: _Slice,
+        output: str,
+        infos: Mapping[str, TensorInfo],
+        names: Mapping[str, str],
+        t: float,
+        reference: TensorInfo,
+        vocabulary_shape: tuple[int, ...] | None = None,
+    ) -> TensorJob | None:
+        """The job merging ``infos`` (or copying one of them) into ``output``."""
+        donor = self._donor(output_slice)
         dtype = self.out_dtype or reference.dtype
         input_bytes = sum(i.nbytes for i in infos.values())
         kept = output_slice.base is not None and module_kind(output) in self.keep
-        if kept and output_slice.base in infos:  # keep_from_base: the base's tensor, unchanged
-            return _copy_job(output, output_slice.base, infos[output_slice.base], dtype)
+        if kept and output_slice.base is not None and output_slice.base in infos:
+            # keep_from_base: the base's tensor, unchanged
+            job = _copy_job(output, output_slice.base, infos[output_slice.base], dtype)
+            return _aligned(job, vocabulary_shape, infos)
         if reference.dtype not in FLOAT_CODES:  # integer buffers are copied from the base
             return _copy_job(output, donor, reference, reference.dtype)
 
@@ -713,7 +783,7 @@ class _Planner:
         per_model, params = self._parameters(output_slice, sources, names, output, t)
         job = TensorJob(
             output,
-            reference.shape,
+            vocabulary_shape or reference.shape,
             dtype,
             self.method.name,
             inputs,
@@ -721,6 +791,7 @@ class _Planner:
             per_model,
             params,
             input_bytes,
+            vocabulary_shape is not None,
         )
         if len(inputs) < self.method.min_models:
             self._problem(
@@ -815,6 +886,43 @@ def _copy_job(output: str, model: str, info: TensorInfo, dtype: str) -> TensorJo
     return TensorJob(
         output, info.shape, dtype, COPY, (TensorInput(model, info.name),), None, {}, {}, info.nbytes
     )
+
+
+def _aligned(
+    job: TensorJob, shape: tuple[int, ...] | None, infos: Mapping[str, TensorInfo]
+) -> TensorJob:
+    """The copy ``job`` reading its input re-indexed to the output vocabulary (``shape``), if
+    given; every model of ``infos`` is read too, after the copied one, for the default rows of
+    the tokens it lacks."""
+    if shape is None:
+        return job
+    (kept,) = job.inputs
+    others = [TensorInput(label, info.name) for label, info in infos.items() if label != kept.model]
+    return dataclasses.replace(
+        job,
+        shape=shape,
+        vocabulary=True,
+        inputs=(kept, *others),
+        input_bytes=sum(info.nbytes for info in infos.values()),
+    )
+
+
+def _tokenizer_config(
+    config: dict[str, Any], tokenizer: OutputTokenizer, donor: str
+) -> dict[str, Any]:
+    """The output config with the vocabulary size and special-token ids of the output tokenizer."""
+    from alloykit.io.tokenizer_files import remap_token_ids
+
+    if tokenizer.vocabulary is None:
+        return config
+    config = copy.deepcopy(config)
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict):
+            for key in VOCAB_SIZE_KEYS:
+                if isinstance(section.get(key), int):
+                    section[key] = tokenizer.vocabulary.rows
+    moves = tokenizer.id_moves(donor)
+    return remap_token_ids(config, *moves) if moves is not None else config
 
 
 def _empty_job(output: str) -> TensorJob:

@@ -10,6 +10,7 @@ model folders when one is given (needed when they do not fit in memory).
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ class MemoryCheckpoint(Checkpoint):
     """A checkpoint whose tensors are in memory (an intermediate result), or only planned.
 
     ``tensors`` describes them like a folder's index; :meth:`read` returns them. Without a
-    state dict (a dry run) the tensors are known by name, shape and dtype only.
+    state dict (a dry run) the tensors are known by name, shape and dtype only. ``files`` is a
+    temporary folder holding the stage's own tokenizer and generation files, when it builds a
+    tokenizer; it is removed on :meth:`close`.
     """
 
     def __init__(
@@ -36,9 +39,12 @@ class MemoryCheckpoint(Checkpoint):
         label: str,
         plan: MergePlan,
         state: Mapping[str, torch.Tensor] | None,
+        files: Path | None = None,
     ) -> None:
         self.label = label
-        self.folder = plan.models[plan.donor]  # tokenizer and generation files come from here
+        # tokenizer and generation files come from here
+        self.folder = files if files is not None else plan.models[plan.donor]
+        self._files = files
         self.config = dict(plan.config, dtype=plan.output_dtype) if plan.config else None
         where = Path(f"<result of stage '{label}'>")
         self.tensors = {
@@ -57,6 +63,9 @@ class MemoryCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self._state = None
+        if self._files is not None:
+            shutil.rmtree(self._files, ignore_errors=True)
+            self._files = None
 
 
 def load_stages(source: Any, *, strict: bool = False) -> list[MergeConfig]:

@@ -262,3 +262,117 @@ def make_family(
         json.dumps({"spec": spec.__dict__, "seed": seed, "finetunes": finetunes}, indent=2)
     )
     return folders
+
+
+# --------------------------------------------------------------------------- vocabularies
+
+# A few hundred words of plain English: enough for a byte-level BPE to learn ~100 merges.
+CORPUS = (
+    "the quick brown fox jumps over the lazy dog while the cat sleeps in the sun. "
+    "model merging combines the weights of models fine-tuned from one base model. "
+    "a tokenizer splits text into tokens and each token has one row in the embedding. "
+    "when two models disagree about their vocabulary the rows must be aligned first. "
+    "the merged model should answer questions, follow instructions and write code. "
+    "chat models wrap every turn of a conversation in special tokens of their own. "
+    "small models train quickly and large models remember more of what they read. "
+)
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def train_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
+    """A byte-level BPE tokenizer trained on :data:`CORPUS` with ``vocab_size`` entries.
+
+    Training is deterministic and greedy, so a larger ``vocab_size`` gives the same first
+    entries plus more merges: tokenizers of one family with added tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tokenizer.train_from_iterator([CORPUS] * 4, trainer)
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise ValueError(f"the corpus yields {tokenizer.get_vocab_size()} tokens, not {vocab_size}")
+    return tokenizer
+
+
+def _row(kind: str, *key: object, size: int) -> np.ndarray:
+    return _rng(kind, *key).standard_normal(size).astype(np.float32) * SIGMA
+
+
+def make_vocabulary_family(
+    root: str | Path,
+    *,
+    tokens: int = 96,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Four tiny Llamas whose vocabularies differ the ways real fine-tunes' do.
+
+    - ``base``: a BPE tokenizer of ``tokens`` entries, one embedding row each;
+    - ``chat``: the same tokenizer trained 6 merges further, plus the special tokens
+      ``<|im_start|>``/``<|im_end|>`` and a ChatML template (``tokens + 8`` rows);
+    - ``padded``: the 6-merges-further tokenizer with its rows padded to ``tokens + 16``;
+    - ``short``: the base tokenizer with only ``tokens - 3`` rows (its last 3 entries have no row).
+
+    A token's row is the same in every model up to a small per-model change (as after
+    fine-tuning), wherever its id, so rows aligned by token string are related. Other tensors
+    are :func:`base_values` plus a per-model :func:`delta_values`.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from alloykit.chat_templates import CHAT_TEMPLATES
+
+    root = Path(root)
+    small, large = train_tokenizer(tokens), train_tokenizer(tokens + 6)
+    variants = {  # name: (tokenizer, chat tokens, rows)
+        "base": (small, False, tokens),
+        "chat": (large, True, tokens + 8),
+        "padded": (large, False, tokens + 16),
+        "short": (small, False, tokens - 3),
+    }
+    folders = {}
+    for index, (name, (trained, chat, rows)) in enumerate(variants.items()):
+        spec = ToySpec(
+            vocab_size=rows,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=tie_word_embeddings,
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=trained.from_str(trained.to_str()),
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+        )
+        if chat:
+            fast.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+            fast.chat_template = CHAT_TEMPLATES["chatml"]
+        by_id = {i: t for t, i in fast.get_vocab().items()}
+        tensors = {}
+        for tensor, shape in parameter_shapes(spec).items():
+            if tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+                values = np.stack(
+                    [
+                        _row("row", seed, tensor, by_id[i], size=shape[1])
+                        + 0.1 * _row("tune", seed, name, tensor, by_id[i], size=shape[1])
+                        if i in by_id
+                        else _row("pad", seed, name, tensor, i, size=shape[1])
+                        for i in range(shape[0])
+                    ]
+                )
+            else:
+                values = base_values(tensor, shape, seed)
+                if index:
+                    values = values + delta_values(tensor, shape, seed, index)
+            tensors[tensor] = values
+        folder = save_checkpoint(root / name, spec, tensors, tokenizer=False)
+        fast.save_pretrained(str(folder))
+        folders[name] = folder
+    return folders

@@ -79,3 +79,34 @@ def load_golden() -> dict:
 def render(config_text: str, models_root: Path) -> str:
     """Replace ``${MODELS}`` in a config with the absolute path of the toy family's folder."""
     return config_text.replace(PLACEHOLDER, str(Path(models_root).resolve()))
+
+
+# Merges of models whose vocabularies differ (``tokenizer_source`` / ``tokenizer:``), run on
+#     make_vocabulary_family(root, **VOCAB_FAMILY)
+# MergeKit numbers the union's new tokens differently from run to run, so vocabulary tensors
+# (token embeddings, LM head) are kept row by row under each row's token, and compared after
+# pairing rows by token; rows past the vocabulary (padding) are kept in order.
+VOCAB_GOLDEN_JSON = Path(__file__).parent / "mergekit_0.1.5_vocab.json"
+VOCAB_CONFIG_DIR = Path(__file__).parent / "vocab_configs"
+VOCAB_FAMILY = dict(tokens=96, tie_word_embeddings=False, seed=0)
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def rows_by_token(
+    tensors: dict[str, np.ndarray], vocab: dict[str, int]
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[list[float]]]]:
+    """``({tensor: {token: row}}, {tensor: padding rows})`` of the vocabulary tensors."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    padding: dict[str, list[list[float]]] = {}
+    for name in VOCAB_TENSORS:
+        if name not in tensors:
+            continue
+        values = np.asarray(tensors[name], dtype=np.float64)
+        rows[name] = {token: [float(x) for x in values[i]] for token, i in sorted(vocab.items())}
+        padding[name] = [[float(x) for x in row] for row in values[len(vocab) :]]
+    return rows, padding
+
+
+def load_vocab_golden() -> dict:
+    """The committed MergeKit reference data for vocabulary merges."""
+    return json.loads(VOCAB_GOLDEN_JSON.read_text(encoding="utf-8"))

@@ -19,6 +19,12 @@ A config holding more than one YAML document is a multi-stage recipe: it is run 
 --random-seed 42``). Documents with a ``name`` are intermediate stages (written to
 ``TMPDIR/NAME``; a later document refers to one by using that name as a model path); the
 unnamed document is the final output, which is the only one summarised.
+
+``--vocabulary`` runs ``vocab_configs/*.yml`` instead, on the models of
+``alloykit.toymodels.make_vocabulary_family`` (``_golden.VOCAB_FAMILY``), whose vocabularies
+differ, and writes ``mergekit_0.1.5_vocab.json``: the output's vocabulary size and tokens, the
+rows of the token embeddings and LM head keyed by token (MergeKit's ids for new tokens change
+from run to run), the padding rows, and the usual summary of every other tensor.
 """
 
 from __future__ import annotations
@@ -35,7 +41,18 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _golden import CONFIG_DIR, FAMILY, GOLDEN_JSON, render, summarize  # noqa: E402
+from _golden import (  # noqa: E402
+    CONFIG_DIR,
+    FAMILY,
+    GOLDEN_JSON,
+    VOCAB_CONFIG_DIR,
+    VOCAB_FAMILY,
+    VOCAB_GOLDEN_JSON,
+    VOCAB_TENSORS,
+    render,
+    rows_by_token,
+    summarize,
+)
 
 MERGEKIT_VERSION = "0.1.5"
 
@@ -111,14 +128,36 @@ def run_config(mergekit: str, config: Path, models: Path, work: Path) -> dict:
     }
 
 
+def run_vocab_config(mergekit: str, config: Path, models: Path, work: Path) -> dict:
+    """One vocabulary merge: rows keyed by token, padding rows, other tensors summarised."""
+    from tokenizers import Tokenizer
+
+    entry = run_config(mergekit, config, models, work)
+    out = work / f"out-{config.stem}"
+    tensors = load_output(out)
+    vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    rows, padding = rows_by_token(tensors, vocab)
+    entry["vocab_size"] = json.loads((out / "config.json").read_text())["vocab_size"]
+    entry["tokens"] = sorted(vocab)
+    entry["rows"] = rows
+    entry["padding"] = padding
+    entry["tensors"] = {k: v for k, v in entry["tensors"].items() if k not in VOCAB_TENSORS}
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mergekit", required=True, help="path of MergeKit's mergekit-yaml")
     parser.add_argument("--only", action="append", default=[], help="config stem(s) to rerun")
-    parser.add_argument("--output", type=Path, default=GOLDEN_JSON)
+    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--vocabulary", action="store_true", help="run vocab_configs/ (differing vocabularies)"
+    )
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = VOCAB_GOLDEN_JSON if args.vocabulary else GOLDEN_JSON
 
-    from alloykit.toymodels import ToySpec, make_family
+    from alloykit.toymodels import ToySpec, make_family, make_vocabulary_family
 
     version = subprocess.run(
         [
@@ -132,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     if version and version != MERGEKIT_VERSION:
         raise SystemExit(f"expected MergeKit {MERGEKIT_VERSION}, found {version}")
 
-    configs = sorted(CONFIG_DIR.glob("*.yml"))
+    configs = sorted((VOCAB_CONFIG_DIR if args.vocabulary else CONFIG_DIR).glob("*.yml"))
     if args.only:
         configs = [c for c in configs if c.stem in set(args.only)]
-    golden = {"mergekit_version": MERGEKIT_VERSION, "family": FAMILY, "configs": {}}
+    family = VOCAB_FAMILY if args.vocabulary else FAMILY
+    golden = {"mergekit_version": MERGEKIT_VERSION, "family": family, "configs": {}}
     if args.only and args.output.exists():
         golden["configs"] = json.loads(args.output.read_text())["configs"]
 
@@ -144,11 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="alloykit-golden-") as tmp:
         work = Path(tmp)
         models = work / "models"
-        make_family(models, spec, finetunes=FAMILY["finetunes"], seed=FAMILY["seed"])
+        if args.vocabulary:
+            make_vocabulary_family(models, **VOCAB_FAMILY)  # type: ignore[arg-type]
+        else:
+            make_family(models, spec, finetunes=FAMILY["finetunes"], seed=FAMILY["seed"])
+        run = run_vocab_config if args.vocabulary else run_config
         for config in configs:
             print(f"{config.stem} ...", end=" ", flush=True)
             try:
-                golden["configs"][config.stem] = run_config(args.mergekit, config, models, work)
+                golden["configs"][config.stem] = run(args.mergekit, config, models, work)
             except RuntimeError as exc:
                 print("FAILED")
                 failures.append(str(exc))

@@ -280,9 +280,14 @@ def copy_donor_files(folder: Path, donor: Path, *, tokenizer: bool, code: bool) 
         names += TOKENIZER_FILES
     if code:
         names += sorted(p.name for p in donor.glob("*.py"))
+    return copy_files(folder, donor, names)
+
+
+def copy_files(folder: Path, source: Path, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Copy the files ``names`` that ``source`` has into ``folder``; return those copied."""
     copied = []
     for name in names:
-        if (donor / name).is_file():
-            shutil.copyfile(donor / name, folder / name)
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
             copied.append(name)
     return copied
