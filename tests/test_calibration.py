@@ -79,8 +79,18 @@ def test_txt_is_one_text_and_other_files_are_refused(tmp_path: Path) -> None:
     assert calibration_module.read_texts(CalibrationConfig(data=str(text))) == ["w1 w2\nw3\n"]
     csv = tmp_path / "data.csv"
     csv.write_text("w1")
-    with pytest.raises(CalibrationError, match=r"neither \.jsonl nor \.txt"):
+    with pytest.raises(CalibrationError, match=r"neither \.jsonl, \.txt nor a task file"):
         calibration_module.read_texts(CalibrationConfig(data=str(csv)))
+
+
+def test_a_task_file_gives_each_example_s_prompt_and_answer() -> None:
+    task = Path(__file__).resolve().parents[1] / "src" / "alloykit" / "examples" / "next_word.yml"
+    texts = calibration_module.read_texts(CalibrationConfig(data=str(task)))
+    rows = [json.loads(line) for line in task.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(texts) == len(rows)
+    for text in texts:  # the few-shot example, then the prompt and its right choice
+        row = next(r for r in rows if text.endswith(r["words"] + " " + r["options"][r["answer"]]))
+        assert row is not None
 
 
 def test_texts_become_blocks_joined_by_eos(text_file: Path, family: dict[str, Path]) -> None:

@@ -52,7 +52,8 @@ _FORMAT = 1  # bump when a statistic's definition changes, so old cache files ar
 
 
 def read_texts(calibration: CalibrationConfig) -> list[str]:
-    """The calibration texts: each JSONL line's ``text_key`` field, or a whole TXT file."""
+    """The calibration texts: each JSONL line's ``text_key`` field, a whole TXT file, or the
+    examples of an evaluation task file (``.yml``; see :func:`task_texts`)."""
     path = Path(calibration.data).expanduser()
     if not path.is_file():
         raise CalibrationError(
@@ -81,9 +82,26 @@ def read_texts(calibration: CalibrationConfig) -> list[str]:
         return texts
     if path.suffix == ".txt":
         return [path.read_text()]
+    if path.suffix in (".yml", ".yaml"):
+        return task_texts(path)
     raise CalibrationError(
-        f"calibration.data: '{path}' is neither .jsonl nor .txt (task files are not supported yet)"
+        f"calibration.data: '{path}' is neither .jsonl, .txt nor a task file (.yml)"
     )
+
+
+def task_texts(path: Path) -> list[str]:
+    """The texts of an evaluation task file: each example's prompt (with its few-shot examples)
+    followed by its right answer, the way the task presents it to a model."""
+    from alloykit.evaluation.tasks import context_text, load_task
+
+    task = load_task(path)
+    texts = []
+    for example in task.examples:
+        answer = example.targets[0] if example.targets else ""
+        if example.choices and example.label is not None:
+            answer = example.choices[example.label]
+        texts.append(context_text(task, example) + answer)
+    return texts
 
 
 def token_blocks(calibration: CalibrationConfig, tokenizer: Any, label: str) -> torch.Tensor:

@@ -164,8 +164,9 @@ class ModuleConfig(BaseModel):
 class CalibrationConfig(BaseModel):
     """The ``calibration:`` block: text the data-aware methods run the models on.
 
-    ``data`` is a local ``.jsonl`` (one JSON object per line, its ``text_key`` field) or
-    ``.txt`` file (the whole file, one text). Every text is tokenized, the token streams are
+    ``data`` is a local ``.jsonl`` (one JSON object per line, its ``text_key`` field), a ``.txt``
+    file (the whole file, one text) or an evaluation task file (``.yml``: each example's prompt
+    and right answer). Every text is tokenized, the token streams are
     joined with the end-of-sequence token, and the first ``samples`` blocks of
     ``sequence_length`` tokens are the calibration set, run ``batch_size`` blocks at a time.
     Statistics are cached per model under ``cache_dir`` (default
