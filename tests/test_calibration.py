@@ -95,9 +95,8 @@ def test_a_task_file_gives_each_example_s_prompt_and_answer() -> None:
 
 def test_texts_become_blocks_joined_by_eos(text_file: Path, family: dict[str, Path]) -> None:
     _, tokenizer = load_model(Checkpoint(family["base"], "base"))
-    blocks = token_blocks(
-        CalibrationConfig(data=str(text_file), samples=3, sequence_length=20), tokenizer, "base"
-    )
+    settings = CalibrationConfig(data=str(text_file), samples=3, sequence_length=20)
+    blocks = token_blocks(settings, calibration_module.read_texts(settings), tokenizer, "base")
     assert blocks.shape == (3, 20)
     first = json.loads(text_file.read_text().splitlines()[0])["text"].split()
     assert blocks[0, :15].tolist() == tokenizer.convert_tokens_to_ids(first)
@@ -108,11 +107,8 @@ def test_gram_is_the_inputs_transpose_times_inputs(
     family: dict[str, Path], text_file: Path
 ) -> None:
     model, tokenizer = load_model(Checkpoint(family["ft1"], "ft1"))
-    blocks = token_blocks(
-        CalibrationConfig(data=str(text_file), samples=SAMPLES, sequence_length=LENGTH),
-        tokenizer,
-        "ft1",
-    )
+    settings = CalibrationConfig(data=str(text_file), samples=SAMPLES, sequence_length=LENGTH)
+    blocks = token_blocks(settings, calibration_module.read_texts(settings), tokenizer, "ft1")
     seen: dict[str, list[torch.Tensor]] = {"q": [], "down": []}
     layer = model.model.layers[1]
     layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen["q"].append(a[0]))
@@ -141,9 +137,8 @@ def test_streamed_statistics_equal_the_whole_model_s(
     folder = make_family(tmp_path, spec, finetunes=0)["base"]
     checkpoint = Checkpoint(folder, "base")
     model, tokenizer = load_model(checkpoint)
-    blocks = token_blocks(
-        CalibrationConfig(data=str(text_file), samples=3, sequence_length=LENGTH), tokenizer, "b"
-    )
+    settings = CalibrationConfig(data=str(text_file), samples=3, sequence_length=LENGTH)
+    blocks = token_blocks(settings, calibration_module.read_texts(settings), tokenizer, "b")
     streamed = streamed_model(checkpoint)
     for statistic in ("gram", "activation"):
         whole = input_statistics(model, blocks, 2, statistic)

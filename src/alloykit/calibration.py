@@ -1,7 +1,7 @@
 """Calibration statistics: what the data-aware methods measure by running models on text.
 
-Owns the ``calibration:`` section's data (reading local JSONL/TXT, tokenizing into fixed-size
-blocks), the forward (and for Fisher, backward) passes, and the per-model cache. Three
+Owns the ``calibration:`` section's data (reading local JSONL/TXT or a task file, tokenizing
+into fixed-size blocks), the forward (and for Fisher, backward) passes, and the per-model cache. Three
 statistics, each a safetensors file of one model:
 
 - ``gram``: per linear layer, ``G = XᵀX`` over every calibration token (RegMean, Jin et al.
@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -104,12 +104,14 @@ def task_texts(path: Path) -> list[str]:
     return texts
 
 
-def token_blocks(calibration: CalibrationConfig, tokenizer: Any, label: str) -> torch.Tensor:
+def token_blocks(
+    calibration: CalibrationConfig, texts: Sequence[str], tokenizer: Any, label: str
+) -> torch.Tensor:
     """``(samples, sequence_length)`` token ids: the texts' tokens joined by EOS, cut in blocks."""
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     wanted = calibration.samples * calibration.sequence_length
-    for text in read_texts(calibration):
+    for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
         if len(stream) >= wanted:
             break
@@ -381,17 +383,21 @@ class StatisticsFile:
         return math.sqrt(squares)
 
 
-def _cache_key(checkpoint: Checkpoint, statistic: Statistic, calibration: CalibrationConfig) -> str:
-    """A digest of what the statistic depends on: the model's files, the data, the settings."""
+def _cache_key(
+    checkpoint: Checkpoint,
+    statistic: Statistic,
+    calibration: CalibrationConfig,
+    texts: Sequence[str],
+) -> str:
+    """A digest of what the statistic depends on: the model's files, the texts, the settings."""
     folder = checkpoint.folder.resolve()
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".md")
-    data = Path(calibration.data).expanduser()
     key = {
         "format": _FORMAT,
         "statistic": statistic,
         "model": str(folder),
         "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
-        "data": hashlib.sha256(data.read_bytes()).hexdigest(),
+        "texts": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
         "text_key": calibration.text_key,
         "samples": calibration.samples,
         "sequence_length": calibration.sequence_length,
@@ -408,17 +414,17 @@ def model_statistics(
 ) -> StatisticsFile:
     """``statistic`` of ``checkpoint`` on the calibration data, from the cache or measured now
     (the passes run on ``device``)."""
-    read_texts(calibration)  # a missing or unreadable file fails before any model is loaded
+    texts = read_texts(calibration)  # a bad file fails before any model is loaded
     cache = Path(calibration.cache_dir or DEFAULT_CACHE).expanduser()
     _model_class(checkpoint)  # a model that cannot run forward fails before the cache is read
     safe_label = "".join(c if c.isalnum() or c in "-_." else "_" for c in checkpoint.label)
     path = (
         cache
-        / f"{safe_label[-60:]}-{statistic}-{_cache_key(checkpoint, statistic, calibration)}.safetensors"
+        / f"{safe_label[-60:]}-{statistic}-{_cache_key(checkpoint, statistic, calibration, texts)}.safetensors"
     )
     if path.is_file():
         return StatisticsFile(path)
-    blocks = token_blocks(calibration, load_tokenizer(checkpoint), checkpoint.label)
+    blocks = token_blocks(calibration, texts, load_tokenizer(checkpoint), checkpoint.label)
     metadata: dict[str, str] = {}
     if statistic == "fisher":
         model, _ = load_model(checkpoint)
@@ -448,15 +454,3 @@ def model_statistics(
     save_file(tensors, str(partial), metadata=metadata)
     partial.replace(path)  # atomic: a concurrent merge sees the whole file or none
     return StatisticsFile(path)
-
-
-def plan_statistics(
-    checkpoints: Mapping[str, Checkpoint],
-    wanted: Mapping[str, Statistic],
-    calibration: CalibrationConfig,
-) -> dict[str, StatisticsFile]:
-    """``{model label: its statistics}`` for each ``(label, statistic)`` in ``wanted``."""
-    return {
-        label: model_statistics(checkpoints[label], statistic, calibration)
-        for label, statistic in wanted.items()
-    }
