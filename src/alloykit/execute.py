@@ -101,6 +101,8 @@ class _Calibrated:
         """Add the job's statistics (and AIM's base activation and tensor) to ``loaded``."""
         job = loaded.job
         tensors = loaded.tensors
+        if job.method == COPY:
+            return
         if self.per_model:
             rows = [self.per_model[i.model].read(i.tensor) for i in job.inputs]
             if self.statistic == "fisher" and any(
