@@ -12,6 +12,7 @@ MODULES = [
     "alloykit.evaluation.metrics",
     "alloykit.io.writer",
     "alloykit.lora.factorize",
+    "alloykit.methods.data_aware",
     "alloykit.methods.extrapolate",
     "alloykit.methods.fusion",
     "alloykit.methods.linear",

@@ -97,6 +97,18 @@ def print_plan(plan: MergePlan) -> None:
         f"{len(plan.models)} models, reads {human_bytes(plan.input_bytes)}, "
         f"writes {human_bytes(plan.output_bytes)} ({plan.output_dtype})"
     )
+    calibration = plan.calibration
+    if calibration is not None and (plan.kernel.statistics or plan.aim):
+        from alloykit.calibration import DEFAULT_CACHE
+
+        measured = [f"{plan.kernel.statistics} per input model"] if plan.kernel.statistics else []
+        if plan.aim is not None and plan.base_model is not None:
+            measured.append(f"the base's activations for aim (strength {plan.aim.strength:g})")
+        out.print(
+            f"[bold]calibration:[/] {escape(calibration.data)}, {calibration.samples} × "
+            f"{calibration.sequence_length} tokens; measures {' and '.join(measured)}, "
+            f"cached in {escape(calibration.cache_dir or str(DEFAULT_CACHE))}"
+        )
 
 
 def describe_vocabulary(plan: MergePlan) -> str:

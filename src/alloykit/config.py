@@ -161,6 +161,40 @@ class ModuleConfig(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class CalibrationConfig(BaseModel):
+    """The ``calibration:`` block: text the data-aware methods run the models on.
+
+    ``data`` is a local ``.jsonl`` (one JSON object per line, its ``text_key`` field), a ``.txt``
+    file (the whole file, one text) or an evaluation task file (``.yml``: each example's prompt
+    and right answer). Every text is tokenized, the token streams are
+    joined with the end-of-sequence token, and the first ``samples`` blocks of
+    ``sequence_length`` tokens are the calibration set, run ``batch_size`` blocks at a time.
+    Statistics are cached per model under ``cache_dir`` (default
+    ``~/.cache/alloykit/calibration``), keyed by the model's weight files, the data and these
+    settings.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    data: str
+    text_key: str = "text"
+    samples: int = Field(default=128, ge=1)
+    sequence_length: int = Field(default=512, ge=2)
+    batch_size: int = Field(default=8, ge=1)
+    seed: int = 0  # for the labels Fisher samples from each model's own predictions
+    cache_dir: str | None = None
+
+
+class AimConfig(BaseModel):
+    """The ``aim:`` block: activation-informed merging applied after any method.
+
+    ``strength`` is ``1 − ω`` in Nobari et al. 2025: 0 leaves the merge unchanged, 1 keeps the
+    base's weights on its most active input channel; the paper's ω = 0.4 is strength 0.6.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    strength: float = Field(default=0.6, ge=0.0, le=1.0)
+
+
 class MergeConfig(BaseModel):
     """A merge recipe, as written in YAML (MergeKit's schema)."""
 
@@ -179,6 +213,8 @@ class MergeConfig(BaseModel):
     name: str | None = None
     keep_from_base: list[str] | None = None
     heads: HeadsConfig | None = None
+    calibration: CalibrationConfig | None = None
+    aim: AimConfig | None = None
 
     def to_yaml(self) -> str:
         """The recipe as YAML that :func:`load_config` reads back to an equal config."""
@@ -331,6 +367,8 @@ def _fields_at(parent: str | None) -> list[str]:
         "tokenizer": TokenizerConfig,
         "heads": HeadsConfig,
         "modules.*": ModuleConfig,
+        "calibration": CalibrationConfig,
+        "aim": AimConfig,
     }
     owner = owners.get(parent) if parent is None or not parent.isdigit() else None
     return list(owner.model_fields) if owner else []
@@ -420,6 +458,24 @@ def check_config(config: MergeConfig, *, strict: bool = False) -> list[str]:
             problems.extend(_check_setting(param, value, path))
         if method.base == "required" and config.base_model is None and not _slice_bases(config):
             problems.append(f"base_model: {method.name} needs a base_model")
+        if method.statistics is not None and config.calibration is None:
+            problems.append(
+                f"calibration: {method.name} needs calibration data; add "
+                "calibration: {data: FILE.jsonl, samples: 128, sequence_length: 512}"
+            )
+        if config.calibration is not None and method.statistics is None and config.aim is None:
+            warnings.append(
+                f"calibration: {method.name} uses no calibration data and no aim: is set; "
+                "the section is ignored"
+            )
+    if config.aim is not None:
+        if config.calibration is None:
+            problems.append(
+                "aim: needs calibration data to measure the base's activations; add "
+                "calibration: {data: FILE.jsonl}"
+            )
+        if config.base_model is None:
+            problems.append("aim: needs a base_model whose salient weights it protects")
     if strict and warnings:
         problems.extend(f"{w} (--strict)" for w in warnings)
         warnings = []

@@ -27,6 +27,10 @@ class CheckpointError(AlloyError):
     """A model folder, repo id or weight file cannot be found or read."""
 
 
+class CalibrationError(AlloyError):
+    """Calibration data is missing or too short, or a model cannot run on it."""
+
+
 class IncompatibleModels(AlloyError):
     """The input models cannot be merged together (architecture, tensor names or shapes)."""
 

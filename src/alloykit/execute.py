@@ -19,9 +19,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from alloykit.errors import AlloyError, MergeError
+from alloykit.calibration import StatisticsFile, model_statistics
+from alloykit.errors import AlloyError, CalibrationError, MergeError
 from alloykit.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
 from alloykit.methods import Method, MethodInputs
+from alloykit.methods.data_aware import aim
 from alloykit.plan import COPY, MergePlan, TensorJob
 from alloykit.prepass import needs_model_scope, with_model_thresholds
 from alloykit.tokenizer import align_into, default_rows, merge_holders_only
@@ -55,7 +57,97 @@ class _Loaded:
     job: TensorJob
     tensors: torch.Tensor  # (k, *shape): one row per non-base input
     base: torch.Tensor | None
+    statistics: torch.Tensor | None = None  # (k, ...): one calibration statistic per input
+    input_axis: int = -1
+    activation: torch.Tensor | None = None  # AIM: the base's mean |input| per channel
+    aim_base: torch.Tensor | None = None  # AIM: the base's tensor, kept from the method
     holders: torch.Tensor | None = None  # (k, rows): which input has which token (holders_only)
+
+
+@dataclass
+class _Calibrated:
+    """The statistics files a plan reads, opened once (a method's per model, AIM's base's)."""
+
+    per_model: dict[str, StatisticsFile]
+    base: StatisticsFile | None
+    statistic: str | None  # what per_model holds: the kernel's statistic
+
+    @staticmethod
+    def open(
+        plan: MergePlan, checkpoints: Mapping[str, Checkpoint], device: torch.device
+    ) -> _Calibrated | None:
+        calibration = plan.calibration
+        if calibration is None or (plan.kernel.statistics is None and plan.aim is None):
+            return None
+        merged = [j for j in plan.jobs if j.method != COPY]
+        per_model: dict[str, StatisticsFile] = {}
+        if plan.kernel.statistics is not None:
+            for label in sorted({i.model for j in merged for i in j.inputs}):
+                statistics = model_statistics(
+                    checkpoints[label], plan.kernel.statistics, calibration, device
+                )
+                names = [i.tensor for j in merged for i in j.inputs if i.model == label]
+                _check_names(statistics, names, label)
+                per_model[label] = statistics
+        base = None
+        base_model = plan.base_model
+        if plan.aim is not None and plan.aim.strength > 0 and base_model is not None:
+            base = model_statistics(checkpoints[base_model], "activation", calibration, device)
+            sources = [i for j in merged for i in (j.base, *j.inputs) if i is not None]
+            _check_names(base, [i.tensor for i in sources if i.model == base_model], base_model)
+        return _Calibrated(per_model, base, plan.kernel.statistics)
+
+    def attach(self, loaded: _Loaded, base_model: str | None) -> None:
+        """Add the job's statistics (and AIM's base activation and tensor) to ``loaded``."""
+        job = loaded.job
+        tensors = loaded.tensors
+        if job.method == COPY:
+            return
+        if self.per_model:
+            rows = [self.per_model[i.model].read(i.tensor) for i in job.inputs]
+            if self.statistic == "fisher" and any(
+                r is not None and r.shape != tensors.shape[1:] for r in rows
+            ):  # rows re-indexed to another vocabulary: the Fishers no longer line up
+                rows = []
+            if rows and all(r is not None for r in rows):
+                stack = torch.stack([r for r in rows if r is not None])
+                loaded.statistics = stack.to(device=tensors.device)
+                if job.params.get("normalize") and self.statistic == "fisher":
+                    # Matena & Raffel's c_i ∝ 1/‖F_i‖: each model's whole Fisher at unit norm
+                    norms = tuple(self.per_model[i.model].norm for i in job.inputs)
+                    per_model = {**job.per_model, "statistics_norm": norms}
+                    loaded.job = dataclasses.replace(job, per_model=per_model)
+                loaded.input_axis = self.per_model[job.inputs[0].model].input_axis(
+                    job.inputs[0].tensor
+                )
+        if self.base is None:
+            return
+        if job.base is not None:
+            base_name, base_tensor = job.base.tensor, loaded.base
+        else:  # the base is one of the inputs (linear and other "input" methods)
+            row = next((r for r, i in enumerate(job.inputs) if i.model == base_model), None)
+            if row is None:
+                return
+            base_name, base_tensor = job.inputs[row].tensor, tensors[row].clone()
+        activation = self.base.read(base_name)
+        if activation is not None and base_tensor is not None:
+            loaded.activation = activation.to(device=tensors.device)
+            loaded.aim_base = base_tensor
+            loaded.input_axis = self.base.input_axis(base_name)
+
+
+def _check_names(statistics: StatisticsFile, names: list[str], label: str) -> None:
+    """Refuse statistics whose names match none of the model's merged tensors.
+
+    ``transformers`` renames some legacy checkpoints' parameters when it loads them; were that
+    to happen to every tensor, the method would silently fall back to an average.
+    """
+    if names and all(statistics.read(name) is None for name in names):
+        raise CalibrationError(
+            f"model '{label}': none of its tensors (e.g. '{names[0]}') matches the names of its "
+            f"calibration statistics in '{statistics.path}' (transformers renamed its "
+            "parameters on loading); resave the model with save_pretrained and merge that"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +184,7 @@ def execute(
     if options.threads:
         torch.set_num_threads(options.threads)
     seed = options.seed if options.seed is not None else secrets.randbits(63)  # no global RNG
+    calibrated = _Calibrated.open(plan, checkpoints, device)  # measured once per model, then cached
 
     def load(job: TensorJob) -> _Loaded:
         def read(model: str, tensor: str) -> torch.Tensor:
@@ -109,7 +202,10 @@ def execute(
         base = None
         if job.base is not None:
             base = read(job.base.model, job.base.tensor).to(device=device, dtype=work_dtype)
-        return _Loaded(job, stack, base)
+        loaded = _Loaded(job, stack, base)
+        if calibrated is not None:
+            calibrated.attach(loaded, plan.base_model)
+        return loaded
 
     def load_aligned(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> _Loaded:
         """A vocabulary tensor: every model's rows re-indexed to the output vocabulary."""
@@ -133,7 +229,10 @@ def execute(
         if vocabulary.missing_rows == "holders_only" and job.method != COPY:
             masks = [vocabulary.holders(item.model) for item in job.inputs]
             holders = torch.from_numpy(np.stack(masks)).to(device)
-        return _Loaded(job, stack, base, holders)
+        loaded = _Loaded(job, stack, base, holders=holders)
+        if calibrated is not None:
+            calibrated.attach(loaded, plan.base_model)
+        return loaded
 
     jobs = plan.jobs
     if needs_model_scope(plan.kernel, jobs):  # model-wide top-k: two statistics passes first
@@ -151,13 +250,16 @@ def execute(
             loaded = pending.result()
             if index + 1 < len(jobs):
                 pending = reader.submit(load, jobs[index + 1])
-            sink.write(loaded.job.output, _compute(plan.kernel, loaded, seed, device))
+            strength = plan.aim.strength if plan.aim is not None else 0.0
+            sink.write(loaded.job.output, _compute(plan.kernel, loaded, seed, device, strength))
             if on_job_done is not None:
                 on_job_done(loaded.job)
             del loaded
 
 
-def _compute(method: Method, loaded: _Loaded, seed: int, device: torch.device) -> torch.Tensor:
+def _compute(
+    method: Method, loaded: _Loaded, seed: int, device: torch.device, aim_strength: float = 0.0
+) -> torch.Tensor:
     job = loaded.job
     out_dtype = SAFETENSORS_DTYPES[job.dtype]
     if job.method == COPY:
@@ -167,12 +269,22 @@ def _compute(method: Method, loaded: _Loaded, seed: int, device: torch.device) -
     per_model = {
         name: torch.tensor(values, dtype=torch.float64) for name, values in job.per_model.items()
     }
-    inputs = MethodInputs(loaded.tensors, loaded.base, per_model, job.params, generator)
+    inputs = MethodInputs(
+        loaded.tensors,
+        loaded.base,
+        per_model,
+        job.params,
+        generator,
+        loaded.statistics,
+        loaded.input_axis,
+    )
     if loaded.holders is not None:  # holders_only: keep the inputs for the per-subset runs
         full = method.run(dataclasses.replace(inputs, tensors=inputs.tensors.clone()))
         merged = merge_holders_only(method.run, inputs, loaded.holders, full, method.min_models)
     else:
         merged = method.run(inputs)
+    if loaded.activation is not None and loaded.aim_base is not None:
+        merged = aim(merged, loaded.aim_base, loaded.activation, aim_strength, loaded.input_axis)
     result = merged.to(device="cpu", dtype=out_dtype)
     finite = torch.isfinite(result)
     if not bool(finite.all()):

@@ -393,6 +393,8 @@ def portable_recipe(config: MergeConfig, stage_names: set[str] | None = None) ->
         return ref.model_copy(update=update) if update else ref
 
     data = config.model_copy(deep=True)
+    if data.calibration is not None and Path(data.calibration.data).expanduser().exists():
+        data.calibration.data = str(Path(data.calibration.data).expanduser().resolve())
     if data.base_model is not None:
         data.base_model = absolute(data.base_model)
     if data.heads is not None:

@@ -42,7 +42,15 @@ from alloykit.architecture import (
     split_layer_name,
     tensor_position,
 )
-from alloykit.config import MergeConfig, model_refs, normalize_dtype, resolve_parameter, yaml_path
+from alloykit.config import (
+    AimConfig,
+    CalibrationConfig,
+    MergeConfig,
+    model_refs,
+    normalize_dtype,
+    resolve_parameter,
+    yaml_path,
+)
 from alloykit.errors import ConfigError, IncompatibleModels, did_you_mean
 from alloykit.io.checkpoint import (
     DTYPE_CODES,
@@ -104,6 +112,9 @@ class MergePlan:
     load_dtype: str | None  # config `dtype`: inputs are rounded to it when read
     layers: int
     warnings: list[str] = field(default_factory=list)
+    calibration: CalibrationConfig | None = None  # data for methods that measure statistics
+    aim: AimConfig | None = None  # activation-informed merging after the method
+    base_model: str | None = None  # the base model's label
     tokenizer: OutputTokenizer | None = None  # the tokenizer to write, when the config builds one
 
     @property
@@ -179,7 +190,14 @@ def build_plan(
         layers=offset,
         warnings=planner.warnings + (vocabulary.warnings if vocabulary is not None else []),
         tokenizer=tokenizer,
+        **_data_fields(config),
     )
+
+
+def _data_fields(config: MergeConfig) -> dict[str, Any]:
+    """The plan's calibration, AIM and base-model fields, from the config."""
+    base = str(config.base_model) if config.base_model is not None else None
+    return {"calibration": config.calibration, "aim": config.aim, "base_model": base}
 
 
 def _donor_dtype(donor: Checkpoint, jobs: Sequence[TensorJob]) -> str:
@@ -352,6 +370,7 @@ def _module_plan(
         layers=layers,
         warnings=warnings,
         tokenizer=tokenizer,
+        **_data_fields(config),
     )
 
 

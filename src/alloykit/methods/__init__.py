@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from alloykit.errors import ConfigError, did_you_mean
+from alloykit.methods.data_aware import run_fisher, run_regmean
 from alloykit.methods.extrapolate import run_expo
 from alloykit.methods.fusion import run_arcee_fusion, run_nearswap
 from alloykit.methods.linear import run_linear
@@ -681,6 +682,52 @@ METHODS: dict[str, Method] = {
             citation="Du et al. 2024, Parameter Competition Balancing for Model Merging (NeurIPS), arXiv:2410.02396",
             min_models=1,
             properties=frozenset({"constant", "symmetric"}),
+        ),
+        Method(
+            name="regmean",
+            run=run_regmean,
+            params=(
+                Param(
+                    "alpha",
+                    default=0.9,
+                    low=0.0,
+                    high=1.0,
+                    doc="share of the Gram matrices' off-diagonal terms kept (1: exact least squares)",
+                ),
+            ),
+            base="optional",
+            statistics="gram",
+            min_models=1,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="per linear layer, the weight that best reproduces every model's outputs on calibration data",
+            formula="G̃_i = α·X_iᵀX_i + (1−α)·diag(X_iᵀX_i); W = (Σ G̃_i)⁻¹ Σ G̃_i W_i   (other tensors: mean)",
+            citation="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean, ICLR), arXiv:2212.09849",
+        ),
+        Method(
+            name="fisher",
+            run=run_fisher,
+            params=(
+                replace(WEIGHT, default=1.0, doc="the model's coefficient c_i"),
+                Param(
+                    "epsilon",
+                    default=1e-6,
+                    low=0.0,
+                    doc="added to every Fisher value; parameters no data reached get the mean",
+                ),
+                Param(
+                    "normalize",
+                    default=False,
+                    kind="bool",
+                    doc="scale each model's Fisher to unit L2 norm over the whole model first",
+                ),
+            ),
+            base="optional",
+            statistics="fisher",
+            min_models=1,
+            properties=frozenset({"idempotent", "constant", "symmetric"}),
+            summary="per parameter, an average weighted by each model's Fisher information on calibration data",
+            formula="F_i = E_x E_(y~p_i)[(∂ log p_i(y|x)/∂θ)²] (/ ‖F_i‖ when normalize); out = Σ c_i·(F_i + ε)·x_i / Σ c_i·(F_i + ε)",
+            citation="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging (NeurIPS), arXiv:2111.09832",
         ),
         Method(
             name="tsv",

@@ -85,6 +85,11 @@ class MethodInputs:
     float64 tensor aligned with ``tensors``; ``params`` holds the global parameters.
     The executor allocates ``tensors`` for this one call, so a registry adapter may reuse it
     in place to save memory; the kernels themselves never modify their arguments.
+
+    ``statistics`` holds, for a method that declares some (:attr:`Method.statistics`), one
+    calibration statistic per input stacked on dim 0, or None where the models have none for
+    this tensor (a norm gain has no Gram matrix): ``(k, d, d)`` Gram matrices of the inputs of
+    axis ``input_axis`` (a linear layer's input channels), or ``(k, *shape)`` diagonal Fishers.
     """
 
     tensors: torch.Tensor
@@ -92,6 +97,8 @@ class MethodInputs:
     per_model: Mapping[str, torch.Tensor]
     params: Mapping[str, Any]
     generator: torch.Generator | None = None
+    statistics: torch.Tensor | None = None
+    input_axis: int = -1
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,8 @@ class Method:
     max_models: int | None = None  # the most models besides the base (None: no limit)
     # Which of PROPERTIES hold (at the default parameters; random methods for one seed).
     properties: frozenset[Property] = frozenset()
+    # Calibration statistics the kernel needs per input (see MethodInputs.statistics).
+    statistics: Literal["gram", "fisher"] | None = None
     # A problem with one tensor's resolved parameters (per_model, params), found at plan time.
     check: Callable[[Mapping[str, tuple[float, ...]], Mapping[str, Any]], str | None] | None = None
 
