@@ -119,6 +119,21 @@ def merge(
             help="Multi-stage recipes: write intermediate models here instead of keeping them in memory."
         ),
     ] = None,
+    model_card: Annotated[
+        bool,
+        typer.Option(
+            "--model-card/--no-model-card",
+            help="Write README.md (method, inputs with hashes, recipe) into the output.",
+        ),
+    ] = True,
+    checks: Annotated[
+        bool,
+        typer.Option(
+            "--checks/--no-checks",
+            help="Warn about coefficients far from 1, task vectors of very different norms, "
+            "zero task vectors and models that do not share the base.",
+        ),
+    ] = True,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the models a YAML recipe names into OUTPUT."""
@@ -142,6 +157,8 @@ def merge(
         trust_remote_code=trust_remote_code,
         precision=precision,
         intermediate_dir=intermediate_dir,
+        model_card=model_card,
+        checks=checks,
     )
     if dry_run:
         stages = plan_stages(config, options)

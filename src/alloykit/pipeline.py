@@ -19,6 +19,7 @@ import torch
 from alloykit.config import MergeConfig, model_refs, recipe_hash
 from alloykit.errors import AlloyError
 from alloykit.execute import ExecutionOptions, StateDictSink, execute
+from alloykit.inspect.merge_checks import TaskVectorChecks, coefficient_warnings
 from alloykit.io.checkpoint import Checkpoint, open_checkpoint
 from alloykit.io.hub import resolve_model
 from alloykit.io.writer import (
@@ -56,6 +57,9 @@ class MergeOptions:
         precision: working precision, ``float32`` (default) or ``float64``.
         intermediate_dir: where a multi-stage recipe writes its intermediate models; None
             keeps them in memory.
+        model_card: write ``README.md`` (front matter, method, inputs, recipe) into the output.
+        checks: warn about suspicious inputs (coefficients far from one, task vectors of very
+            different norms, zero task vectors, models that do not share the base).
     """
 
     device: str = "cpu"
@@ -69,6 +73,8 @@ class MergeOptions:
     trust_remote_code: bool = False
     precision: str = "float32"
     intermediate_dir: str | Path | None = None
+    model_card: bool = True
+    checks: bool = True
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,8 @@ def _run_stage(
             return MemoryCheckpoint(name, plan, None)
         if options.intermediate_dir is not None:
             target = Path(options.intermediate_dir) / name
-            _write(plan, checkpoints, [stage], target, replace(options, overwrite=True), None)
+            intermediate = replace(options, overwrite=True, model_card=False, checks=False)
+            _write(plan, checkpoints, [stage], target, intermediate, None)
             return Checkpoint(target, name)
         available = available_memory()
         if available is not None and plan.output_bytes > available // 2:
@@ -221,6 +228,8 @@ def merge(
     with _final_inputs(config, options) as run:
         plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
         warnings = list(plan.warnings)
+        if options.checks:
+            warnings += coefficient_warnings(plan)
         donor = run.checkpoints[plan.donor]
         if (donor.config or {}).get("auto_map") and not options.trust_remote_code:
             warnings.append(
@@ -231,8 +240,16 @@ def merge(
             log.warning(warning)
         if on_plan is not None:
             on_plan(plan)
-        files, digest = _write(plan, run.checkpoints, run.stages, out, options, progress)
-    return MergeResult(out, plan, files, digest, time.perf_counter() - started, warnings)
+        written = _write(plan, run.checkpoints, run.stages, out, options, progress, warnings)
+    seconds = time.perf_counter() - started
+    return MergeResult(out, plan, written.files, written.digest, seconds, written.warnings)
+
+
+@dataclass(frozen=True)
+class _Written:
+    files: list[str]
+    digest: str
+    warnings: list[str]  # the plan's and the checks' warnings
 
 
 def _write(
@@ -242,16 +259,27 @@ def _write(
     out: Path,
     options: MergeOptions,
     progress: ProgressHook | None,
-) -> tuple[list[str], str]:
-    """Execute ``plan`` into a new model folder at ``out``; return its files and recipe hash."""
+    warnings: list[str] | None = None,
+) -> _Written:
+    """Execute ``plan`` into a new model folder at ``out``; return its files and recipe hash.
+
+    ``warnings`` (the plan's) go into the model card with those of the checks run on the way.
+    """
     shards = layout_shards(
         [(j.output, j.shape, j.dtype) for j in plan.jobs], parse_size(options.out_shard_size)
     )
     donor = checkpoints[plan.donor]
+    warnings = list(warnings or [])
+    checks = TaskVectorChecks(list(plan.models)) if options.checks else None
     with OutputFolder(out, overwrite=options.overwrite) as folder:
         with ShardWriter(folder.path, shards) as writer:
-            execute(plan, checkpoints, writer, _execution(options), progress)
+            observe = checks.observe if checks is not None else None
+            execute(plan, checkpoints, writer, _execution(options), progress, observe)
             writer.finish()
+        if checks is not None:
+            for warning in checks.warnings():
+                log.warning(warning)
+                warnings.append(warning)
         if plan.config is not None:
             write_config(folder.path, plan.config, plan.output_dtype)
         copy_donor_files(
@@ -265,9 +293,42 @@ def _write(
         header = f"# alloykit recipe {digest[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
         body = "---\n".join(recipe.to_yaml() for recipe in recipes)
         (folder.path / RECIPE_FILE).write_text(header + body)
+        if options.model_card:
+            _write_card(
+                folder.path, out.name, plan, checkpoints, stages[-1], body, digest, warnings
+            )
         files = sorted(p.name for p in folder.path.iterdir())
         folder.commit()
-    return files, digest
+    return _Written(files, digest, warnings)
+
+
+def _write_card(
+    folder: Path,
+    name: str,
+    plan: MergePlan,
+    checkpoints: Mapping[str, Checkpoint],
+    final: MergeConfig,
+    recipe: str,
+    digest: str,
+    warnings: list[str],
+) -> None:
+    """The output's README.md (front matter, method, inputs, recipe, warnings)."""
+    from alloykit import __version__
+    from alloykit.model_card import CARD_FILE, input_records, render_card
+
+    text = render_card(
+        name=name,
+        config=final,
+        inputs=input_records(final, checkpoints),
+        method=plan.method,
+        summary=plan.kernel.summary,
+        citation=plan.kernel.citation,
+        recipe=recipe,
+        recipe_hash=digest,
+        warnings=warnings,
+        version=__version__,
+    )
+    (folder / CARD_FILE).write_text(text)
 
 
 def recipes_hash(stages: list[MergeConfig]) -> str:
