@@ -145,6 +145,16 @@ def _final_inputs(
             result.close()
 
 
+@contextmanager
+def final_inputs(
+    config: ConfigSource, options: MergeOptions | None = None
+) -> Iterator[tuple[MergeConfig, dict[str, Checkpoint]]]:
+    """The final stage of a recipe and its opened inputs (earlier stages merged in memory or
+    into ``options.intermediate_dir``), for callers that run the final plan themselves."""
+    with _final_inputs(config, options or MergeOptions()) as run:
+        yield run.stages[-1], run.checkpoints
+
+
 def _run_stage(
     stage: MergeConfig,
     results: Mapping[str, Checkpoint],

@@ -154,53 +154,45 @@ def shares_base(relative_norm: float, base_cosine: float) -> bool:
 def tensor_sums(base: torch.Tensor, tensors: torch.Tensor) -> Sums:
     """The sums of one tensor: ``base`` and ``tensors`` ``(k, *shape)``, computed in float64.
 
-    Memory: the float64 copies of the k tensors, their task vectors and two masks per model.
+    Neither argument is modified. Memory: one float64 copy of the k tensors (which becomes
+    their task vectors), three boolean masks per model and a few float64 rows.
     """
     k = tensors.shape[0]
     base64 = base.reshape(-1).to(torch.float64)
-    rows = tensors.reshape(k, -1).to(torch.float64)  # (k, n): one row per model
-    deltas = rows - base64  # (k, n)
+    deltas = tensors.reshape(k, -1).to(torch.float64, copy=True)  # (k, n): one row per model
     n = base64.numel()
     sums = Sums(k, numel=n, tensors=1, base_sq=float(base64 @ base64))
-    sums.weight_sq = (rows * rows).sum(dim=1).numpy()
-    sums.weight_dot_base = (rows @ base64).numpy()
-    del rows
+    sums.weight_sq = (deltas * deltas).sum(dim=1).numpy()
+    sums.weight_dot_base = (deltas @ base64).numpy()
+    deltas -= base64  # now the task vectors
     sums.pair_dot = (deltas @ deltas.T).numpy()
     sums.delta_sq = np.diag(sums.pair_dot).copy()
-    magnitude = deltas.abs()
-    squares = deltas * deltas
-    top = torch.empty((k, n), dtype=torch.bool)
+    top = torch.empty((k, n), dtype=torch.bool)  # each model's top 20% by magnitude
     for i in range(k):
+        magnitude = deltas[i].abs()
+        squares = magnitude * magnitude
         for column, share in enumerate(TOP_SHARES):
-            mask = top_mask(magnitude[i], top_count(share, n))
-            sums.top_sq[i, column] = float(squares[i][mask].sum())
+            mask = top_mask(magnitude, top_count(share, n))
+            sums.top_sq[i, column] = float(squares[mask].sum())
             if share == CONFLICT_TOP:
-                top[i] = mask
-    signs = torch.sign(deltas)
+                top[i] = mask & (magnitude > 0)  # zeros are not "changed most"
+    positive, negative = deltas > 0, deltas < 0  # a zero entry has no sign and never conflicts
     for i in range(k):
         for j in range(i, k):
             both = top[i] & top[j]
-            disagree = both & (signs[i] * signs[j] < 0)
+            opposite = (positive[i] & negative[j]) | (negative[i] & positive[j])
             sums.pair_top[i, j] = sums.pair_top[j, i] = int(both.sum())
-            sums.pair_conflict[i, j] = sums.pair_conflict[j, i] = int(disagree.sum())
+            conflicts = int((both & opposite).sum())
+            sums.pair_conflict[i, j] = sums.pair_conflict[j, i] = conflicts
     return sums
 
 
-def recipe_sums(
-    deltas: torch.Tensor,
-    survived: torch.Tensor | None,
-    merged: torch.Tensor,
-    reference: torch.Tensor,
-) -> tuple[np.ndarray, float, float]:
-    """A recipe's sums of one tensor: retained squared norms per model (zeros when the method
-    has no sparsify/elect steps, ``survived`` None), ``‖merged − reference‖²`` and
-    ``‖reference‖²``. All arguments are float64; ``merged`` is the merged task vector."""
+def retained_sums(deltas: torch.Tensor, survived: torch.Tensor | None) -> np.ndarray:
+    """Per model, the squared norm of the task-vector entries that survive (``(k, *shape)``
+    float64 and bool); NaN when the method has no sparsify/elect steps (``survived`` None)."""
     k = deltas.shape[0]
-    flat = deltas.reshape(k, -1)
     if survived is None:
-        retained = np.full(k, np.nan)
-    else:
-        retained = ((flat * flat) * survived.reshape(k, -1)).sum(dim=1).numpy()
-    difference = (merged - reference).reshape(-1)
-    reference_flat = reference.reshape(-1)
-    return retained, float(difference @ difference), float(reference_flat @ reference_flat)
+        return np.full(k, np.nan)
+    flat = deltas.reshape(k, -1)
+    kept = torch.where(survived.reshape(k, -1).to(flat.device), flat, 0.0)
+    return (kept * kept).sum(dim=1).cpu().numpy()
