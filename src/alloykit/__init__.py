@@ -5,7 +5,8 @@ The public API is a handful of verbs:
 - :func:`merge` (config -> model folder) and :func:`merge_to_state_dict` (config -> tensors);
 - :func:`plan_merge` (what a merge will do, without reading tensors);
 - :func:`load_config` and :class:`MergeConfig` (MergeKit-compatible YAML), :func:`recipe_hash`;
-- :data:`METHODS` and :func:`get_method`, the method registry.
+- :data:`METHODS` and :func:`get_method`, the method registry;
+- :func:`inspect_models` and :func:`inspect_config`, task-vector diagnostics.
 
 Example:
     >>> import alloykit
@@ -22,6 +23,8 @@ __all__ = [
     "MergeConfig",
     "MergeOptions",
     "get_method",
+    "inspect_config",
+    "inspect_models",
     "load_config",
     "merge",
     "merge_to_state_dict",
@@ -40,10 +43,13 @@ _LAZY = {
     "merge": "alloykit.pipeline",
     "merge_to_state_dict": "alloykit.pipeline",
     "plan_merge": "alloykit.pipeline",
+    "inspect_models": "alloykit.inspect.collect",
+    "inspect_config": "alloykit.inspect.collect",
 }
 
 if TYPE_CHECKING:
     from alloykit.config import MergeConfig, load_config, recipe_hash
+    from alloykit.inspect.collect import inspect_config, inspect_models
     from alloykit.methods import METHODS, get_method
     from alloykit.pipeline import MergeOptions, merge, merge_to_state_dict, plan_merge
 

@@ -174,6 +174,87 @@ def merge(
     _output.print_result(result)
 
 
+INSPECT_EXAMPLES = """Examples:
+
+\b
+  alloykit inspect --base ./base ./ft-math ./ft-code      # task vectors against a base
+  alloykit inspect recipe.yml                             # plus what the recipe's method keeps
+  alloykit inspect recipe.yml --json stats.json --html report.html
+"""
+
+
+@app.command(epilog=INSPECT_EXAMPLES)
+def inspect(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="CONFIG | MODEL...",
+            help="A merge recipe, or with --base the fine-tuned models (folders or repo ids).",
+        ),
+    ],
+    base: Annotated[
+        str | None, typer.Option(help="The base model; the other arguments are its fine-tunes.")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write every figure, per layer, as JSON here.")
+    ] = None,
+    html_path: Annotated[
+        Path | None,
+        typer.Option("--html", help="Write a self-contained HTML report with plots here."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Recipes with random methods (DARE, DELLA): the draws' seed.")
+    ] = 0,
+    device: Annotated[
+        str, typer.Option(help="Recipes: where the method runs: cpu, cuda or auto.")
+    ] = "cpu",
+    precision: Annotated[
+        str, typer.Option(help="Recipes: the method's working precision, float32 or float64.")
+    ] = "float32",
+    allow_crimes: Annotated[
+        bool, typer.Option("--allow-crimes", help="Recipes: allow different architectures.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Show how fine-tunes differ from their base and from each other, per layer.
+
+    Task-vector norms, pairwise cosines, sign conflicts, concentration and a shared-base check;
+    with a recipe also how much of each task vector the method keeps and its interference.
+    Reads one tensor of every model at a time.
+    """
+    from alloykit import _output
+    from alloykit.errors import AlloyError
+    from alloykit.inspect.collect import inspect_config, inspect_models
+    from alloykit.inspect.summary import summarize, to_json
+
+    _output.setup_logging(quiet)
+    if precision not in ("float32", "float64"):
+        raise AlloyError(f"--precision '{precision}': use float32 or float64")
+    if base is not None:
+        inspection = inspect_models(base, inputs)
+    elif len(inputs) != 1:
+        raise AlloyError(
+            "inspect: give one recipe (alloykit inspect recipe.yml), or the base with --base and "
+            "the fine-tunes (alloykit inspect --base BASE MODEL ...)"
+        )
+    elif Path(inputs[0]).is_dir():
+        raise AlloyError(
+            f"inspect: '{inputs[0]}' is a folder, not a recipe; to inspect models pass their "
+            "base with --base (alloykit inspect --base BASE MODEL ...)"
+        )
+    else:
+        inspection = inspect_config(
+            inputs[0], seed=seed, precision=precision, device=device, allow_crimes=allow_crimes
+        )
+    if json_path is not None:
+        _output.write_json(json_path, to_json(inspection))
+    if html_path is not None:
+        from alloykit.inspect.report import write_report
+
+        write_report(inspection, html_path)
+    _output.print_summary(summarize(inspection), json_path, html_path)
+
+
 @app.command()
 def methods(
     name: Annotated[

@@ -10,7 +10,7 @@ their float64 task vectors), never a model.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -69,11 +69,22 @@ class Inspection:
 
     def layer(self, index: int, kind: str | None = None) -> Sums:
         """One layer's sums (one module kind's when ``kind`` is given)."""
-        return self.select(lambda key: key[0] == index and (kind is None or key[1] == kind))
+        if kind is not None:
+            empty = Sums(len(self.models))
+            empty.add(self.groups.get((index, kind), Sums(len(self.models))))
+            return empty
+        return self.layer_range(index, index, kind)
 
-    def select(self, keep: object) -> Sums:
+    def layer_range(self, first: int, last: int, kind: str | None = None) -> Sums:
+        """The sums of layers ``first..last`` (of one module kind when ``kind`` is given)."""
+        return self.select(
+            lambda key: (
+                key[0] is not None and first <= key[0] <= last and (kind is None or key[1] == kind)
+            )
+        )
+
+    def select(self, keep: Callable[[GroupKey], bool]) -> Sums:
         """The sums of the groups whose key ``keep(key)`` accepts."""
-        assert callable(keep)
         sums = Sums(len(self.models))
         for key, group in self.groups.items():
             if keep(key):
