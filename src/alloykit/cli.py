@@ -186,12 +186,12 @@ INSPECT_EXAMPLES = """Examples:
 @app.command(epilog=INSPECT_EXAMPLES)
 def inspect(
     inputs: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
             metavar="CONFIG | MODEL...",
             help="A merge recipe, or with --base the fine-tuned models (folders or repo ids).",
         ),
-    ],
+    ] = None,
     base: Annotated[
         str | None, typer.Option(help="The base model; the other arguments are its fine-tunes.")
     ] = None,
@@ -230,6 +230,10 @@ def inspect(
     _output.setup_logging(quiet)
     if precision not in ("float32", "float64"):
         raise AlloyError(f"--precision '{precision}': use float32 or float64")
+    for path in (json_path, html_path):  # fail before the long read, not after it
+        if path is not None and not path.absolute().parent.is_dir():
+            raise AlloyError(f"cannot write '{path}': folder '{path.parent}' does not exist")
+    inputs = inputs or []
     if base is not None:
         inspection = inspect_models(base, inputs)
     elif len(inputs) != 1:
