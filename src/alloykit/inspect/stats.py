@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from alloykit.methods.task_vectors import top_mask
-
 TOP_SHARES = (0.01, 0.05, 0.20)  # top-mass shares reported per task vector
 CONFLICT_TOP = 0.20  # sign conflicts are counted among each pair's top 20% magnitudes
 # A model does not share the base when its task vector is this large relative to the base's
@@ -155,7 +153,8 @@ def tensor_sums(base: torch.Tensor, tensors: torch.Tensor) -> Sums:
     """The sums of one tensor: ``base`` and ``tensors`` ``(k, *shape)``, computed in float64.
 
     Neither argument is modified. Memory: one float64 copy of the k tensors (which becomes
-    their task vectors), three boolean masks per model and a few float64 rows.
+    their task vectors), three boolean masks per model and a few float64 rows. Top sets come
+    from one ``torch.topk`` per model (O(n log k)), not a sort.
     """
     k = tensors.shape[0]
     base64 = base.reshape(-1).to(torch.float64)
@@ -167,15 +166,18 @@ def tensor_sums(base: torch.Tensor, tensors: torch.Tensor) -> Sums:
     deltas -= base64  # now the task vectors
     sums.pair_dot = (deltas @ deltas.T).numpy()
     sums.delta_sq = np.diag(sums.pair_dot).copy()
-    top = torch.empty((k, n), dtype=torch.bool)  # each model's top 20% by magnitude
+    top = torch.zeros((k, n), dtype=torch.bool)  # each model's top 20% by magnitude
+    largest = top_count(max(TOP_SHARES), n)
     for i in range(k):
-        magnitude = deltas[i].abs()
-        squares = magnitude * magnitude
+        # one top-k, sorted: the smaller shares are its prefixes (ties hold equal squares, so
+        # which of them is taken does not change a sum)
+        values, indices = torch.topk(deltas[i].abs(), largest, sorted=True)
+        mass = torch.cumsum(values * values, dim=0)  # (largest,): mass of the top 1, 2, ...
         for column, share in enumerate(TOP_SHARES):
-            mask = top_mask(magnitude, top_count(share, n))
-            sums.top_sq[i, column] = float(squares[mask].sum())
-            if share == CONFLICT_TOP:
-                top[i] = mask & (magnitude > 0)  # zeros are not "changed most"
+            sums.top_sq[i, column] = float(mass[top_count(share, n) - 1])
+        count = top_count(CONFLICT_TOP, n)
+        top[i, indices[:count][values[:count] > 0]] = True  # zeros are not "changed most"
+        del values, indices, mass
     positive, negative = deltas > 0, deltas < 0  # a zero entry has no sign and never conflicts
     for i in range(k):
         for j in range(i, k):
