@@ -3,7 +3,8 @@
 ``base`` is the toy Llama base; ``ft`` adds a task vector ``δ`` scaled so that every tensor's
 ``‖δ‖ / ‖base‖`` is exactly ``RELATIVE``; ``same`` adds the same ``δ``, ``negated`` adds ``−δ``,
 ``small`` adds ``SMALL·δ₂`` (another direction, a much smaller norm), ``zero`` is the base
-itself and ``foreign`` is an independently drawn model of the same architecture.
+itself, ``foreign`` is an independently drawn model of the same architecture, and ``partly``
+adds ``δ`` except in the MLP of layers 1-2, where it adds ``−δ``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from alloykit.toymodels import ToySpec, base_values, parameter_shapes, save_chec
 RELATIVE = 0.1
 SMALL = 0.005
 SPEC = ToySpec(num_hidden_layers=3)
-NAMES = ("base", "ft", "same", "negated", "small", "zero", "foreign")
+NAMES = ("base", "ft", "same", "negated", "small", "zero", "foreign", "partly")
+CONFLICTING = ("model.layers.1.mlp.", "model.layers.2.mlp.")  # where ``partly`` negates δ
 
 
 def direction(name: str, shape: tuple[int, ...], seed: int, base: np.ndarray) -> np.ndarray:
@@ -41,6 +43,10 @@ def tensors_of(spec: ToySpec = SPEC) -> dict[str, dict[str, np.ndarray]]:
         "small": {n: base[n] + np.float32(SMALL / RELATIVE) * other[n] for n in shapes},
         "zero": dict(base),
         "foreign": {n: base_values(n, s, 99) for n, s in shapes.items()},
+        "partly": {
+            n: base[n] - delta[n] if n.startswith(CONFLICTING) else base[n] + delta[n]
+            for n in shapes
+        },
     }
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from alloykit.cli import main
+from alloykit.inspect.collect import inspect_models
+from alloykit.inspect.summary import summarize
 from tests.helpers import run_cli, write_yaml
 
 
@@ -33,6 +35,17 @@ def test_models_summary_and_json(constructed: dict[str, Path], tmp_path: Path) -
     assert set(mlp["top_share"]["ft"]) == {"1%", "5%", "20%"}
     assert "embedding" in data["outside_layers"]
     assert "retained" not in data["total"]  # only with a recipe
+
+
+def test_summary_locates_conflicting_layers(constructed: dict[str, Path]) -> None:
+    inspection = inspect_models(
+        str(constructed["base"]), [str(constructed["ft"]), str(constructed["partly"])]
+    )
+    lines = summarize(inspection)
+    assert "  ft and partly conflict in layers 1-2 MLP: 100% of top-20% signs disagree" in lines
+    assert not any("attention" in line and "conflict in" in line for line in lines)
+    conflict = inspection.layer(0, "mlp").conflict()[0, 1]
+    assert conflict == 0
 
 
 def test_config_mode_json_has_retained_and_interference(
