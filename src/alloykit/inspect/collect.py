@@ -25,7 +25,7 @@ from alloykit.execute import (
     method_inputs,
     resolve_device,
 )
-from alloykit.inspect.stats import Sums, retained_sums, tensor_sums
+from alloykit.inspect.stats import Sums, retained_sums, task_vector_sums, tensor_sums
 from alloykit.io.checkpoint import FLOAT_CODES, Checkpoint, open_checkpoint
 from alloykit.io.hub import resolve_model
 from alloykit.methods import Method
@@ -184,9 +184,9 @@ class _RecipeObserver:
 
     def observe(self, job: TensorJob, tensors: torch.Tensor, base: torch.Tensor | None) -> None:
         assert base is not None  # only jobs with a base are run
-        sums = tensor_sums(base, tensors)
-        base64 = base.to(torch.float64)
-        deltas = tensors.to(torch.float64) - base64  # (k, *shape)
+        base64 = base.reshape(-1).to(torch.float64)
+        deltas = tensors.reshape(tensors.shape[0], -1).to(torch.float64) - base64  # (k, n)
+        sums = task_vector_sums(base64, deltas)
         survived = survived_mask(self.plan.kernel, job, tensors, base, self.seed, self.device)
         reference = reference_delta(job, deltas)
         sums.retained_sq = retained_sums(deltas, survived)
@@ -198,7 +198,7 @@ class _RecipeObserver:
         assert self._pending is not None and self._pending[0].output == name
         job, sums, models, base64, reference = self._pending
         self._pending = None
-        difference = merged.to(torch.float64) - base64 - reference
+        difference = merged.reshape(-1).to(torch.float64) - base64 - reference
         sums.interference_sq = float(difference.reshape(-1) @ difference.reshape(-1))
         sums.reference_sq = float(reference.reshape(-1) @ reference.reshape(-1))
         self.inspection.add(name, job.shape, sums, models, self.prefix)
@@ -215,7 +215,7 @@ def reference_delta(job: TensorJob, deltas: torch.Tensor) -> torch.Tensor:
         scale /= total
     reference = torch.zeros_like(deltas[0])
     for weight, delta in zip(weights, deltas, strict=True):
-        reference += (weight * scale) * delta
+        reference.add_(delta, alpha=weight * scale)
     return reference
 
 

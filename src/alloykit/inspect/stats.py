@@ -153,19 +153,29 @@ def tensor_sums(base: torch.Tensor, tensors: torch.Tensor) -> Sums:
     """The sums of one tensor: ``base`` and ``tensors`` ``(k, *shape)``, computed in float64.
 
     Neither argument is modified. Memory: one float64 copy of the k tensors (which becomes
-    their task vectors), three boolean masks per model and a few float64 rows. Top sets come
-    from one ``torch.topk`` per model (O(n log k)), not a sort.
+    their task vectors) and what :func:`task_vector_sums` needs.
     """
     k = tensors.shape[0]
     base64 = base.reshape(-1).to(torch.float64)
     deltas = tensors.reshape(k, -1).to(torch.float64, copy=True)  # (k, n): one row per model
-    n = base64.numel()
-    sums = Sums(k, numel=n, tensors=1, base_sq=float(base64 @ base64))
-    sums.weight_sq = (deltas * deltas).sum(dim=1).numpy()
-    sums.weight_dot_base = (deltas @ base64).numpy()
     deltas -= base64  # now the task vectors
+    return task_vector_sums(base64, deltas)
+
+
+def task_vector_sums(base64: torch.Tensor, deltas: torch.Tensor) -> Sums:
+    """The sums of one tensor from its float64 base ``(n,)`` and task vectors ``(k, n)``.
+
+    Neither is modified. Memory: three boolean masks per model and a few float64 rows; top
+    sets come from one ``torch.topk`` per model (O(n log k)), not a sort. The weights' own
+    sums follow from the task vectors: ``‖x‖² = ‖δ‖² + 2δ·b + ‖b‖²``, ``x·b = δ·b + ‖b‖²``.
+    """
+    k, n = deltas.shape
+    sums = Sums(k, numel=n, tensors=1, base_sq=float(base64 @ base64))
     sums.pair_dot = (deltas @ deltas.T).numpy()
     sums.delta_sq = np.diag(sums.pair_dot).copy()
+    delta_dot_base = (deltas @ base64).numpy()
+    sums.weight_sq = sums.delta_sq + 2 * delta_dot_base + sums.base_sq
+    sums.weight_dot_base = delta_dot_base + sums.base_sq
     top = torch.zeros((k, n), dtype=torch.bool)  # each model's top 20% by magnitude
     largest = top_count(max(TOP_SHARES), n)
     for i in range(k):
