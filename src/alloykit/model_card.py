@@ -5,15 +5,16 @@ read the rest: the method and its paper, the inputs with their revisions and has
 recipe that reproduces the merge, the alloykit version and the warnings the merge gave.
 
 Input hashes are the sha256 of each weight file. A Hub input's come free: the cache names each
-file's blob by its sha256 (the Hub's LFS hash). A local file is hashed after the merge, while
-its bytes are most likely still in the page cache (about 1-2 GB/s per input); ``--no-model-card``
-skips it.
+file's blob by its sha256 (the Hub's LFS hash). Local files are hashed in a background thread
+while the merge runs (:class:`InputHashes`), so the cost hides behind the merge's arithmetic
+where it can; ``--no-model-card`` skips it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,14 @@ class InputRecord:
     files: tuple[tuple[str, str], ...]  # (weight file name, sha256), see the module docstring
 
 
-def input_records(config: MergeConfig, checkpoints: Mapping[str, Checkpoint]) -> list[InputRecord]:
-    """The final stage's inputs, base first, with revisions and fingerprints."""
+def input_records(
+    config: MergeConfig,
+    checkpoints: Mapping[str, Checkpoint],
+    hashes: Mapping[Path, str] | None = None,
+) -> list[InputRecord]:
+    """The final stage's inputs, base first, with revisions and sha256 (from ``hashes`` when
+    given, see :class:`InputHashes`)."""
+    hashes = hashes or {}
     base = str(config.base_model) if config.base_model else None
     records = []
     for ref in model_refs(config):
@@ -53,8 +60,8 @@ def input_records(config: MergeConfig, checkpoints: Mapping[str, Checkpoint]) ->
             continue
         snapshot = _SNAPSHOT.search(str(Path(checkpoint.folder).absolute()))
         revision = ref.revision or (snapshot[1] if snapshot else "local")
-        hashes = tuple((file.name, file_sha256(file)) for file in files)
-        records.append(InputRecord(label, role, revision, hashes))
+        digests = tuple((file.name, hashes.get(file) or file_sha256(file)) for file in files)
+        records.append(InputRecord(label, role, revision, digests))
     records.sort(key=lambda r: r.role != "base")
     return records
 
@@ -65,22 +72,56 @@ def weight_files(checkpoint: Checkpoint) -> list[Path]:
     return [file for file in files if file.is_file()]
 
 
-def file_sha256(file: Path) -> str:
-    """sha256 of a file: the blob's name in the Hugging Face cache, else read and hashed."""
+def file_sha256(file: Path, stop: threading.Event | None = None) -> str:
+    """sha256 of a file: the blob's name in the Hugging Face cache, else read and hashed
+    (``""`` when ``stop`` is set before the end)."""
     target = file.resolve()
     if target.parent.name == "blobs" and _SHA256.match(target.name):
         return target.name
     digest = hashlib.sha256()
     with target.open("rb") as handle:
         while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
+            if stop is not None and stop.is_set():
+                return ""
+            digest.update(chunk)  # hashlib releases the GIL for large buffers
     return digest.hexdigest()
+
+
+class InputHashes:
+    """Hashes the input weight files in a background thread while the merge runs.
+
+    Use as a context manager around the merge; :meth:`result` waits for the hashes. Leaving the
+    block (an error included) stops the thread at its next chunk.
+    """
+
+    def __init__(self, checkpoints: Mapping[str, Checkpoint]) -> None:
+        files = {file for checkpoint in checkpoints.values() for file in weight_files(checkpoint)}
+        self._files = sorted(files)
+        self._hashes: dict[Path, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alloykit-hash", daemon=True)
+
+    def _run(self) -> None:
+        for file in self._files:
+            self._hashes[file] = file_sha256(file, self._stop)
+
+    def __enter__(self) -> InputHashes:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[Path, str]:
+        """``{weight file: sha256}``, once every file is hashed."""
+        self._thread.join()
+        return dict(self._hashes)
 
 
 def render_card(
     *,
     name: str,
-    config: MergeConfig,
     inputs: Sequence[InputRecord],
     method: str,
     summary: str,
@@ -128,8 +169,6 @@ def render_card(
         "```",
         "",
     ]
-    if config.tokenizer is None and config.tokenizer_source is None:
-        lines += ["The tokenizer is the base (or first) model's.", ""]
     if warnings:
         lines += ["## Warnings", "", "The merge gave these warnings:", ""]
         lines += [f"- {w}" for w in warnings]

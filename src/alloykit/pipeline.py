@@ -31,6 +31,7 @@ from alloykit.io.writer import (
     parse_size,
     write_config,
 )
+from alloykit.model_card import InputHashes, InputRecord, input_records
 from alloykit.plan import MergePlan, TensorJob, build_plan
 from alloykit.stages import MemoryCheckpoint, available_memory, load_stages, stage_names
 
@@ -281,7 +282,10 @@ def _write(
     donor = checkpoints[plan.donor]
     warnings = list(warnings or [])
     checks = TaskVectorChecks(list(plan.models)) if options.checks else None
-    with OutputFolder(out, overwrite=options.overwrite) as folder:
+    with (
+        OutputFolder(out, overwrite=options.overwrite) as folder,
+        InputHashes(checkpoints if options.model_card else {}) as hashes,
+    ):
         with ShardWriter(folder.path, shards) as writer:
             observe = checks.observe if checks is not None else None
             execute(plan, checkpoints, writer, _execution(options), progress, observe)
@@ -304,9 +308,8 @@ def _write(
         body = "---\n".join(recipe.to_yaml() for recipe in recipes)
         (folder.path / RECIPE_FILE).write_text(header + body)
         if options.model_card:
-            _write_card(
-                folder.path, out.name, plan, checkpoints, stages[-1], body, digest, warnings
-            )
+            inputs = input_records(stages[-1], checkpoints, hashes.result())
+            _write_card(folder.path, out.name, plan, inputs, body, digest, warnings)
         files = sorted(p.name for p in folder.path.iterdir())
         folder.commit()
     return _Written(files, digest, warnings)
@@ -316,20 +319,18 @@ def _write_card(
     folder: Path,
     name: str,
     plan: MergePlan,
-    checkpoints: Mapping[str, Checkpoint],
-    final: MergeConfig,
+    inputs: list[InputRecord],
     recipe: str,
     digest: str,
     warnings: list[str],
 ) -> None:
     """The output's README.md (front matter, method, inputs, recipe, warnings)."""
     from alloykit import __version__
-    from alloykit.model_card import CARD_FILE, input_records, render_card
+    from alloykit.model_card import CARD_FILE, render_card
 
     text = render_card(
         name=name,
-        config=final,
-        inputs=input_records(final, checkpoints),
+        inputs=inputs,
         method=plan.method,
         summary=plan.kernel.summary,
         citation=plan.kernel.citation,
