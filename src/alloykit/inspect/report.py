@@ -99,6 +99,11 @@ def plot_series(inspection: Inspection) -> dict[str, dict[str, np.ndarray]]:
 
 def _figures(inspection: Inspection) -> dict[str, tuple[str, str]]:
     """``{plot: (title, base64 PNG)}``."""
+    if not inspection.layers:
+        raise AlloyError(
+            f"--html: no tensor of '{inspection.base}' belongs to a numbered layer, so there is "
+            "nothing to plot per layer; use --json for the figures"
+        )
     plt = _pyplot()
     ticker = _ticker()
     layers = inspection.layers
