@@ -7,7 +7,8 @@ The public API is a handful of verbs:
 - :func:`plan_merge` (what a merge will do, without reading tensors);
 - :func:`load_config` and :class:`MergeConfig` (MergeKit-compatible YAML), :func:`recipe_hash`;
 - :data:`METHODS` and :func:`get_method`, the method registry;
-- :func:`evaluate` and :class:`EvalOptions`: score a model, merge config or state dict on tasks.
+- :func:`evaluate` and :class:`EvalOptions`: score a model, merge config or state dict on tasks;
+- :func:`inspect_models` and :func:`inspect_config`, task-vector diagnostics.
 
 Example:
     >>> import alloykit
@@ -34,6 +35,8 @@ __all__ = [
     "MergeOptions",
     "evaluate",
     "get_method",
+    "inspect_config",
+    "inspect_models",
     "load_config",
     "merge",
     "merge_in_memory",
@@ -56,11 +59,14 @@ _LAZY = {
     "plan_merge": "alloykit.pipeline",
     "evaluate": "alloykit.evaluation",
     "EvalOptions": "alloykit.evaluation",
+    "inspect_models": "alloykit.inspect.collect",
+    "inspect_config": "alloykit.inspect.collect",
 }
 
 if TYPE_CHECKING:
     from alloykit.config import MergeConfig, load_config, recipe_hash
     from alloykit.evaluation import EvalOptions, evaluate
+    from alloykit.inspect.collect import inspect_config, inspect_models
     from alloykit.methods import METHODS, get_method
     from alloykit.pipeline import (
         MergeOptions,

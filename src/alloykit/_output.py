@@ -6,6 +6,7 @@ This is the one module that uses rich; everything else returns data or logs.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -143,6 +144,24 @@ def print_result(result: MergeResult) -> None:
         f"{escape(', '.join(result.files))}"
     )
     out.print(f"  recipe hash {result.recipe_hash[:16]}")
+
+
+def print_summary(lines: list[str], *written: Path | None) -> None:
+    """An inspection's sentences (indented lines continue the one above), then files written."""
+    for line in lines:
+        out.print(escape(line) if line.startswith(" ") else f"[bold]-[/] {escape(line)}")
+    for path in written:
+        if path is not None:
+            out.print(f"wrote {escape(str(path))}")
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write ``data`` as indented JSON, replacing ``path`` only once it is complete."""
+    import json
+
+    from alloykit.io.writer import write_text_atomically
+
+    write_text_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 class MergeProgress:

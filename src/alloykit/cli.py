@@ -130,6 +130,21 @@ def merge(
             help="Multi-stage recipes: write intermediate models here instead of keeping them in memory."
         ),
     ] = None,
+    model_card: Annotated[
+        bool,
+        typer.Option(
+            "--model-card/--no-model-card",
+            help="Write README.md (method, inputs with hashes, recipe) into the output.",
+        ),
+    ] = True,
+    checks: Annotated[
+        bool,
+        typer.Option(
+            "--checks/--no-checks",
+            help="Warn about coefficients far from 1, task vectors of very different norms, "
+            "zero task vectors and models that do not share the base.",
+        ),
+    ] = True,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the models a YAML recipe names into OUTPUT."""
@@ -153,6 +168,8 @@ def merge(
         trust_remote_code=trust_remote_code,
         precision=precision,
         intermediate_dir=intermediate_dir,
+        model_card=model_card,
+        checks=checks,
     )
     if dry_run:
         stages = plan_stages(config, options)
@@ -166,6 +183,91 @@ def merge(
             config, output, options, progress=progress.advance, on_plan=progress.start
         )
     _output.print_result(result)
+
+
+INSPECT_EXAMPLES = """Examples:
+
+\b
+  alloykit inspect --base ./base ./ft-math ./ft-code      # task vectors against a base
+  alloykit inspect recipe.yml                             # plus what the recipe's method keeps
+  alloykit inspect recipe.yml --json stats.json --html report.html
+"""
+
+
+@app.command(epilog=INSPECT_EXAMPLES)
+def inspect(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="CONFIG | MODEL...",
+            help="A merge recipe, or with --base the fine-tuned models (folders or repo ids).",
+        ),
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="The base model; the other arguments are its fine-tunes.")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write every figure, per layer, as JSON here.")
+    ] = None,
+    html_path: Annotated[
+        Path | None,
+        typer.Option("--html", help="Write a self-contained HTML report with plots here."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Recipes with random methods (DARE, DELLA): the draws' seed.")
+    ] = 0,
+    device: Annotated[
+        str, typer.Option(help="Recipes: where the method runs: cpu, cuda or auto.")
+    ] = "cpu",
+    precision: Annotated[
+        str, typer.Option(help="Recipes: the method's working precision, float32 or float64.")
+    ] = "float32",
+    allow_crimes: Annotated[
+        bool, typer.Option("--allow-crimes", help="Recipes: allow different architectures.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Show how fine-tunes differ from their base and from each other, per layer.
+
+    Task-vector norms, pairwise cosines, sign conflicts, concentration and a shared-base check;
+    with a recipe also how much of each task vector the method keeps and its interference.
+    Reads one tensor of every model at a time.
+    """
+    from alloykit import _output
+    from alloykit.errors import AlloyError
+    from alloykit.inspect.collect import inspect_config, inspect_models
+    from alloykit.inspect.summary import summarize, to_json
+
+    _output.setup_logging(quiet)
+    if precision not in ("float32", "float64"):
+        raise AlloyError(f"--precision '{precision}': use float32 or float64")
+    for path in (json_path, html_path):  # fail before the long read, not after it
+        if path is not None and not path.absolute().parent.is_dir():
+            raise AlloyError(f"cannot write '{path}': folder '{path.parent}' does not exist")
+    inputs = inputs or []
+    if base is not None:
+        inspection = inspect_models(base, inputs)
+    elif len(inputs) != 1:
+        raise AlloyError(
+            "inspect: give one recipe (alloykit inspect recipe.yml), or the base with --base and "
+            "the fine-tunes (alloykit inspect --base BASE MODEL ...)"
+        )
+    elif Path(inputs[0]).is_dir():
+        raise AlloyError(
+            f"inspect: '{inputs[0]}' is a folder, not a recipe; to inspect models pass their "
+            "base with --base (alloykit inspect --base BASE MODEL ...)"
+        )
+    else:
+        inspection = inspect_config(
+            inputs[0], seed=seed, precision=precision, device=device, allow_crimes=allow_crimes
+        )
+    if json_path is not None:
+        _output.write_json(json_path, to_json(inspection))
+    if html_path is not None:
+        from alloykit.inspect.report import write_report
+
+        write_report(inspection, html_path)
+    _output.print_summary(summarize(inspection), json_path, html_path)
 
 
 @app.command()

@@ -42,6 +42,9 @@ class StateDictSink(dict[str, torch.Tensor]):
         self[name] = tensor
 
 
+InputsHook = Callable[[TensorJob, torch.Tensor, torch.Tensor | None], None]
+
+
 @dataclass(frozen=True)
 class ExecutionOptions:
     """How to run a plan: device, working precision, seed, threads."""
@@ -175,8 +178,13 @@ def execute(
     sink: TensorSink,
     options: ExecutionOptions | None = None,
     on_job_done: Callable[[TensorJob], None] | None = None,
+    on_inputs: InputsHook | None = None,
 ) -> None:
-    """Run every job of ``plan``, in order, writing each result to ``sink``."""
+    """Run every job of ``plan``, in order, writing each result to ``sink``.
+
+    ``on_inputs(job, tensors, base)`` sees each job's inputs (``(k, *shape)`` in working
+    precision, and the base or None) before the method runs; it must not modify them.
+    """
     options = options or ExecutionOptions()
     device = resolve_device(options.device)
     work_dtype = {"float32": torch.float32, "float64": torch.float64}[options.precision]
@@ -250,11 +258,35 @@ def execute(
             loaded = pending.result()
             if index + 1 < len(jobs):
                 pending = reader.submit(load, jobs[index + 1])
+            if on_inputs is not None:
+                on_inputs(loaded.job, loaded.tensors, loaded.base)
             strength = plan.aim.strength if plan.aim is not None else 0.0
             sink.write(loaded.job.output, _compute(plan.kernel, loaded, seed, device, strength))
             if on_job_done is not None:
                 on_job_done(loaded.job)
             del loaded
+
+
+def job_generator(seed: int, job: TensorJob, device: torch.device) -> torch.Generator:
+    """The random source of one job: the same draws for the same seed and tensor, always."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(job_seed(seed, job.output))
+    return generator
+
+
+def method_inputs(
+    job: TensorJob,
+    tensors: torch.Tensor,
+    base: torch.Tensor | None,
+    generator: torch.Generator | None,
+    statistics: torch.Tensor | None = None,
+    input_axis: int = -1,
+) -> MethodInputs:
+    """What the method kernel receives for ``job``: its per-model parameters as tensors."""
+    per_model = {
+        name: torch.tensor(values, dtype=torch.float64) for name, values in job.per_model.items()
+    }
+    return MethodInputs(tensors, base, per_model, job.params, generator, statistics, input_axis)
 
 
 def _compute(
@@ -264,17 +296,11 @@ def _compute(
     out_dtype = SAFETENSORS_DTYPES[job.dtype]
     if job.method == COPY:
         return loaded.tensors[0].to(out_dtype)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(job_seed(seed, job.output))
-    per_model = {
-        name: torch.tensor(values, dtype=torch.float64) for name, values in job.per_model.items()
-    }
-    inputs = MethodInputs(
+    inputs = method_inputs(
+        job,
         loaded.tensors,
         loaded.base,
-        per_model,
-        job.params,
-        generator,
+        job_generator(seed, job, device),
         loaded.statistics,
         loaded.input_axis,
     )

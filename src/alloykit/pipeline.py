@@ -20,6 +20,7 @@ import torch
 from alloykit.config import MergeConfig, model_refs, recipe_hash
 from alloykit.errors import AlloyError
 from alloykit.execute import ExecutionOptions, StateDictSink, execute
+from alloykit.inspect.merge_checks import TaskVectorChecks, coefficient_warnings
 from alloykit.io.checkpoint import Checkpoint, open_checkpoint
 from alloykit.io.hub import resolve_model
 from alloykit.io.tokenizer_files import write_output_tokenizer
@@ -32,6 +33,7 @@ from alloykit.io.writer import (
     parse_size,
     write_config,
 )
+from alloykit.model_card import InputHashes, InputRecord, input_records
 from alloykit.plan import MergePlan, TensorJob, build_plan
 from alloykit.stages import MemoryCheckpoint, available_memory, load_stages, stage_names
 
@@ -58,6 +60,9 @@ class MergeOptions:
         precision: working precision, ``float32`` (default) or ``float64``.
         intermediate_dir: where a multi-stage recipe writes its intermediate models; None
             keeps them in memory.
+        model_card: write ``README.md`` (front matter, method, inputs, recipe) into the output.
+        checks: warn about suspicious inputs (coefficients far from one, task vectors of very
+            different norms, zero task vectors, models that do not share the base).
     """
 
     device: str = "cpu"
@@ -71,6 +76,8 @@ class MergeOptions:
     trust_remote_code: bool = False
     precision: str = "float32"
     intermediate_dir: str | Path | None = None
+    model_card: bool = True
+    checks: bool = True
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,16 @@ def _final_inputs(
             result.close()
 
 
+@contextmanager
+def final_inputs(
+    config: ConfigSource, options: MergeOptions | None = None
+) -> Iterator[tuple[MergeConfig, dict[str, Checkpoint]]]:
+    """The final stage of a recipe and its opened inputs (earlier stages merged in memory or
+    into ``options.intermediate_dir``), for callers that run the final plan themselves."""
+    with _final_inputs(config, options or MergeOptions()) as run:
+        yield run.stages[-1], run.checkpoints
+
+
 def _run_stage(
     stage: MergeConfig,
     results: Mapping[str, Checkpoint],
@@ -171,7 +188,8 @@ def _run_stage(
             return MemoryCheckpoint(name, plan, None, files)
         if options.intermediate_dir is not None:
             target = Path(options.intermediate_dir) / name
-            _write(plan, checkpoints, [stage], target, replace(options, overwrite=True), None)
+            intermediate = replace(options, overwrite=True, model_card=False, checks=False)
+            _write(plan, checkpoints, [stage], target, intermediate, None)
             return Checkpoint(target, name)
         available = available_memory()
         if available is not None and plan.output_bytes > available // 2:
@@ -250,6 +268,8 @@ def merge(
     with _final_inputs(config, options) as run:
         plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
         warnings = list(plan.warnings)
+        if options.checks:
+            warnings += coefficient_warnings(plan)
         donor = run.checkpoints[plan.donor]
         if (donor.config or {}).get("auto_map") and not options.trust_remote_code:
             warnings.append(
@@ -260,8 +280,16 @@ def merge(
             log.warning(warning)
         if on_plan is not None:
             on_plan(plan)
-        files, digest = _write(plan, run.checkpoints, run.stages, out, options, progress)
-    return MergeResult(out, plan, files, digest, time.perf_counter() - started, warnings)
+        written = _write(plan, run.checkpoints, run.stages, out, options, progress, warnings)
+    seconds = time.perf_counter() - started
+    return MergeResult(out, plan, written.files, written.digest, seconds, written.warnings)
+
+
+@dataclass(frozen=True)
+class _Written:
+    files: list[str]
+    digest: str
+    warnings: list[str]  # the plan's and the checks' warnings
 
 
 def _write(
@@ -271,16 +299,30 @@ def _write(
     out: Path,
     options: MergeOptions,
     progress: ProgressHook | None,
-) -> tuple[list[str], str]:
-    """Execute ``plan`` into a new model folder at ``out``; return its files and recipe hash."""
+    warnings: list[str] | None = None,
+) -> _Written:
+    """Execute ``plan`` into a new model folder at ``out``; return its files and recipe hash.
+
+    ``warnings`` (the plan's) go into the model card with those of the checks run on the way.
+    """
     shards = layout_shards(
         [(j.output, j.shape, j.dtype) for j in plan.jobs], parse_size(options.out_shard_size)
     )
     donor = checkpoints[plan.donor]
-    with OutputFolder(out, overwrite=options.overwrite) as folder:
+    warnings = list(warnings or [])
+    checks = TaskVectorChecks(list(plan.models)) if options.checks else None
+    with (
+        OutputFolder(out, overwrite=options.overwrite) as folder,
+        InputHashes(checkpoints if options.model_card else {}) as hashes,
+    ):
         with ShardWriter(folder.path, shards) as writer:
-            execute(plan, checkpoints, writer, _execution(options), progress)
+            observe = checks.observe if checks is not None else None
+            execute(plan, checkpoints, writer, _execution(options), progress, observe)
             writer.finish()
+        if checks is not None:
+            for warning in checks.warnings():
+                log.warning(warning)
+                warnings.append(warning)
         if plan.config is not None:
             write_config(folder.path, plan.config, plan.output_dtype)
         copy_donor_files(
@@ -296,9 +338,39 @@ def _write(
         header = f"# alloykit recipe {digest[:16]}: alloykit merge {RECIPE_FILE} OUT\n"
         body = "---\n".join(recipe.to_yaml() for recipe in recipes)
         (folder.path / RECIPE_FILE).write_text(header + body)
+        if options.model_card:
+            inputs = input_records(stages[-1], checkpoints, hashes.result())
+            _write_card(folder.path, out.name, plan, inputs, body, digest, warnings)
         files = sorted(p.name for p in folder.path.iterdir())
         folder.commit()
-    return files, digest
+    return _Written(files, digest, warnings)
+
+
+def _write_card(
+    folder: Path,
+    name: str,
+    plan: MergePlan,
+    inputs: list[InputRecord],
+    recipe: str,
+    digest: str,
+    warnings: list[str],
+) -> None:
+    """The output's README.md (front matter, method, inputs, recipe, warnings)."""
+    from alloykit import __version__
+    from alloykit.model_card import CARD_FILE, render_card
+
+    text = render_card(
+        name=name,
+        inputs=inputs,
+        method=plan.method,
+        summary=plan.kernel.summary,
+        citation=plan.kernel.citation,
+        recipe=recipe,
+        recipe_hash=digest,
+        warnings=warnings,
+        version=__version__,
+    )
+    (folder / CARD_FILE).write_text(text)
 
 
 def _portable_stages(stages: list[MergeConfig]) -> list[MergeConfig]:

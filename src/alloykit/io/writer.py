@@ -291,3 +291,14 @@ def copy_files(folder: Path, source: Path, names: tuple[str, ...] | list[str]) -
             shutil.copyfile(source / name, folder / name)
             copied.append(name)
     return copied
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, renamed when complete."""
+    temporary = path.with_name(f".{path.name}.alloykit-partial-{os.getpid()}")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(path)
+    except OSError as e:
+        temporary.unlink(missing_ok=True)
+        raise AlloyError(f"cannot write '{path}' ({e.strerror}); check the folder exists") from e

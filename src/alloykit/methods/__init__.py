@@ -114,19 +114,7 @@ class Preset:
 def run_task_vectors(inputs: MethodInputs, *, preset: Preset) -> torch.Tensor:
     """Registry adapter for every task-vector preset: the three steps on a job's inputs."""
     assert inputs.base is not None  # the planner guarantees a base for "required"
-    params = inputs.params
-    rescale: Rescale = "none"
-    if preset.sparsify != "none" and params["rescale"]:
-        rescale = params["rescale_mode"]
-    steps = Steps(
-        sparsify=preset.sparsify,
-        elect=params["elect"] if preset.elect else "none",
-        combine=params["combine"],
-        normalize=bool(params["normalize"]),
-        scale=float(params["lambda"]),
-        rescale=rescale,
-        delta_norm=params["delta_norm"],
-    )
+    steps = preset_steps(preset, inputs.params)
     deltas = inputs.tensors.sub_(inputs.base)  # in place: the stack is this call's own
     combined = merge_deltas(
         deltas,
@@ -136,12 +124,38 @@ def run_task_vectors(inputs: MethodInputs, *, preset: Preset) -> torch.Tensor:
         inputs.per_model.get("gamma"),
         inputs.generator,
         inputs.per_model.get("epsilon"),
-        _model_thresholds(inputs.per_model),
+        model_thresholds(inputs.per_model),
     )
     return combined.add_(inputs.base)
 
 
-def _model_thresholds(
+def preset_steps(preset: Preset, params: Mapping[str, Any]) -> Steps:
+    """The steps a preset runs with one tensor's resolved global parameters."""
+    rescale: Rescale = "none"
+    if preset.sparsify != "none" and params["rescale"]:
+        rescale = params["rescale_mode"]
+    return Steps(
+        sparsify=preset.sparsify,
+        elect=params["elect"] if preset.elect else "none",
+        combine=params["combine"],
+        normalize=bool(params["normalize"]),
+        scale=float(params["lambda"]),
+        rescale=rescale,
+        delta_norm=params["delta_norm"],
+    )
+
+
+def task_vector_preset(method: Method) -> Preset | None:
+    """The sparsify/elect/combine preset a registry row runs, or None for other methods."""
+    run = method.run
+    if isinstance(run, partial) and run.func is run_task_vectors:
+        preset = run.keywords["preset"]
+        assert isinstance(preset, Preset)
+        return preset
+    return None
+
+
+def model_thresholds(
     per_model: Mapping[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Model-wide top-k's per-model threshold and tie quota, when the prepass set them."""

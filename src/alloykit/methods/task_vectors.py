@@ -629,6 +629,32 @@ def merge_deltas(
     it; returns the combined task vector (without the base). ``model_thresholds`` holds, per
     model, the threshold and tie quota of model-wide top-k (:mod:`alloykit.prepass`).
     """
+    sparsify_deltas(deltas, steps, densities, gammas, generator, epsilons, model_thresholds)
+    for i in range(deltas.shape[0]):
+        deltas[i] *= float(weights[i])
+    signs = None if steps.elect == "none" else elected_signs(deltas, steps.elect)
+    return combine(
+        deltas,
+        None,
+        weights,
+        method=steps.combine,
+        normalize=steps.normalize,
+        scale=steps.scale,
+        signs=signs,
+    )
+
+
+def sparsify_deltas(
+    deltas: torch.Tensor,
+    steps: Steps,
+    densities: torch.Tensor | None = None,
+    gammas: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    epsilons: torch.Tensor | None = None,
+    model_thresholds: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The steps before weighting, in place on ``deltas`` ``(k, *shape)``: ``delta_norm``, then
+    sparsify each task vector (drawing from ``generator`` in model order). Returns ``deltas``."""
     normalize_deltas(deltas, steps.delta_norm)
     if steps.sparsify != "none":
         for i in range(deltas.shape[0]):
@@ -648,18 +674,7 @@ def merge_deltas(
                 rescale=steps.rescale,
                 model_threshold=threshold,
             )
-    for i in range(deltas.shape[0]):
-        deltas[i] *= float(weights[i])
-    signs = None if steps.elect == "none" else elected_signs(deltas, steps.elect)
-    return combine(
-        deltas,
-        None,
-        weights,
-        method=steps.combine,
-        normalize=steps.normalize,
-        scale=steps.scale,
-        signs=signs,
-    )
+    return deltas
 
 
 def task_arithmetic(

@@ -1,0 +1,131 @@
+"""The cheap checks ``alloykit merge`` runs by default, and the warnings they give.
+
+Two kinds: from the plan alone (effective coefficients far from one), and from the tensors the
+merge reads anyway (task-vector norms, a model that does not share the base, a task vector of
+zeros). The second kind watches each job's inputs as the executor hands them to the method:
+a few sums per model and tensor, no extra read and no extra tensor kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from alloykit.inspect.stats import NOT_SHARED_COSINE, NOT_SHARED_RELATIVE, shares_base
+from alloykit.plan import COPY, MergePlan, TensorJob
+
+# Σ w·λ outside this range, with normalize off, is "far from one": the merged change is more
+# than twice, or less than half, a single fine-tune's.
+COEFFICIENT_RANGE = (0.5, 2.0)
+NORM_RATIO = 10.0  # task-vector norms differing by more than this suggest delta_norm
+
+
+def coefficient_warnings(plan: MergePlan) -> list[str]:
+    """Warn when ``Σ_i w_i·λ`` is far from one in some tensor and the method does not normalize.
+
+    Applies to methods with per-model ``weight`` and a ``normalize`` parameter (task arithmetic,
+    the TIES/DARE family, linear); nothing is said when ``normalize`` is on.
+    """
+    kernel = plan.kernel
+    if kernel.param("weight") is None or kernel.param("normalize") is None:
+        return []
+    low, high = COEFFICIENT_RANGE
+    far: dict[float, list[TensorJob]] = {}
+    for job in plan.jobs:
+        if job.method == COPY or job.params.get("normalize") or "weight" not in job.per_model:
+            continue
+        total = sum(job.per_model["weight"]) * float(job.params.get("lambda", 1.0))
+        if not low <= total <= high:
+            far.setdefault(round(total, 6), []).append(job)
+    if not far:
+        return []
+    values = sorted(far)
+    shown = ", ".join(f"{v:g}" for v in values[:3]) + (", ..." if len(values) > 3 else "")
+    count = sum(len(jobs) for jobs in far.values())
+    return [
+        f"effective task-vector coefficient Σ weight·lambda is {shown} (in {count} of "
+        f"{len(plan.jobs)} tensors) with normalize off: the merged change is that many times a "
+        "single model's; scale the weights or lambda so it is near 1, or set normalize: true"
+    ]
+
+
+def _square_norm(values: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2
+
+
+class TaskVectorChecks:
+    """Accumulates, over a merge's jobs, each input model's task-vector and weight sums.
+
+    Pass :meth:`observe` to :func:`alloykit.execute.execute` (``on_inputs``); read
+    :meth:`warnings` after the last job. Jobs without a base (or copies) are ignored.
+    """
+
+    def __init__(self, models: Sequence[str]) -> None:
+        self.models = list(models)
+        self._delta_sq = dict.fromkeys(self.models, 0.0)
+        self._seen = dict.fromkeys(self.models, False)
+        # the shared-base figures come from matrices only (see stats.shares_base)
+        self._matrix_delta_sq = dict.fromkeys(self.models, 0.0)
+        self._weight_sq = dict.fromkeys(self.models, 0.0)
+        self._dot_base = dict.fromkeys(self.models, 0.0)
+        self._base_sq = dict.fromkeys(self.models, 0.0)
+        self._delta_norm_setting: set[str] = set()
+
+    def observe(self, job: TensorJob, tensors: torch.Tensor, base: torch.Tensor | None) -> None:
+        """Add one job's sums; ``tensors`` is ``(k, *shape)`` in job input order."""
+        if base is None or job.method == COPY:
+            return
+        self._delta_norm_setting.add(str(job.params.get("delta_norm", "none")))
+        matrix = base.dim() >= 2
+        base_sq = _square_norm(base) if matrix else 0.0
+        for row, item in zip(tensors, job.inputs, strict=True):
+            if item.model not in self._delta_sq:
+                continue
+            self._seen[item.model] = True
+            delta_sq = _square_norm(row - base)
+            self._delta_sq[item.model] += delta_sq
+            if matrix:
+                self._matrix_delta_sq[item.model] += delta_sq
+                self._weight_sq[item.model] += _square_norm(row)
+                self._dot_base[item.model] += float(torch.sum(row * base, dtype=torch.float64))
+                self._base_sq[item.model] += base_sq
+
+    def warnings(self) -> list[str]:
+        """Zero task vectors, models that do not share the base, norms differing by over 10x."""
+        seen = [m for m in self.models if self._seen[m]]
+        messages = []
+        for model in seen:
+            if self._delta_sq[model] == 0:
+                messages.append(
+                    f"model '{model}' is identical to the base in every merged tensor: its task "
+                    "vector is zero and it changes nothing; check that it is the fine-tune you meant"
+                )
+                continue
+            if self._base_sq[model] == 0 or self._weight_sq[model] == 0:
+                continue
+            relative = math.sqrt(self._matrix_delta_sq[model] / self._base_sq[model])
+            cosine = self._dot_base[model] / math.sqrt(
+                self._weight_sq[model] * self._base_sq[model]
+            )
+            if not shares_base(relative, cosine):
+                messages.append(
+                    f"model '{model}' does not look fine-tuned from the base: its task vector is "
+                    f"{relative:.2f} of the base's norm (over {NOT_SHARED_RELATIVE:g} is suspect) "
+                    f"and its weights have cosine {cosine:.2f} with the base's (under "
+                    f"{NOT_SHARED_COSINE:g} is suspect); task-vector merges assume one shared base "
+                    "(`alloykit inspect` shows per layer)"
+                )
+        norms = {m: math.sqrt(self._delta_sq[m]) for m in seen if self._delta_sq[m] > 0}
+        if len(norms) > 1 and self._delta_norm_setting <= {"none"}:
+            largest = max(norms, key=lambda m: norms[m])
+            smallest = min(norms, key=lambda m: norms[m])
+            ratio = norms[largest] / norms[smallest]
+            if ratio > NORM_RATIO:
+                messages.append(
+                    f"task-vector norms differ by {ratio:.0f}x ('{largest}' {norms[largest]:.3g}, "
+                    f"'{smallest}' {norms[smallest]:.3g}): the larger drowns the smaller; set "
+                    "delta_norm: l2 to scale them to a common norm"
+                )
+        return messages
