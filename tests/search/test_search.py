@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from alloykit.search import SearchOptions, load_search, run_search
+from alloykit.evaluation import EvalOptions
+from alloykit.search import SearchError, SearchOptions, load_search, run_search
 from alloykit.search.objective import Objective
 from alloykit.search.study import Trial
 from tests.search.fixtures import make_problem, write_search
@@ -29,7 +30,7 @@ def _trials(trials: list[Trial]) -> list[tuple[int, dict[str, object], float | N
 def test_tpe_gets_near_the_grid_best_and_beats_the_uniform_average(problem: Path) -> None:
     search_file = write_search(problem, "tpe", 30)
     search = load_search(search_file)
-    objective = Objective(search, OPTIONS_EVAL())
+    objective = Objective(search, EvalOptions(threads=1))
     from alloykit.pipeline import MergeOptions, merge_in_memory
 
     def score(w1: float, w2: float) -> float:
@@ -54,7 +55,36 @@ def test_tpe_gets_near_the_grid_best_and_beats_the_uniform_average(problem: Path
     assert _trials(again.trials) == _trials(result.trials)[:10]
 
 
-def OPTIONS_EVAL():  # type: ignore[no-untyped-def]
-    from alloykit.evaluation import EvalOptions
 
-    return EvalOptions(threads=1)
+@pytest.mark.parametrize(("optimiser", "budget", "kill_at"), [("cmaes", 10, 6), ("random", 6, 3)])
+def test_kill_and_resume_gives_the_trials_of_an_uninterrupted_run(
+    problem: Path, monkeypatch: pytest.MonkeyPatch, optimiser: str, budget: int, kill_at: int
+) -> None:
+    search_file = write_search(problem, optimiser, budget, extra="", name=f"resume_{optimiser}.yml")
+    if optimiser == "cmaes":  # four per generation: the kill lands inside the second one
+        search_file.write_text(search_file.read_text().replace("seed: 0", "seed: 0, popsize: 4"))
+    whole = run_search(search_file, problem / f"whole-{optimiser}", OPTIONS)
+
+    calls: list[int] = []
+    kills: list[int] = []
+    score = Objective.score
+
+    def killed(self: Objective, model: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == kill_at and not kills:
+            kills.append(1)
+            raise KeyboardInterrupt  # the process dies in the middle of a trial
+        return score(self, model, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Objective, "score", killed)
+    out = problem / f"killed-{optimiser}"
+    with pytest.raises(KeyboardInterrupt):
+        run_search(search_file, out, OPTIONS)
+    with pytest.raises(SearchError, match="--resume"):
+        run_search(search_file, out, OPTIONS)  # the folder holds a study: resume it
+    calls.clear()
+    resumed = run_search(search_file, out, SearchOptions(threads=1, resume=True))
+    assert len(calls) == budget - (kill_at - 1)  # the killed trial again, nothing finished
+    assert _trials(resumed.trials) == _trials(whole.trials)
+    assert resumed.best is not None and whole.best is not None
+    assert resumed.best.slot == whole.best.slot
