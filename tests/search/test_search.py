@@ -88,3 +88,63 @@ def test_kill_and_resume_gives_the_trials_of_an_uninterrupted_run(
     assert _trials(resumed.trials) == _trials(whole.trials)
     assert resumed.best is not None and whole.best is not None
     assert resumed.best.slot == whole.best.slot
+
+
+def test_the_test_split_is_read_once_at_the_end(
+    problem: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alloykit.evaluation import tasks
+
+    reads: list[str] = []
+    read_rows = tasks.read_rows
+
+    def counted(file: Path) -> list[dict[str, object]]:
+        reads.append(Path(file).name)
+        return read_rows(file)
+
+    monkeypatch.setattr(tasks, "read_rows", counted)
+    seen_before: list[int] = []
+
+    def on_trial(trial: Trial, budget: int) -> None:
+        seen_before.append(sum(name.endswith("_test.jsonl") for name in reads))
+
+    search_file = write_search(problem, "random", 4, name="once.yml")
+    result = run_search(search_file, problem / "once", OPTIONS, on_trial=on_trial)
+    assert seen_before == [0, 0, 0, 0]  # no trial ever saw a test row
+    assert sorted(n for n in reads if n.endswith("_test.jsonl")) == ["a_test.jsonl", "b_test.jsonl"]
+    assert result.test is not None and set(result.test.tasks) == {"a", "b"}
+    objective = Objective(load_search(search_file), EvalOptions(threads=1))
+    objective.score_test(problem / "once" / "best.yml")
+    with pytest.raises(SearchError, match="scored once"):
+        objective.score_test(problem / "once" / "best.yml")
+    # finishing again (resume after the end) reuses the stored test scores: no new read
+    reads.clear()
+    again = run_search(search_file, problem / "once", SearchOptions(threads=1, resume=True))
+    assert not [n for n in reads if n.endswith("_test.jsonl")]
+    assert again.test == result.test
+
+
+def test_infeasible_candidates_are_never_the_best(problem: Path) -> None:
+    free = run_search(write_search(problem, "random", 8, name="free.yml"), problem / "free", OPTIONS)
+    assert free.best is not None and free.best.outcome is not None
+    # ask for more of task a than the unconstrained best has: it becomes infeasible
+    floor = free.best.outcome.tasks["a"] + 1e-6
+    extra = f"    - task: a.yml\n      min_score: {floor}\n"
+    search_file = write_search(problem, "random", 8, name="bound.yml")
+    search_file.write_text(search_file.read_text().replace("    - task: a.yml\n", extra))
+    bound = run_search(search_file, problem / "bound", OPTIONS)
+    assert _trials(bound.trials) == _trials(free.trials)  # random search: the same candidates
+    feasible = [t for t in bound.trials if t.outcome and t.outcome.feasible]
+    assert feasible, "the test needs some feasible candidates"
+    assert bound.best is not None and bound.best.outcome is not None
+    assert bound.best.slot != free.best.slot
+    assert bound.best.outcome.tasks["a"] >= floor
+    assert bound.best.outcome.score == max(t.outcome.score for t in feasible if t.outcome)
+    higher = [t for t in bound.trials if t.outcome and t.outcome.score > bound.best.outcome.score]
+    assert higher and all(not t.outcome.feasible for t in higher if t.outcome)
+
+    none = write_search(problem, "random", 3, name="none.yml")
+    none.write_text(none.read_text().replace("    - task: a.yml\n", "    - {task: a.yml, min_score: 2}\n"))
+    nothing = run_search(none, problem / "none", OPTIONS)
+    assert nothing.best is None and nothing.test is None
+    assert not (problem / "none" / "best.yml").exists()
