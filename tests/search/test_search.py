@@ -11,16 +11,9 @@ from alloykit.evaluation import EvalOptions
 from alloykit.search import SearchError, SearchOptions, load_search, run_search
 from alloykit.search.objective import Objective
 from alloykit.search.study import Trial
-from tests.search.fixtures import make_problem, write_search
+from tests.search.problem import write_search
 
 OPTIONS = SearchOptions(threads=1)  # the tiny models run fastest on one thread
-
-
-@pytest.fixture(scope="module")
-def problem(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("problem")
-    make_problem(root)
-    return root
 
 
 def _trials(trials: list[Trial]) -> list[tuple[int, dict[str, object], float | None]]:
@@ -53,7 +46,6 @@ def test_tpe_gets_near_the_grid_best_and_beats_the_uniform_average(problem: Path
     # seeded, each trial's randomness from (seed, trial): a shorter run is the same start
     again = run_search(search_file, problem / "tpe-again", SearchOptions(threads=1, budget=10))
     assert _trials(again.trials) == _trials(result.trials)[:10]
-
 
 
 @pytest.mark.parametrize(("optimiser", "budget", "kill_at"), [("cmaes", 10, 6), ("random", 6, 3)])
@@ -125,7 +117,9 @@ def test_the_test_split_is_read_once_at_the_end(
 
 
 def test_infeasible_candidates_are_never_the_best(problem: Path) -> None:
-    free = run_search(write_search(problem, "random", 8, name="free.yml"), problem / "free", OPTIONS)
+    free = run_search(
+        write_search(problem, "random", 8, name="free.yml"), problem / "free", OPTIONS
+    )
     assert free.best is not None and free.best.outcome is not None
     # ask for more of task a than the unconstrained best has: it becomes infeasible
     floor = free.best.outcome.tasks["a"] + 1e-6
@@ -144,7 +138,9 @@ def test_infeasible_candidates_are_never_the_best(problem: Path) -> None:
     assert higher and all(not t.outcome.feasible for t in higher if t.outcome)
 
     none = write_search(problem, "random", 3, name="none.yml")
-    none.write_text(none.read_text().replace("    - task: a.yml\n", "    - {task: a.yml, min_score: 2}\n"))
+    none.write_text(
+        none.read_text().replace("    - task: a.yml\n", "    - {task: a.yml, min_score: 2}\n")
+    )
     nothing = run_search(none, problem / "none", OPTIONS)
     assert nothing.best is None and nothing.test is None
     assert not (problem / "none" / "best.yml").exists()
