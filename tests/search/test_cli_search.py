@@ -11,7 +11,7 @@ import pytest
 
 import alloykit
 from alloykit.evaluation import EvalOptions
-from alloykit.search import SearchError, SearchOptions, run_search
+from alloykit.search import SearchError, SearchOptions, load_search, run_search
 from tests.helpers import run_cli
 from tests.search.problem import write_search
 
@@ -121,3 +121,21 @@ def test_help_has_examples() -> None:
     assert result.returncode == 0
     for flag in ("--resume", "--budget", "--time-limit", "--seed", "--device", "Examples:"):
         assert flag in result.stdout
+
+
+def test_the_documented_search_file_runs(problem: Path, tmp_path: Path) -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "search.md").read_text()
+    search_yaml, template_yaml = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)[:2]
+    (problem / "doc_template.yml").write_text(template_yaml)
+    search_yaml = search_yaml.replace("template: template.yml", "template: doc_template.yml")
+    (problem / "documented.yml").write_text(search_yaml)
+    search = load_search(problem / "documented.yml")
+    assert len(search.space.names) == 2 + 6 + 1 + 1 + 1
+    result = run_search(
+        problem / "documented.yml", tmp_path / "out", SearchOptions(threads=1, budget=3)
+    )
+    assert len(result.trials) == 3 and all(t.error is None for t in result.trials)
+    methods = {t.config["merge_method"] for t in result.trials}
+    assert methods <= {"ties", "dare_ties"}
