@@ -16,15 +16,33 @@ from tests.helpers import run_cli
 from tests.search.problem import write_search
 
 
-def test_gp_search_writes_a_recipe_trials_a_plot_and_the_model(problem: Path) -> None:
+def _cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str | Path
+) -> tuple[int, str, str]:
+    """Run ``alloykit ARGS`` in this process (the CLI's own error boundary included)."""
+    from alloykit import cli
+
+    monkeypatch.setattr(sys, "argv", ["alloykit", *map(str, args)])
+    with pytest.raises(SystemExit) as exit:
+        cli.main()
+    captured = capsys.readouterr()
+    return int(exit.value.code or 0), captured.out, captured.err
+
+
+def test_gp_search_writes_a_recipe_trials_a_plot_and_the_model(
+    problem: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     search_file = write_search(problem, "gp", 8)
     search_file.write_text(
         search_file.read_text().replace("seed: 0}", "seed: 0, startup_trials: 4}")
     )
     out = problem / "gp"
-    result = run_cli("search", search_file, out, "--seed", "3", "-j", "1", "--save-model")
-    assert result.returncode == 0, result.stderr
-    assert "best: trial" in result.stdout and "candidates/minute" in result.stdout
+    code, stdout, stderr = _cli(
+        monkeypatch, capsys, "search", search_file, out, "--seed", "3", "-j", "1", "--save-model"
+    )
+    assert code == 0, stderr
+    assert "best: trial" in stdout and "candidates/minute" in stdout
+    assert stdout.count("  trial ") == 8
     for name in (
         "study.db",
         "search.yml",
@@ -83,7 +101,12 @@ def test_greedy_soup_scores_soups_and_writes_the_chosen_average(problem: Path) -
     ],
 )
 def test_bad_input_is_one_line(
-    problem: Path, tmp_path: Path, arguments: list[str], message: str
+    problem: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    arguments: list[str],
+    message: str,
 ) -> None:
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "file").write_text("x")
@@ -93,26 +116,22 @@ def test_bad_input_is_one_line(
         "NEW": str(tmp_path / "new"),
         "OUT": str(tmp_path / "out"),
     }
-    result = run_cli("search", *[names.get(a, a) for a in arguments])
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    code, _, stderr = _cli(monkeypatch, capsys, "search", *[names.get(a, a) for a in arguments])
+    assert code == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "new").exists()
 
 
 def test_missing_libraries_name_the_extra(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from alloykit import cli
-
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
     with pytest.raises(SearchError, match=r"pip install 'alloykit\[search\]'"):
         run_search(tmp_path / "s.yml", tmp_path / "out")
-    monkeypatch.setattr(sys, "argv", ["alloykit", "search", "s.yml", str(tmp_path / "out")])
-    with pytest.raises(SystemExit) as exit:
-        cli.main()
-    assert exit.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    code, _, stderr = _cli(monkeypatch, capsys, "search", "s.yml", tmp_path / "out")
+    assert code == 1
+    err = stderr.strip().splitlines()
     assert len(err) == 1 and "pip install 'alloykit[search]'" in err[0]
 
 

@@ -144,3 +144,10 @@ def test_infeasible_candidates_are_never_the_best(problem: Path) -> None:
     nothing = run_search(none, problem / "none", OPTIONS)
     assert nothing.best is None and nothing.test is None
     assert not (problem / "none" / "best.yml").exists()
+
+
+def test_a_time_limit_stops_starting_candidates(problem: Path) -> None:
+    search_file = write_search(problem, "random", 500, name="timed.yml")
+    result = run_search(search_file, problem / "timed", SearchOptions(threads=1, time_limit=1.0))
+    assert 1 <= len(result.trials) < 500
+    assert sum(t.seconds for t in result.trials[:-1]) < 1.0  # none started after the limit
