@@ -151,3 +151,46 @@ def test_a_time_limit_stops_starting_candidates(problem: Path) -> None:
     result = run_search(search_file, problem / "timed", SearchOptions(threads=1, time_limit=1.0))
     assert 1 <= len(result.trials) < 500
     assert sum(t.seconds for t in result.trials[:-1]) < 1.0  # none started after the limit
+
+
+def test_a_killed_process_resumes_to_the_uninterrupted_trials(problem: Path) -> None:
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    search_file = write_search(problem, "cmaes", 8, name="sigkill.yml")
+    search_file.write_text(search_file.read_text().replace("seed: 0", "seed: 0, popsize: 4"))
+    out = problem / "sigkill"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        "-m",
+        "alloykit.cli",
+        "search",
+        str(search_file),
+        str(out),
+        "-j",
+        "1",
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    finished = 0
+    deadline = time.monotonic() + 240
+    while finished < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (out / "study.db").is_file():
+            with sqlite3.connect(out / "study.db") as db:
+                try:
+                    finished = db.execute(
+                        "select count(*) from trials where state = 'COMPLETE'"
+                    ).fetchone()[0]
+                except sqlite3.OperationalError:  # tables not created yet
+                    finished = 0
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 3 <= finished < 8, process.stderr.read() if process.stderr else ""
+    resumed = run_search(search_file, out, SearchOptions(threads=1, resume=True))
+    whole = run_search(search_file, problem / "sigkill-whole", OPTIONS)
+    assert _trials(resumed.trials) == _trials(whole.trials)

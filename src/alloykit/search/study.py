@@ -220,8 +220,8 @@ def _open_study(out: Path, search: Search, seed: int, resume: bool) -> optuna.St
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # left unfinished by a kill: its slot runs again
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        # left unfinished by a kill: marked failed, its slot runs again
+        study.tell(trial.number, state=TrialState.FAIL)
     return study
 
 
