@@ -139,7 +139,7 @@ def run_search(
     created = _prepare_folder(out, options.resume)
     try:
         objective = _objective(search, options)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report the trials
         study = _open_study(out, search, seed, options.resume)
     except BaseException:
         if created:
