@@ -670,10 +670,16 @@ def plot_progress(trials: list[Trial], path: Path) -> bool:
     except ImportError:
         log.warning("progress.png not drawn: pip install 'alloykit[plots]' for plots")
         return False
-    scores = [t.outcome.score if t.outcome else math.nan for t in trials]
     figure, axes = plt.subplots(figsize=(6, 3.5))
     xs = list(range(1, len(trials) + 1))
-    axes.plot(xs, scores, "o", color="0.7", markersize=3, label="candidate")
+    for feasible, marker, label in ((True, "o", "candidate"), (False, "x", "infeasible")):
+        points = [
+            (x, t.outcome.score)
+            for x, t in zip(xs, trials, strict=True)
+            if t.outcome is not None and t.outcome.feasible == feasible
+        ]
+        if points:
+            axes.plot(*zip(*points, strict=True), marker, color="0.6", markersize=4, label=label)
     axes.step(xs, best_so_far(trials), where="post", label="best feasible")
     axes.set_xlabel("evaluations")
     axes.set_ylabel("validation score")
