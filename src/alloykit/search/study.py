@@ -383,7 +383,6 @@ class _Runner:
             seed=seed,
             n_startup_trials=startup,
             constraints_func=constraints,
-            deterministic_objective=True,
         )
 
     def run_cmaes(self, budget: int, deadline: float) -> None:
