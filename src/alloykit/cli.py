@@ -44,6 +44,16 @@ EVALUATE_EXAMPLES = """Examples:
   alloykit evaluate merged/ --harness-task hellaswag --limit 100  # lm-evaluation-harness (extra 'eval')
 """
 
+SEARCH_EXAMPLES = """Examples:
+
+\b
+  alloykit search search.yml runs/s1                       # the file's optimiser and budget
+  alloykit search search.yml runs/s1 --budget 60 --time-limit 3600 --device auto
+  alloykit search search.yml runs/s1 --resume              # continue after a kill
+  alloykit search search.yml runs/s2 --seed 1 --save-model # also write the best merge
+  alloykit merge runs/s1/best.yml merged/                  # merge the best recipe later
+"""
+
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
 
 
@@ -682,6 +692,84 @@ def evaluate(
     if output is not None:
         output.write_text(text + "\n")
         _output.out.print(f"  results: {output}")
+
+
+@app.command(epilog=SEARCH_EXAMPLES)
+def search(
+    search_file: Annotated[
+        Path, typer.Argument(metavar="SEARCH", help="Search file (YAML; docs/search.md).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Argument(metavar="OUT", help="Folder for the study, best.yml, trials.csv, plots."),
+    ],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the study in OUT after a kill.")
+    ] = False,
+    budget: Annotated[
+        int | None, typer.Option(min=1, help="Candidates to evaluate (overrides the file).")
+    ] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(min=1, help="Seconds after which no new candidate starts."),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the search (overrides the file).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-j", min=1, help="CPU threads for torch.")
+    ] = None,
+    save_model: Annotated[
+        bool, typer.Option("--save-model", help="Also merge the best recipe into OUT/model.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Search merge recipes (CMA-ES, TPE, GP, random, greedy soup) on validation splits."""
+    from alloykit import _output
+    from alloykit.search.study import SearchOptions, Trial, require_libraries, run_search
+
+    _output.setup_logging(quiet)
+    require_libraries()
+    best: list[float] = []
+
+    def report(trial: Trial, total: int) -> None:
+        if quiet:
+            return
+        outcome = trial.outcome
+        if outcome is None:
+            _output.out.print(f"  trial {trial.slot + 1}/{total}  failed: {trial.error}")
+            return
+        if outcome.feasible and (not best or outcome.score > best[0]):
+            best[:] = [outcome.score]
+        flag = "" if outcome.feasible else "  (infeasible)"
+        shown = f"{best[0]:.4f}" if best else "-"
+        _output.out.print(
+            f"  trial {trial.slot + 1}/{total}  score {outcome.score:.4f}{flag}  best {shown}"
+            f"  ({trial.seconds:.2f}s)"
+        )
+
+    options = SearchOptions(
+        device=device,
+        budget=budget,
+        time_limit=time_limit,
+        seed=seed,
+        resume=resume,
+        save_model=save_model,
+        threads=threads,
+    )
+    result = run_search(search_file, out, options, on_trial=report)
+    if result.best is None or result.best.outcome is None:
+        _output.out.print(f"no feasible candidate in {len(result.trials)} trials; see {out}")
+    else:
+        line = f"best: trial {result.best.slot}, validation {result.best.outcome.score:.4f}"
+        if result.test is not None:
+            line += f", test {result.test.score:.4f}"
+        _output.out.print(line)
+    _output.out.print(
+        f"  {len(result.trials)} trials, {result.candidates_per_minute:.1f} candidates/minute; "
+        f"wrote {', '.join(result.files)} in {out}"
+    )
 
 
 def main() -> None:

@@ -138,8 +138,11 @@ class Task:
 # --------------------------------------------------------------------------- loading
 
 
-def load_task(path: str | Path) -> Task:
+def load_task(path: str | Path, *, split: str | None = None) -> Task:
     """Read, validate and render a task file; every row of its evaluated split becomes an Example.
+
+    ``split`` overrides the file's ``split`` (recipe search scores ``validation``); then only
+    that split and ``train`` (for few-shot examples) are read, so other splits stay unseen.
 
     Raises :class:`TaskError` naming the file and field for any problem.
 
@@ -172,9 +175,12 @@ def load_task(path: str | Path) -> Task:
     folder = path.parent
     data = {"test": spec.data} if isinstance(spec.data, str) else spec.data
     files = {str(split): name for split, name in data.items()}
-    split: str = spec.split or next(s for s in ("test", "validation", "train") if s in files)
+    chosen = split
+    split = split or spec.split or next(s for s in ("test", "validation", "train") if s in files)
     if split not in files:
         raise TaskError(f"{where}: split '{split}' has no file under data ({', '.join(files)})")
+    if chosen is not None:  # read only what is scored and where shots come from
+        files = {s: f for s, f in files.items() if s in (split, "train")}
     rows = {s: read_rows(_local(folder, f)) for s, f in files.items()}
     if spec.fewshot and "train" not in rows:
         raise TaskError(f"{where}: fewshot: {spec.fewshot} needs a train split under data")
