@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from alloykit._cli_options import OverwriteOpt
+
 lora_app = typer.Typer(
     name="lora",
     help="LoRA adapters: extract them from fine-tunes, merge several into one.",
@@ -42,9 +44,6 @@ MERGE_EXAMPLES = """Examples:
 """
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or warnings.")]
-OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")
-]
 
 
 @lora_app.command(epilog=EXTRACT_EXAMPLES)

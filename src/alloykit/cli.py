@@ -54,7 +54,12 @@ SEARCH_EXAMPLES = """Examples:
   alloykit merge runs/s1/best.yml merged/                  # merge the best recipe later
 """
 
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
+from alloykit._cli_options import (  # noqa: E402
+    CopyTokenizerOpt,
+    OverwriteOpt,
+    QuietOpt,
+    ShardSizeOpt,
+)
 
 
 def _version(value: bool) -> None:
@@ -98,27 +103,15 @@ def merge(
         int | None,
         typer.Option("--threads", "-j", min=1, help="CPU threads for the arithmetic."),
     ] = None,
-    out_shard_size: Annotated[
-        str,
-        typer.Option(
-            help="Largest output shard in bytes: 5B = 5x10^9 (MergeKit's meaning), 500MB, 2GiB."
-        ),
-    ] = "5B",
-    copy_tokenizer: Annotated[
-        bool,
-        typer.Option(
-            "--copy-tokenizer/--no-copy-tokenizer", help="Copy the base model's tokenizer files."
-        ),
-    ] = True,
+    out_shard_size: ShardSizeOpt = "5B",
+    copy_tokenizer: CopyTokenizerOpt = True,
     dry_run: Annotated[
         bool,
         typer.Option(
             "--dry-run", help="Print the plan (tensor, inputs, method, parameters) and stop."
         ),
     ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")
-    ] = False,
+    overwrite: OverwriteOpt = False,
     strict: Annotated[
         bool, typer.Option("--strict", help="Parameters the method does not use are errors.")
     ] = False,
@@ -404,12 +397,8 @@ def align(
             help="Print the permutation spec of the first model as YAML (to edit for --spec) and stop.",
         ),
     ] = False,
-    out_shard_size: Annotated[
-        str, typer.Option(help="Largest output shard: 5B = 5x10^9 bytes, 500MB, 2GiB.")
-    ] = "5B",
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")
-    ] = False,
+    out_shard_size: ShardSizeOpt = "5B",
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Permute hidden units of models trained from different initialisations so they match (Git Re-Basin).
@@ -503,24 +492,15 @@ def moe(
             help="Seed for random gates and noise; same seed, same model.",
         ),
     ] = None,
-    out_shard_size: Annotated[
-        str, typer.Option(help="Largest output shard: 5B = 5x10^9 bytes, 500MB, 2GiB.")
-    ] = "5B",
-    copy_tokenizer: Annotated[
-        bool,
-        typer.Option(
-            "--copy-tokenizer/--no-copy-tokenizer", help="Copy the base model's tokenizer files."
-        ),
-    ] = True,
+    out_shard_size: ShardSizeOpt = "5B",
+    copy_tokenizer: CopyTokenizerOpt = True,
     dry_run: Annotated[
         bool,
         typer.Option(
             "--dry-run", help="Print the output architecture and each tensor's source, and stop."
         ),
     ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")
-    ] = False,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Build a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE) from dense experts."""

@@ -253,15 +253,18 @@ def _refusal_reason(error: Exception) -> str:
 
 def _read_config(folder: Path) -> dict[str, Any] | None:
     path = folder / "config.json"
-    if not path.is_file():
-        return None
+    return read_json_object(path) if path.is_file() else None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object; a clear :class:`CheckpointError` naming it otherwise."""
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"'{path}': not valid JSON ({e})") from e
-    if not isinstance(config, dict):
+    if not isinstance(value, dict):
         raise CheckpointError(f"'{path}': not a JSON object")
-    return config
+    return value
 
 
 def _weight_files(folder: Path, label: str) -> list[Path]:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from alloykit.errors import CheckpointError, IncompatibleModels
+from alloykit.io.checkpoint import read_json_object
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -166,12 +167,7 @@ def read_adapter_config(folder: Path, label: str) -> dict[str, Any]:
             f"adapter '{label}': no {CONFIG_FILE} in '{folder}'; a PEFT adapter folder holds "
             f"{CONFIG_FILE} and {WEIGHTS_FILE} (save it with model.save_pretrained)"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"'{path}': not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"'{path}': not a JSON object")
+    config = read_json_object(path)
     kind = str(config.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise CheckpointError(
