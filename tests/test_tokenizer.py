@@ -649,3 +649,16 @@ def test_modules_align_the_embeddings_and_an_unmoduled_head(
     head, _ = aligned_rows(vocab_family, tokens, "lm_head.weight")
     np.testing.assert_allclose(merged["lm_head.weight"], head["base"], atol=TOL)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == len(tokens)
+
+
+def test_differing_vocabularies_without_a_tokenizer_setting_name_the_fix(
+    vocab_family: dict[str, Path],
+) -> None:
+    """No tokenizer_source: the shape error says the vocabularies differ and what to set."""
+    config = {
+        "merge_method": "ties",
+        "base_model": str(vocab_family["base"]),
+        "models": [{"model": str(vocab_family["chat"]), "parameters": {"density": 0.6}}],
+    }
+    with pytest.raises(IncompatibleModels, match=r"vocabularies differ: set tokenizer_source"):
+        plan_merge(config)

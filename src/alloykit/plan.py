@@ -723,7 +723,12 @@ class _Planner:
                     f"shape:{output}",
                     f"tensor '{info.name}' has shape {list(info.shape)} in model '{label}' but "
                     f"{list(reference.shape)} in model '{reference_label(infos, reference)}'"
-                    + (" (the vocabularies differ)" if is_vocabulary_tensor(output) else ""),
+                    + (
+                        " (the vocabularies differ: set tokenizer_source: base or union to "
+                        "align the rows by token, docs/config.md)"
+                        if is_vocabulary_tensor(output)
+                        else ""
+                    ),
                 )
         return self._merge_job(output_slice, output, infos, names, t, reference)
 
