@@ -459,12 +459,14 @@ def evaluate(
 
 @app.command()
 def demo(
-    plot: Annotated[
-        Path, typer.Option(help="Where to write the bar chart (PNG).")
-    ] = Path("alloykit-demo.png"),
+    plot: Annotated[Path, typer.Option(help="Where to write the bar chart (PNG).")] = Path(
+        "alloykit-demo.png"
+    ),
     cache: Annotated[
         Path | None,
-        typer.Option(help="Experts cache (default: $ALLOYKIT_CACHE/demo or ~/.cache/alloykit/demo)."),
+        typer.Option(
+            help="Experts cache (default: $ALLOYKIT_CACHE/demo or ~/.cache/alloykit/demo)."
+        ),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: up to 4).")] = None,
 ) -> None:

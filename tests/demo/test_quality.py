@@ -35,7 +35,15 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("base")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *sum(KEYS.values(), [])]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *WORDS,
+        *(w for ws in KEYS.values() for w in ws),
+    ]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
     torch.manual_seed(0)
@@ -61,7 +69,10 @@ def _task(name: str, seed: int) -> Task:
 
 
 def test_make_task_is_stratified_fixed_and_disjoint() -> None:
-    by_label = {"a": [f"a {i}" for i in range(50)] + ["a 1", "A 1"], "b": [f"b {i}" for i in range(10)]}
+    by_label = {
+        "a": [f"a {i}" for i in range(50)] + ["a 1", "A 1"],
+        "b": [f"b {i}" for i in range(10)],
+    }
     one, two = make_task("t", by_label, 0, 40), make_task("t", by_label, 0, 40)
     assert one.train == two.train and one.test == two.test
     assert make_task("t", by_label, 1, 40).train != one.train
@@ -96,12 +107,18 @@ def test_table_end_to_end_reads_test_once_and_caches(base: Path, tmp_path: Path)
     assert "| linear |" in text and "mean norm" in text
     assert plot_table(table, tmp_path / "bars.png").stat().st_size > 0
     # the experts are cached: a second run fine-tunes nothing
-    stamp = {t.name: (expert_dir(tmp_path, t, train) / "model.safetensors").stat().st_mtime_ns for t in tasks}
+    stamp = {
+        t.name: (expert_dir(tmp_path, t, train) / "model.safetensors").stat().st_mtime_ns
+        for t in tasks
+    }
     logs.clear()
-    again = run_table(tmp_path, {"linear": {}}, train=train, tasks=tasks, base=base, log=logs.append)
+    again = run_table(
+        tmp_path, {"linear": {}}, train=train, tasks=tasks, base=base, log=logs.append
+    )
     assert not any("fine-tuning" in line for line in logs)
     assert stamp == {
-        t.name: (expert_dir(tmp_path, t, train) / "model.safetensors").stat().st_mtime_ns for t in tasks
+        t.name: (expert_dir(tmp_path, t, train) / "model.safetensors").stat().st_mtime_ns
+        for t in tasks
     }
     assert again.expert_acc == table.expert_acc
 
@@ -110,7 +127,9 @@ def test_merge_backbones_across_the_prefix(base: Path, tmp_path: Path) -> None:
     from alloykit.demo.core import get_expert
 
     train = TrainConfig(steps=2, batch_size=8, max_length=12, threads=1)
-    experts = [get_expert(tmp_path, _task(n, i), base, train, lambda _: None) for i, n in enumerate(KEYS)]
+    experts = [
+        get_expert(tmp_path, _task(n, i), base, train, lambda _: None) for i, n in enumerate(KEYS)
+    ]
     merged = merge_backbones("linear", base, experts, {})
     states = [strip_backbone(load_state(e)) for e in experts]
     assert set(merged) == set(states[0]) and not any(k.startswith("classifier") for k in merged)

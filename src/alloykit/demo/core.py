@@ -98,9 +98,14 @@ def finetune_expert(
     data = _encode(tokenizer, task.train, config.max_length)
     n = len(task.train)
     no_decay = [p for name, p in model.named_parameters() if "bias" in name or "LayerNorm" in name]
-    decay = [p for name, p in model.named_parameters() if not ("bias" in name or "LayerNorm" in name)]
+    decay = [
+        p for name, p in model.named_parameters() if not ("bias" in name or "LayerNorm" in name)
+    ]
     optim = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=config.lr,
     )
     warm = max(1, int(config.steps * config.warmup))
@@ -140,7 +145,9 @@ def finetune_expert(
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     (out / "alloykit_demo.json").write_text(
-        json.dumps({"task": task.name, "train": asdict(config), "seconds": time.perf_counter() - start})
+        json.dumps(
+            {"task": task.name, "train": asdict(config), "seconds": time.perf_counter() - start}
+        )
     )
     return out
 
@@ -153,7 +160,11 @@ def expert_dir(cache: Path, task: Task, config: TrainConfig) -> Path:
 
 
 def get_expert(
-    cache: Path, task: Task, base: str | Path, config: TrainConfig, log: Callable[[str], None] = print
+    cache: Path,
+    task: Task,
+    base: str | Path,
+    config: TrainConfig,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """``task``'s expert from the cache, fine-tuned first when it is not there."""
     folder = expert_dir(cache, task, config)
@@ -191,7 +202,9 @@ def strip_backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     out = {}
     for name, tensor in state.items():
         key = name[len("bert.") :] if name.startswith("bert.") else name
-        if key.startswith(("embeddings.", "encoder.", "pooler.")) and not key.endswith("position_ids"):
+        if key.startswith(("embeddings.", "encoder.", "pooler.")) and not key.endswith(
+            "position_ids"
+        ):
             out[key] = tensor
     return out
 
@@ -250,12 +263,16 @@ class Scorer:
             ids = data["input_ids"][lo : lo + self.batch_size]
             mask = data["attention_mask"][lo : lo + self.batch_size]
             width = int(mask.sum(1).max())
-            pooled = self.model(input_ids=ids[:, :width], attention_mask=mask[:, :width]).pooler_output
+            pooled = self.model(
+                input_ids=ids[:, :width], attention_mask=mask[:, :width]
+            ).pooler_output
             pred = (pooled @ weight.T + bias).argmax(-1)
             correct += int((pred == data["labels"][lo : lo + self.batch_size]).sum())
         return 100.0 * correct / n
 
-    def score_all(self, label: str, backbone: Mapping[str, torch.Tensor], split: str) -> dict[str, float]:
+    def score_all(
+        self, label: str, backbone: Mapping[str, torch.Tensor], split: str
+    ) -> dict[str, float]:
         """Accuracy of ``backbone`` on every task's ``split``."""
         self.load(backbone)
         return {name: self.accuracy(label, name, split) for name in self.tasks}

@@ -127,7 +127,16 @@ def _chatterbot_utterances(language: str) -> dict[str, list[str]]:
     return out
 
 
-CHAT_TOPICS = ("ai", "botprofile", "computers", "emotion", "food", "history", "psychology", "science")
+CHAT_TOPICS = (
+    "ai",
+    "botprofile",
+    "computers",
+    "emotion",
+    "food",
+    "history",
+    "psychology",
+    "science",
+)
 
 
 def chat_topic_texts(topics: Sequence[str] = CHAT_TOPICS) -> dict[str, list[str]]:

@@ -117,7 +117,9 @@ def run_table(
     seconds["experts"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     states = {name: load_state(folder) for name, folder in experts.items()}
-    heads = {n: {k: v for k, v in s.items() if k.startswith("classifier.")} for n, s in states.items()}
+    heads = {
+        n: {k: v for k, v in s.items() if k.startswith("classifier.")} for n, s in states.items()
+    }
     scorer = Scorer(base, tasks, heads, train.max_length, threads=train.threads)
     names = [t.name for t in tasks]
     rows: list[Row] = []
@@ -149,12 +151,16 @@ def run_table(
             probe_acc[task.name] = scorer.accuracy("linear probe", f"probe:{task.name}", "test")
         rows.insert(0, Row("linear probe (frozen base)", probe_acc))
         reported.append("linear probe")
-        base_row = Row("base + experts' heads (no merge)", scorer.score_all("base", base_state, "test"))
+        base_row = Row(
+            "base + experts' heads (no merge)", scorer.score_all("base", base_state, "test")
+        )
         rows.insert(1, base_row)
         reported.append("base")
     seconds["baselines"] = time.perf_counter() - t0
 
-    def search(method: str, grid: Grid, members: Sequence[str]) -> tuple[float, dict[str, Any], Any]:
+    def search(
+        method: str, grid: Grid, members: Sequence[str]
+    ) -> tuple[float, dict[str, Any], Any]:
         best: tuple[float, dict[str, Any], Any] = (-1.0, {}, None)
         for point in grid_points(grid):
             merged = merge_backbones(
@@ -183,8 +189,13 @@ def run_table(
             val, point, merged = search(method, grid, pair)
             if val > best[0]:
                 best = (val, point, merged, pair)
-        test_row(f"{method} (best pair)", best[2], params=best[1], val_mean=best[0],
-                 note=" + ".join(best[3]))
+        test_row(
+            f"{method} (best pair)",
+            best[2],
+            params=best[1],
+            val_mean=best[0],
+            note=" + ".join(best[3]),
+        )
         seconds[method] = time.perf_counter() - t0
     # every reported cell's test split was read exactly once
     test_reads = {k: v for k, v in scorer.read_counts.items() if k[2] == "test"}
@@ -216,7 +227,9 @@ def format_table(table: Table) -> str:
     lines = [head, "|" + "---|" * (2 * len(tasks) + 4)]
     for row in table.rows:
         if not row.acc:
-            lines.append(f"| {row.name} | " + " | ".join([""] * (2 * len(tasks) + 2)) + f" | {row.note} |")
+            lines.append(
+                f"| {row.name} | " + " | ".join([""] * (2 * len(tasks) + 2)) + f" | {row.note} |"
+            )
             continue
         norm = row.normalised(table.expert_acc)
         params = ", ".join(f"{k}={v}" for k, v in row.params.items())
@@ -262,4 +275,13 @@ def plot_table(table: Table, path: Path) -> Path:
     return path
 
 
-__all__ = ["Row", "Table", "format_table", "grid_points", "load_tasks", "make_task", "plot_table", "run_table"]
+__all__ = [
+    "Row",
+    "Table",
+    "format_table",
+    "grid_points",
+    "load_tasks",
+    "make_task",
+    "plot_table",
+    "run_table",
+]
