@@ -32,7 +32,7 @@ class DemoError(AlloyError):
 class TrainConfig:
     """Fine-tuning hyper-parameters (fixed, not tuned on test)."""
 
-    steps: int = 150
+    steps: int = 300
     batch_size: int = 16
     lr: float = 8e-5
     warmup: float = 0.1
