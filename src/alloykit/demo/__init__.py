@@ -17,7 +17,7 @@ from typing import Any
 DEMO_GRIDS: dict[str, dict[str, list[Any]]] = {
     "linear": {},
     "task_arithmetic": {"lambda": [0.3, 0.5, 0.7, 1.0]},
-    "ties": {"density": [0.2, 0.5], "lambda": [1.0, 1.5]},
+    "ties": {"density": [0.2, 0.5, 0.7], "lambda": [1.0]},
     "tsv": {"alpha": [0.7, 1.0, 1.5]},
 }
 

@@ -21,6 +21,7 @@ from alloykit.demo.core import (
     TrainConfig,
     base_model_path,
     clean_base,
+    expert_dir,
     get_expert,
     linear_probe,
     load_state,
@@ -81,6 +82,16 @@ def load_tasks(cache: Path, names: Sequence[str], seed: int, per_label: int) -> 
             path.write_text(json.dumps(task.__dict__))
         tasks.append(task)
     return tasks
+
+
+def _cached_probe(cache: Path, task: Task, base: Path, train: TrainConfig) -> dict[str, Any]:
+    from safetensors.torch import load_file, save_file
+
+    path = expert_dir(cache, task, train).with_suffix(".probe.safetensors")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(linear_probe(task, base, train), str(path))
+    return load_file(str(path))
 
 
 def run_table(
@@ -146,7 +157,7 @@ def run_table(
         base_state = strip_backbone(load_state(base))
         scorer.load(base_state)
         for task in tasks:
-            scorer.heads[f"probe:{task.name}"] = linear_probe(task, base, train)
+            scorer.heads[f"probe:{task.name}"] = _cached_probe(cache, task, base, train)
             scorer.data[(f"probe:{task.name}", "test")] = scorer.data[(task.name, "test")]
             probe_acc[task.name] = scorer.accuracy("linear probe", f"probe:{task.name}", "test")
         rows.insert(0, Row("linear probe (frozen base)", probe_acc))
