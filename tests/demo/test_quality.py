@@ -1,0 +1,154 @@
+"""The merge-quality harness (alloykit.demo) on a tiny BERT and synthetic tasks.
+
+The real benchmark (all-MiniLM-L6-v2, PyPI data) runs by hand; these tests check its pieces:
+stratified fixed splits, expert caching, merging backbones across the ``bert.`` prefix,
+validation-only selection and the test split read once per reported cell.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from alloykit.demo.core import (
+    DemoError,
+    Scorer,
+    TrainConfig,
+    expert_dir,
+    load_state,
+    merge_backbones,
+    strip_backbone,
+)
+from alloykit.demo.data import Task, make_task
+from alloykit.demo.experiment import format_table, grid_points, plot_table, run_table
+
+WORDS = [f"w{i}" for i in range(40)]
+KEYS = {"alpha": ["red", "blue", "green"], "beta": ["cat", "dog", "fish"]}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer BertModel with a word-piece tokenizer over WORDS and the key words."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("base")
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *WORDS,
+        *(w for ws in KEYS.values() for w in ws),
+    ]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    BertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+def _task(name: str, seed: int) -> Task:
+    rng = random.Random(seed)
+    by_label = {
+        key: [" ".join([*rng.sample(WORDS, 3), key, *rng.sample(WORDS, 2)]) for _ in range(30)]
+        for key in KEYS[name]
+    }
+    return make_task(name, by_label, seed, per_label=20)
+
+
+def test_make_task_is_stratified_fixed_and_disjoint() -> None:
+    by_label = {
+        "a": [f"a {i}" for i in range(50)] + ["a 1", "A 1"],
+        "b": [f"b {i}" for i in range(10)],
+    }
+    one, two = make_task("t", by_label, 0, 40), make_task("t", by_label, 0, 40)
+    assert one.train == two.train and one.test == two.test
+    assert make_task("t", by_label, 1, 40).train != one.train
+    texts = [t for split in (one.train, one.validation, one.test) for t, _ in split]
+    assert len(texts) == len(set(texts)) == 40 + 10  # deduplicated (case too), capped per label
+    assert sum(y == 1 for _, y in one.train) == 6 and sum(y == 1 for _, y in one.test) == 2
+
+
+def test_grid_points() -> None:
+    assert grid_points({}) == [{}]
+    assert grid_points({"a": [1, 2], "b": [3]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+
+
+def test_table_end_to_end_reads_test_once_and_caches(base: Path, tmp_path: Path) -> None:
+    tasks = [_task("alpha", 0), _task("beta", 1)]
+    train = TrainConfig(steps=6, batch_size=8, max_length=12, threads=1)
+    methods = {"linear": {}, "task_arithmetic": {"lambda": [0.5, 1.0]}, "ties": {"density": [0.5]}}
+    logs: list[str] = []
+    table = run_table(
+        tmp_path, methods, {"nuslerp": {}}, train=train, tasks=tasks, base=base, log=logs.append
+    )
+    names = [r.name for r in table.rows]
+    assert names[:2] == ["linear probe (frozen base)", "base + experts' heads (no merge)"]
+    assert {"expert: alpha", "expert: beta", "linear", "task_arithmetic", "ties"} <= set(names)
+    assert "nuslerp (best pair)" in names
+    assert all(count == 1 for count in table.test_reads.values())
+    assert len(table.test_reads) == 2 * (len(table.rows)) + 0  # every cell of every row once
+    ta = next(r for r in table.rows if r.name == "task_arithmetic")
+    assert ta.params["lambda"] in (0.5, 1.0) and ta.val_mean == ta.val_mean
+    assert sum("task_arithmetic" in line for line in logs) == 2  # the grid ran on validation
+    text = format_table(table)
+    assert "| linear |" in text and "mean norm" in text
+    assert plot_table(table, tmp_path / "bars.png").stat().st_size > 0
+    # the experts are cached: a second run fine-tunes nothing
+    stamp = {
+        t.name: (expert_dir(tmp_path, t, train) / "model.safetensors").stat().st_mtime_ns
+        for t in tasks
+    }
+    logs.clear()
+    again = run_table(
+        tmp_path, {"linear": {}}, train=train, tasks=tasks, base=base, log=logs.append
+    )
+    assert not any("fine-tuning" in line for line in logs)
+    assert stamp == {
+        t.name: (expert_dir(tmp_path, t, train) / "model.safetensors").stat().st_mtime_ns
+        for t in tasks
+    }
+    assert again.expert_acc == table.expert_acc
+
+
+def test_merge_backbones_across_the_prefix(base: Path, tmp_path: Path) -> None:
+    from alloykit.demo.core import get_expert
+
+    train = TrainConfig(steps=2, batch_size=8, max_length=12, threads=1)
+    experts = [
+        get_expert(tmp_path, _task(n, i), base, train, lambda _: None) for i, n in enumerate(KEYS)
+    ]
+    merged = merge_backbones("linear", base, experts, {})
+    states = [strip_backbone(load_state(e)) for e in experts]
+    assert set(merged) == set(states[0]) and not any(k.startswith("classifier") for k in merged)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, (states[0][name] + states[1][name]) / 2)
+    ta = merge_backbones("task_arithmetic", base, experts, {"lambda": 0.5})
+    for name in merged:  # two experts, lambda 0.5: the average again
+        torch.testing.assert_close(ta[name], merged[name], atol=1e-6, rtol=1e-5)
+
+
+def test_scorer_refuses_a_partial_backbone(base: Path) -> None:
+    task = _task("alpha", 0)
+    head = {"classifier.weight": torch.zeros(3, 16), "classifier.bias": torch.zeros(3)}
+    scorer = Scorer(base, [task], {"alpha": head}, max_length=12, threads=1)
+    state = strip_backbone(load_state(base))
+    scorer.load(state)
+    assert scorer.accuracy("x", "alpha", "test") == pytest.approx(
+        100.0 * sum(y == 0 for _, y in task.test) / len(task.test)
+    )
+    state.pop("pooler.dense.weight")
+    with pytest.raises(DemoError, match="backbone lacks 1 tensors"):
+        scorer.load(state)
