@@ -31,6 +31,7 @@ from transformers import GenerationConfig
 from alloykit.toymodels import (
     ToySpec,
     _config,
+    _empty_model,
     _write_tokenizer,
     base_values,
     delta_values,
@@ -81,7 +82,9 @@ def write_model(folder: Path, spec: ToySpec, shard_bytes: int, index: int) -> No
         )
         index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (partial / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
-    _config(spec).save_pretrained(str(partial))
+    config = _config(spec)
+    config.architectures = [type(_empty_model(spec)).__name__]  # MergeKit requires it
+    config.save_pretrained(str(partial))
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(str(partial))
     _write_tokenizer(partial, spec.vocab_size)
     partial.rename(folder)

@@ -86,10 +86,12 @@ def _anon_kb(pid: int) -> int:
     return 0
 
 
-def measure(command: list[str], env: dict[str, str]) -> tuple[float, float, float, int]:
-    """Wall seconds, peak RSS MB, peak anonymous RSS MB and the exit code of ``command``."""
+def measure(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float, int]:
+    """Wall seconds, peak RSS MB, peak anonymous RSS MB and the exit code of ``command``
+    (its output goes to ``log``)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
     peak_anon = 0
     done = threading.Event()
 
@@ -192,9 +194,14 @@ def main() -> None:
                 out = work / f"out-{tool}"
                 shutil.rmtree(out, ignore_errors=True)
                 command = [part.format(config=config, out=out) for part in tools[tool]]
-                wall, rss, anon, code = measure(command, env)
+                log = work / f"{recipe}-{tool}-{repeat}.log"
+                wall, rss, anon, code = measure(command, env, log)
                 runs.append(Run(recipe, tool, repeat, wall, rss, anon, code))
-                print(f"{recipe} {tool} #{repeat}: {wall:.1f} s, {rss:.0f} MB", file=sys.stderr)
+                status = "" if code == 0 else f"  FAILED (exit {code}; see {log})"
+                print(
+                    f"{recipe} {tool} #{repeat}: {wall:.1f} s, {rss:.0f} MB{status}",
+                    file=sys.stderr,
+                )
                 shutil.rmtree(out, ignore_errors=True)
     if args.csv:
         new = not args.csv.exists()
