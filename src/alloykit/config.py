@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from alloykit.chat_templates import CHAT_TEMPLATES
-from alloykit.errors import ConfigError, did_you_mean
+from alloykit.errors import AlloyError, ConfigError, did_you_mean
 
 log = logging.getLogger("alloykit")
 
@@ -313,6 +313,23 @@ def _read_yaml(source: str | Path) -> Any:
 def _describe(source: str | Path) -> str:
     path = Path(source) if isinstance(source, Path) or "\n" not in str(source) else None
     return f"config file '{path}'" if path is not None else "config"
+
+
+def read_yaml_mapping(
+    path: Path, where: str, error: type[AlloyError], expected: str
+) -> dict[str, Any]:
+    """The mapping a YAML file (a task or search file) holds, or ``error`` naming ``where``:
+    the file is missing, is not YAML, or holds something else ("must be a mapping with
+    ``expected``")."""
+    if not path.is_file():
+        raise error(f"{where} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(raw, dict):
+        raise error(f"{where} must be a mapping with {expected}")
+    return raw
 
 
 def read_documents(source: str | Path) -> list[dict[str, Any]]:

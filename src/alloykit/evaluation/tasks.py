@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from alloykit.config import read_yaml_mapping
 from alloykit.errors import TaskError
 
 SPLITS = ("train", "validation", "test")
@@ -153,14 +153,7 @@ def load_task(path: str | Path, *, split: str | None = None) -> Task:
     """
     path = Path(path)
     where = f"task file '{path}'"
-    if not path.is_file():
-        raise TaskError(f"{where} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TaskError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
-    if not isinstance(raw, dict):
-        raise TaskError(f"{where} must be a mapping with data, prompt and metric")
+    raw = read_yaml_mapping(path, where, TaskError, "data, prompt and metric")
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as e:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from alloykit.config import read_yaml_mapping
 from alloykit.search.space import (
     Dimension,
     SearchError,
@@ -125,14 +125,7 @@ def load_search(path: str | Path) -> Search:
     """Read and check a search file; raises :class:`SearchError` naming the file and field."""
     path = Path(path)
     where = f"search file '{path}'"
-    if not path.is_file():
-        raise SearchError(f"{where} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SearchError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
-    if not isinstance(raw, dict):
-        raise SearchError(f"{where} must be a mapping with template, space and objective")
+    raw = read_yaml_mapping(path, where, SearchError, "template, space and objective")
     try:
         spec = SearchSpec.model_validate(raw)
     except ValidationError as e:
