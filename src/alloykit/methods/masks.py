@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from alloykit.methods.reductions import sum_in_order
 from alloykit.methods.registry import MethodInputs
 
 
@@ -68,7 +69,7 @@ def tall_masks(deltas: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
         >>> tall_masks(torch.tensor([[1.0, 0.1], [0.2, 1.0]]), torch.tensor([0.6, 0.6])).tolist()
         [[True, False], [False, True]]
     """
-    total = _sum_in_order(deltas)
+    total = sum_in_order(deltas)
     masks = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
     for t in range(deltas.shape[0]):
         rest = total - deltas[t]  # τ_MTL − τ_t: what the other tasks add
@@ -116,7 +117,7 @@ def consensus(
         deltas[t] *= float(weights[t])
     masks = tall_masks(deltas, lambdas)
     votes = masks.sum(dim=0)  # integer counts: exact in any order
-    merged = _sum_in_order(deltas)
+    merged = sum_in_order(deltas)
     merged *= votes >= k
     return merged.mul_(scale).add_(base)
 
@@ -132,11 +133,3 @@ def run_consensus(inputs: MethodInputs) -> torch.Tensor:
         k=int(inputs.params["k"]),
         scale=float(inputs.params["lambda"]),
     )
-
-
-def _sum_in_order(stack: torch.Tensor) -> torch.Tensor:
-    """``Σ_i stack[i]`` added in index order, so every element's rounding is fixed."""
-    total = stack[0].clone()
-    for row in stack[1:]:
-        total += row
-    return total

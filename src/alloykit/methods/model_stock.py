@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from alloykit.methods.reductions import stable_row_sums
+from alloykit.methods.reductions import stable_row_sums, sum_in_order
 from alloykit.methods.registry import MethodInputs
 
 # MergeKit's floor on the product of two offsets' norms: a zero offset then has cosine 0.
@@ -80,10 +80,8 @@ def model_stock(
         tensor([2., 2.])
     """
     ratio = model_stock_ratio(base, tensors, filter_wise=filter_wise).to(base.dtype)
-    total = tensors[0].clone()
-    for row in tensors[1:]:  # fixed order: the average does not depend on threads
-        total += row
-    average = _as_rows(total / tensors.shape[0], filter_wise)
+    # added in a fixed order: the average does not depend on threads
+    average = _as_rows(sum_in_order(tensors) / tensors.shape[0], filter_wise)
     ratio = ratio.unsqueeze(-1)  # one per row, broadcast along it
     merged = ratio * average + (1 - ratio) * _as_rows(base, filter_wise)
     return merged.reshape(base.shape)

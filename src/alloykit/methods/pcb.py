@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from alloykit.methods.reductions import sum_in_order
 from alloykit.methods.registry import MethodInputs
 
 
@@ -74,10 +75,7 @@ def pcb_scores(
     clipped_deltas = torch.sign(deltas) * clipped
 
     intra = _min_max(clipped, low, high).square_().sub_(1.0).mul_(k).exp_()
-    total = deltas[0].clone()
-    for row in deltas[1:]:
-        total += row  # in model order: fixed rounding
-    inter = torch.tanh(deltas * total)
+    inter = torch.tanh(deltas * sum_in_order(deltas))
     balance = intra.mul_(inter)
 
     threshold = _order_statistic(balance, min(int(d * (1 - ratio)), d - 1))
@@ -133,10 +131,7 @@ def pcb(
     numerator = clipped[0] * scales[0] * float(weights[0])
     for i in range(1, k):
         numerator += clipped[i] * scales[i] * float(weights[i])
-    denominator = scales[0].clone()
-    for row in scales[1:]:
-        denominator += row
-    merged = numerator / denominator.clamp_(min=1e-12)
+    merged = numerator / sum_in_order(scales).clamp_(min=1e-12)
     return merged.reshape(base.shape).mul_(scale).add_(base)
 
 

@@ -4,6 +4,7 @@
 Fusion's per-row KL divergence, the spherical methods' norms);
 :func:`alloykit.methods.task_vectors.stable_sum` is the same on the flattened tensor. Long rows
 are split into fixed-size chunks, so each partial sum is done by one thread.
+:func:`sum_in_order` adds the models of a ``(k, *shape)`` stack elementwise in index order.
 """
 
 from __future__ import annotations
@@ -32,3 +33,17 @@ def stable_row_sums(values: torch.Tensor) -> torch.Tensor:
         padded = torch.nn.functional.pad(rows, (0, -rows.shape[1] % _CHUNK))
         rows = padded.view(rows.shape[0], -1, _CHUNK).sum(dim=2)
     return rows.sum(dim=1).view(values.shape[:-1])
+
+
+def sum_in_order(stack: torch.Tensor) -> torch.Tensor:
+    """``Σ_i stack[i]`` added in index order (a new tensor), so every element's rounding is
+    fixed whatever the thread count.
+
+    Example:
+        >>> sum_in_order(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        tensor([4., 6.])
+    """
+    total = stack[0].clone()
+    for row in stack[1:]:
+        total += row
+    return total

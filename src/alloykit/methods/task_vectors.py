@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from alloykit.methods.reductions import stable_row_sums
+from alloykit.methods.reductions import stable_row_sums, sum_in_order
 
 Sparsifier = Literal["none", "magnitude", "random", "breadcrumbs", "della"]
 Election = Literal["none", "mass", "count"]
@@ -427,9 +427,7 @@ def elected_signs(weighted: torch.Tensor, method: Election) -> torch.Tensor:
     if method not in ("mass", "count"):
         raise ValueError(f"unknown elect method {method!r}")
     if method == "mass":
-        total = weighted[0].clone()
-        for row in weighted[1:]:
-            total += row
+        total = sum_in_order(weighted)
     else:
         total = torch.sign(weighted[0])
         for row in weighted[1:]:
