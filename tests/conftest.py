@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from alloykit.toymodels import ToySpec, make_family
+
+# Property tests draw the same examples on every run (the suite is deterministic); set
+# HYPOTHESIS_PROFILE=explore to draw fresh random examples while hunting for bugs.
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(scope="session")

@@ -33,12 +33,14 @@ def vocabularies(draw: st.DrawFn) -> dict[str, Vocabulary]:
 
 
 def related(vocabs: dict[str, Vocabulary]) -> dict[str, Vocabulary]:
-    """The same vocabularies where every model also holds the base's first tokens (so none is
-    unrelated), keeping each model's own ids first."""
-    base = vocabs["m0"]
+    """The same vocabularies where every model also holds every token of m0 and m1 (so none is
+    unrelated to either possible owner of the output vocabulary), keeping each model's own ids
+    first."""
+    core = list(vocabs["m0"].by_id())
+    core += [t for t in vocabs["m1"].by_id() if t not in core]
     out = {}
     for label, v in vocabs.items():
-        tokens = list(v.by_id()) + [t for t in base.by_id() if t not in v.tokens]
+        tokens = list(v.by_id()) + [t for t in core if t not in v.tokens]
         out[label] = Vocabulary(label, {t: i for i, t in enumerate(tokens)}, len(tokens))
     return out
 
