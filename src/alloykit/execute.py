@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import secrets
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from alloykit._memory import tune_malloc
 from alloykit.calibration import StatisticsFile, model_statistics
 from alloykit.errors import AlloyError, CalibrationError, MergeError
 from alloykit.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint
@@ -186,6 +188,7 @@ def execute(
     precision, and the base or None) before the method runs; it must not modify them.
     """
     options = options or ExecutionOptions()
+    tune_malloc()  # freed tensors go back to the OS instead of fragmenting the heap
     device = resolve_device(options.device)
     work_dtype = {"float32": torch.float32, "float64": torch.float64}[options.precision]
     load_dtype = getattr(torch, plan.load_dtype) if plan.load_dtype else None
@@ -252,11 +255,19 @@ def execute(
         jobs = with_model_thresholds(jobs, inputs)
     if not jobs:
         return
+    sizes = [_input_bytes(job, work_dtype) for job in jobs]
+    budget = max(sizes)  # one job's inputs at the largest tensor: what the bound allows
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloykit-read") as reader:
-        pending = reader.submit(load, jobs[0])
+        pending: Future[_Loaded] | None = reader.submit(load, jobs[0])
         for index in range(len(jobs)):
+            assert pending is not None
             loaded = pending.result()
-            if index + 1 < len(jobs):
+            pending = None  # the future holds the inputs too: drop it with them, not later
+            following = index + 1 < len(jobs)
+            # read the next job's inputs while this one computes only when both fit in the
+            # largest job's footprint (small tensors: nearly always; the largest: never)
+            ahead = following and sizes[index] + sizes[index + 1] <= budget
+            if ahead:
                 pending = reader.submit(load, jobs[index + 1])
             if on_inputs is not None:
                 on_inputs(loaded.job, loaded.tensors, loaded.base)
@@ -265,6 +276,17 @@ def execute(
             if on_job_done is not None:
                 on_job_done(loaded.job)
             del loaded
+            if following and not ahead:
+                pending = reader.submit(load, jobs[index + 1])
+
+
+def _input_bytes(job: TensorJob, work_dtype: torch.dtype) -> int:
+    """Bytes a job's loaded inputs take: its stack and base in the working precision."""
+    count = len(job.inputs) + (job.base is not None)
+    elements = 1
+    for size in job.shape:
+        elements *= size
+    return count * elements * torch.empty((), dtype=work_dtype).element_size()
 
 
 def job_generator(seed: int, job: TensorJob, device: torch.device) -> torch.Generator:
@@ -312,9 +334,11 @@ def _compute(
     if loaded.activation is not None and loaded.aim_base is not None:
         merged = aim(merged, loaded.aim_base, loaded.activation, aim_strength, loaded.input_axis)
     result = merged.to(device="cpu", dtype=out_dtype)
-    finite = torch.isfinite(result)
-    if not bool(finite.all()):
-        bad = int(torch.count_nonzero(~finite))
+    del merged
+    # min and max propagate NaN and show ±inf: a check with no tensor-sized temporary
+    low, high = torch.aminmax(result) if result.numel() else (torch.zeros(()), torch.zeros(()))
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        bad = int(torch.count_nonzero(~torch.isfinite(result)))
         raise MergeError(
             f"tensor '{job.output}': {job.method} produced {bad} non-finite values (NaN or inf, "
             f"in {str(out_dtype).removeprefix('torch.')}); check the inputs for NaN and the weights and parameters for "

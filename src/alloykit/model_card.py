@@ -27,7 +27,9 @@ from alloykit.io.checkpoint import Checkpoint
 CARD_FILE = "README.md"
 _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 1 << 24
+# Hashing reads through one reused buffer of this size: the merge's memory bound leaves room
+# for about one tensor's working set, so the hash thread must not hold more than a few MB.
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,13 @@ def file_sha256(file: Path, stop: threading.Event | None = None) -> str:
     if target.parent.name == "blobs" and _SHA256.match(target.name):
         return target.name
     digest = hashlib.sha256()
-    with target.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with target.open("rb", buffering=0) as handle:
+        while got := handle.readinto(buffer):
             if stop is not None and stop.is_set():
                 return ""
-            digest.update(chunk)  # hashlib releases the GIL for large buffers
+            digest.update(view[:got])  # hashlib releases the GIL for large buffers
     return digest.hexdigest()
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 # elements per partial sum: strictly below torch's parallel grain (32768), so one thread each
-_CHUNK = 8192
+PARTIAL_SUM = 8192
+_CHUNK = PARTIAL_SUM
 
 
 def stable_row_sums(values: torch.Tensor) -> torch.Tensor:

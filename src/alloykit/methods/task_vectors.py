@@ -24,11 +24,13 @@ histogram of the magnitudes' float bits (see :func:`della_mask`). Sums that deci
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from alloykit.methods.reductions import PARTIAL_SUM as _PARTIAL
 from alloykit.methods.reductions import stable_row_sums, sum_in_order
 
 Sparsifier = Literal["none", "magnitude", "random", "breadcrumbs", "della"]
@@ -46,6 +48,43 @@ RESCALE_EPSILON = 1e-7
 def stable_sum(values: torch.Tensor) -> float:
     """Sum of all elements in float64, in an order fixed by the size alone (not by threads)."""
     return float(stable_row_sums(values.reshape(-1)))
+
+
+def _block_size(n: int) -> int:
+    """Elements per block of a blockwise pass over an ``n``-element tensor.
+
+    A fixed function of ``n`` (never of memory or threads, so results do not depend on the
+    machine) and a multiple of the stable sums' 8192-element partial sums: about a sixteenth
+    of the tensor, between 16 Ki and 2 Mi elements. The passes' temporaries are a few blocks,
+    not a few copies of the tensor.
+    """
+    size = min(max(n // 16, 1 << 14), 1 << 21)
+    return -(-size // _PARTIAL) * _PARTIAL
+
+
+def blocks(n: int) -> list[slice]:
+    """The blocks of a blockwise pass over ``n`` elements, in order (:func:`_block_size`)."""
+    size = _block_size(n)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def stable_sum_of(flat: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """``stable_sum(transform(flat))`` for a 1-D tensor, bit for bit, one block at a time.
+
+    ``transform`` is elementwise (``abs``, a square in float64, ...). The blocks are whole
+    8192-element partial sums of :func:`stable_row_sums`, so the partial sums, and the tree
+    that adds them, are the ones the whole tensor would give; only a block is transformed at
+    once.
+    """
+    n = flat.numel()
+    if n <= _PARTIAL:
+        return stable_sum(transform(flat))
+    partials = []
+    for block in blocks(n):
+        values = transform(flat[block]).to(torch.float64)
+        values = torch.nn.functional.pad(values, (0, -values.numel() % _PARTIAL))
+        partials.append(values.view(-1, _PARTIAL).sum(dim=1))
+    return float(stable_row_sums(torch.cat(partials)))
 
 
 def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -178,6 +217,121 @@ def threshold_mask(magnitude: torch.Tensor, threshold: float, ties: int) -> torc
         tied = torch.nonzero(flat == threshold).squeeze(1)[:ties]
         keep[tied] = True
     return keep.view(magnitude.shape)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What a magnitude top-k keeps: every ``|δ| > threshold`` and the first ``ties`` entries
+    with ``|δ| == threshold`` (in flat order). ``threshold = inf`` keeps nothing."""
+
+    threshold: float
+    ties: int
+
+
+def magnitude_cut(flat: torch.Tensor, k: int) -> Cut | None:
+    """The :class:`Cut` of the ``k`` largest ``|δ|`` of a 1-D tensor, or None when ``k >= n``
+    (everything is kept).
+
+    The same threshold as :func:`kth_largest` on ``flat.abs()``, computed block by block
+    (:func:`blocks`): the sample bracket is taken from a strided view, then one pass counts
+    the magnitudes below the bracket and gathers those inside it, so no whole-tensor
+    temporary exists. Small tensors (and a missed bracket) use ``kthvalue`` directly.
+    """
+    n = flat.numel()
+    if k >= n:
+        return None
+    if k <= 0:
+        return Cut(float("inf"), 0)
+    rank = n - k + 1  # 1-based ascending rank of the threshold
+    if n > 4 * _SAMPLE:
+        sample = flat[:: n // _SAMPLE].abs().sort().values  # fixed: no randomness
+        m = sample.numel()
+        expected = rank / n * m
+        spread = _BRACKET_SIGMAS * (m * (rank / n) * (1 - rank / n)) ** 0.5 + 8
+        low_index, high_index = int(expected - spread), int(expected + spread)
+        low = float(sample[low_index]) if low_index >= 0 else None
+        high = float(sample[high_index]) if high_index < m else None
+        below = above = 0
+        band = []
+        for block in blocks(n):
+            magnitude = flat[block].abs()
+            inside = torch.ones_like(magnitude, dtype=torch.bool)
+            if low is not None:
+                lower = magnitude < low
+                below += int(torch.count_nonzero(lower))
+                inside &= ~lower
+            if high is not None:
+                upper = magnitude > high
+                above += int(torch.count_nonzero(upper))
+                inside &= ~upper
+            band.append(magnitude[inside])  # NaNs compare false both ways: they land here
+        values = torch.cat(band)
+        wanted = rank - below
+        if 1 <= wanted <= values.numel() and not bool(torch.isnan(values).any()):
+            threshold = _select_(values, wanted)
+            above += int(torch.count_nonzero(values > threshold))
+            return Cut(threshold, k - above)
+    magnitude = flat.abs()
+    threshold = _select_(magnitude, rank)  # both order NaN above every number
+    return Cut(threshold, k - int(torch.count_nonzero(magnitude > threshold)))
+
+
+def _select_(values: torch.Tensor, rank: int) -> float:
+    """The ``rank``-th smallest (1-based) of 1-D ``values``, NaN ordered above every number
+    (as ``torch.kthvalue`` does), reordering CPU ``values`` in place: NumPy's introselect, which (unlike ``torch.kthvalue``) makes no copy of the
+    values and no int64 index array (three times the values' memory). Other devices use
+    ``kthvalue``."""
+    if values.device.type != "cpu":
+        return float(torch.kthvalue(values, rank).values)
+    array = values.numpy()
+    array.partition(rank - 1)
+    return float(array[rank - 1])
+
+
+def _kept_block(block: torch.Tensor, cut: Cut | None, ties_left: int) -> tuple[torch.Tensor, int]:
+    """One block of a flat tensor with what ``cut`` keeps (a new tensor), and the ties still
+    to keep in the blocks after it (ties go to the lowest flat indices)."""
+    if cut is None:
+        return block.clone(), 0
+    kept = torch.nn.functional.hardshrink(block, cut.threshold)  # |δ| > threshold
+    if ties_left > 0 and 0 < cut.threshold < float("inf"):  # tied zeros add nothing
+        below = float(
+            torch.nextafter(
+                torch.tensor(cut.threshold, dtype=block.dtype),
+                torch.tensor(0.0, dtype=block.dtype),
+            )
+        )
+        tied = torch.nn.functional.hardshrink(block - kept, below)  # exactly |δ| == threshold
+        count = int(torch.count_nonzero(tied))
+        if count <= ties_left:
+            kept += tied
+            ties_left -= count
+        else:
+            end = _prefix_holding(tied, ties_left)
+            kept[:end] += tied[:end]
+            ties_left = 0
+    return kept, ties_left
+
+
+def keep_top_(flat: torch.Tensor, cut: Cut | None) -> None:
+    """Zero, in place and block by block, every entry of 1-D ``flat`` that ``cut`` drops."""
+    if cut is None:
+        return
+    ties = cut.ties
+    for block in blocks(flat.numel()):
+        kept, ties = _kept_block(flat[block], cut, ties)
+        flat[block] = kept
+
+
+def keep_between_(flat: torch.Tensor, outer: Cut | None, inner: Cut | None) -> None:
+    """Keep, in place, what ``outer`` keeps and ``inner`` does not (``inner`` keeps a subset
+    of ``outer``'s top entries, in the same tie order): breadcrumbs' band."""
+    outer_ties = outer.ties if outer is not None else 0
+    inner_ties = inner.ties if inner is not None else 0
+    for block in blocks(flat.numel()):
+        kept, outer_ties = _kept_block(flat[block], outer, outer_ties)
+        top, inner_ties = _kept_block(flat[block], inner, inner_ties)
+        flat[block] = kept.sub_(top)
 
 
 _TABLE_BUDGET = 1 << 21  # histogram cells per chunk of rows (16 MB of int64 counts)
@@ -345,53 +499,69 @@ def sparsify_(
     model_threshold: tuple[float, int] | None = None,
 ) -> torch.Tensor:
     """:func:`sparsify` in place: zeroes the dropped entries of ``delta`` and rescales the
-    rest, returning ``delta`` (no copy of the task vector is made)."""
+    rest, returning ``delta``. Works block by block (:func:`blocks`, rows for della): its
+    temporaries are a few blocks, never a copy of the task vector; random draws are taken in
+    flat order, so they are the draws one whole-tensor call would take."""
     if method == "none" or density >= 1:
         return delta
     if density <= 0:
         return delta.zero_()
-    n = delta.numel()
-    before = stable_sum(delta.abs()) if rescale == "l1" else 0.0
-    kept: torch.Tensor | None = None
-    if method == "magnitude" and model_threshold is not None:
-        kept = threshold_values(delta, model_threshold[0], model_threshold[1])
-    elif method == "magnitude":
-        kept = top_values(delta, max(1, int(density * n)))
+    if not delta.is_contiguous():  # work on a contiguous copy (views below must alias it)
+        return delta.copy_(
+            sparsify_(
+                delta.contiguous(),
+                method,
+                density=density,
+                gamma=gamma,
+                epsilon=epsilon,
+                generator=generator,
+                rescale=rescale,
+                model_threshold=model_threshold,
+            )
+        )
+    flat = delta.view(-1)
+    n = flat.numel()
+    before = stable_sum_of(flat, torch.abs) if rescale == "l1" else 0.0
+    if method == "magnitude":
+        if model_threshold is not None:
+            cut: Cut | None = Cut(model_threshold[0], model_threshold[1])
+        else:
+            cut = magnitude_cut(flat, max(1, int(density * n)))
+        keep_top_(flat, cut)
     elif method == "breadcrumbs":
         target, n_top = int(density * n), int(gamma * n)
         n_bottom = n - target - n_top
         if n_bottom < 0:
             n_top, n_bottom = n_top + n_bottom, 0
-        magnitude = delta.abs()
         # the top n_top entries are a subset of the top n − n_bottom (same tie order)
-        kept = top_values(delta, n - n_bottom, magnitude)
-        kept -= top_values(delta, n_top, magnitude)
+        keep_between_(flat, magnitude_cut(flat, n - n_bottom), magnitude_cut(flat, n_top))
     elif method == "random":
-        draws = torch.rand(
-            delta.shape, generator=generator, device=delta.device, dtype=torch.float32
-        )
-        # keep where draw < density, as a 0/1 float (in float32, like the comparison would
-        # be): sign(density − draw) is +1 exactly when draw < density, then clamp −1 to 0
-        kept = delta.mul_(draws.neg_().add_(density).sign_().clamp_(min=0.0))
+        for block in blocks(n):
+            part = flat[block]
+            draws = torch.rand(
+                part.shape, generator=generator, device=delta.device, dtype=torch.float32
+            )
+            # keep where draw < density, as a 0/1 float (in float32, like the comparison
+            # would be): sign(density − draw) is +1 exactly when draw < density, then clamp
+            part.mul_(draws.neg_().add_(density).sign_().clamp_(min=0.0))
     elif method == "della":
         problem = della_bounds_problem(density, epsilon)
         if problem:
             raise ValueError(problem)
         if rescale == "inverse":
             raise ValueError(INVERSE_DELLA)
-        rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-        draws = torch.rand(rows.shape, generator=generator, device=delta.device)
-        keep = della_mask(rows.abs(), density, epsilon, draws).view(delta.shape)
+        rows = delta.view(1, -1) if delta.dim() < 2 else delta.view(delta.shape[0], -1)
+        step = max(1, _block_size(n) // max(1, rows.shape[1]))
+        for first in range(0, rows.shape[0], step):
+            part = rows[first : first + step]
+            draws = torch.rand(part.shape, generator=generator, device=delta.device)
+            part.mul_(della_mask(part.abs(), density, epsilon, draws))
     else:
         raise ValueError(f"unknown sparsify method {method!r}")
-    if kept is None:
-        delta.mul_(keep)
-    elif kept is not delta:
-        delta.copy_(kept)
     if rescale == "inverse":  # the DARE paper's 1/(1−p), p the drop rate
         delta.div_(density)
     elif rescale == "l1":  # MergeKit: match the L1 norm of the whole task vector
-        after = stable_sum(delta.abs())
+        after = stable_sum_of(flat, torch.abs)
         if before > RESCALE_EPSILON and after > RESCALE_EPSILON:
             delta.mul_(before / after)
     return delta
@@ -542,7 +712,10 @@ def normalize_deltas(deltas: torch.Tensor, norm: DeltaNorm) -> torch.Tensor:
     if norm not in ("l1", "l2"):
         raise ValueError(f"unknown delta_norm {norm!r}")
     norms = [
-        stable_sum(d.abs()) if norm == "l1" else stable_sum(d.double() ** 2) ** 0.5 for d in deltas
+        stable_sum_of(d.reshape(-1), torch.abs)
+        if norm == "l1"
+        else stable_sum_of(d.reshape(-1), lambda x: x.double() ** 2) ** 0.5
+        for d in deltas
     ]
     mean = sum(norms) / len(norms)
     for delta, size in zip(deltas, norms, strict=True):
@@ -628,18 +801,26 @@ def merge_deltas(
     model, the threshold and tie quota of model-wide top-k (:mod:`alloykit.prepass`).
     """
     sparsify_deltas(deltas, steps, densities, gammas, generator, epsilons, model_thresholds)
-    for i in range(deltas.shape[0]):
+    k = deltas.shape[0]
+    for i in range(k):
         deltas[i] *= float(weights[i])
-    signs = None if steps.elect == "none" else elected_signs(deltas, steps.elect)
-    return combine(
-        deltas,
-        None,
-        weights,
-        method=steps.combine,
-        normalize=steps.normalize,
-        scale=steps.scale,
-        signs=signs,
-    )
+    # elect and combine are elementwise: run them block by block, so their temporaries (the
+    # signs, the agreement factors, the divisor) are blocks, not whole tensors
+    flat = deltas.reshape(k, -1)
+    out = torch.empty(flat.shape[1:], dtype=deltas.dtype, device=deltas.device)
+    for block in blocks(flat.shape[1]):
+        part = flat[:, block]
+        signs = None if steps.elect == "none" else elected_signs(part, steps.elect)
+        out[block] = combine(
+            part,
+            None,
+            weights,
+            method=steps.combine,
+            normalize=steps.normalize,
+            scale=steps.scale,
+            signs=signs,
+        )
+    return out.view(deltas.shape[1:])
 
 
 def sparsify_deltas(
