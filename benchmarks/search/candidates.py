@@ -8,6 +8,9 @@ candidates over the seconds spent merging and scoring them) and the wall time, t
 candidate's time into merging and scoring.
 
     PYTHONPATH=src .venv/bin/python benchmarks/search/candidates.py --hidden 512 --layers 8
+
+``--no-cache`` turns off the task-vector cache (every candidate reads the fine-tunes and
+subtracts the base again), for a before/after comparison.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def main() -> None:
     parser.add_argument("--method", default="ties", choices=["ties", "task_arithmetic"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="merge every candidate from the checkpoints (no task-vector cache), for comparison",
+    )
     args = parser.parse_args()
 
     from alloykit.pipeline import MergeOptions, merge_in_memory
@@ -91,7 +99,9 @@ def main() -> None:
         result = run_search(
             search_file,
             root / f"out_{name}",
-            SearchOptions(device=args.device, threads=args.threads),
+            SearchOptions(
+                device=args.device, threads=args.threads, cache_task_vectors=not args.no_cache
+            ),
         )
         wall = time.perf_counter() - started
         seconds = [t.seconds for t in result.trials]
