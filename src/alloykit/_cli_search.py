@@ -61,6 +61,11 @@ def dispatch(search_file: Path, out: Path, options: SearchOptions, *, quiet: boo
         line = f"best: trial {layered.best.slot}, validation {layered.best.outcome.score:.4f}"
         if layered.test is not None:
             line += f", test {layered.test.score:.4f}"
-        _output.out.print(f"{line}; layers {layered.best.params.get('layers', '')}")
+        path = " ".join(
+            f"{Path(s['sources'][0]['model']).name}[{s['sources'][0]['layer_range'][0]}:"
+            f"{s['sources'][0]['layer_range'][1]}]"
+            for s in layered.best.config.get("slices", [])
+        )
+        _output.out.print(f"{line}; path {path}")
     _output.out.print(f"  {len(layered.trials)} trials; wrote {', '.join(layered.files)} in {out}")
     return True
