@@ -131,3 +131,43 @@ def test_cli_prints_the_front_and_refuses_a_bad_file(
     assert code != 0
     assert "single-objective" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (problem / "pareto-cli-bad").exists()
+
+
+def test_kill_and_resume_gives_the_uninterrupted_front_and_reuses_the_cache(
+    problem: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alloykit.search.cache import CACHE_FOLDER, TaskVectorCache
+
+    search_file = _pareto_search(problem, "nsga2", 8, "pareto_resume.yml")
+    whole = run_pareto_search(search_file, problem / "pareto-whole", SearchOptions(threads=1))
+
+    calls: list[int] = []
+    score = Objective.score
+
+    def killed(self: Objective, model: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the process dies in the middle of trial 5
+        return score(self, model, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Objective, "score", killed)
+    out = problem / "pareto-killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_pareto_search(search_file, out, SearchOptions(threads=1))
+    assert (out / CACHE_FOLDER / "manifest.json").is_file()  # kept for --resume
+    monkeypatch.setattr(Objective, "score", score)
+    writes: list[int] = []
+    write = TaskVectorCache._write
+
+    def counted(self: TaskVectorCache, *args: object) -> None:
+        writes.append(1)
+        write(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TaskVectorCache, "_write", counted)
+    resumed = run_pareto_search(search_file, out, SearchOptions(threads=1, resume=True))
+    assert writes == []  # the cache written before the kill was reused
+    assert [(t.slot, t.params, t.outcome) for t in resumed.trials] == [
+        (t.slot, t.params, t.outcome) for t in whole.trials
+    ]
+    assert [t.slot for t in resumed.front] == [t.slot for t in whole.front]
+    assert not (out / CACHE_FOLDER).exists()
