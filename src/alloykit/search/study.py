@@ -235,6 +235,10 @@ def _open_study(out: Path, search: Search, seed: int, resume: bool) -> optuna.St
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # left unfinished by a kill: marked failed, its slot runs again
         study.tell(trial.number, state=TrialState.FAIL)
+    for _ in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        # enqueued (CMA-ES) but not yet asked when the process died: the next ask would take
+        # it instead of what the resumed run enqueues, shifting every later slot; dropped
+        study.tell(study.ask(), state=TrialState.FAIL)
     return study
 
 
