@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--budget", type=int, default=20)
-    parser.add_argument("--optimisers", default="random,tpe,cmaes")
+    parser.add_argument("--optimisers", default="random,tpe,cmaes", help="'none': no search")
+    parser.add_argument("--repeats", type=int, default=7, help="merges timed per variant")
     parser.add_argument("--method", default="ties", choices=["ties", "task_arithmetic"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -82,7 +83,8 @@ def main() -> None:
         f"toy Llama: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} "
         f"(~{parameters / 1e6:.1f}M parameters); {args.rows} validation rows, 2 choices each"
     )
-    for name in args.optimisers.split(","):
+    skip = args.optimisers == "none"  # only the timed merges (their search file is written)
+    for name in ["random"] if skip else args.optimisers.split(","):
         search_file = root / f"search_{name}.yml"
         search_file.write_text(
             "template: template.yml\nspace:\n"
@@ -95,6 +97,8 @@ def main() -> None:
             + "objective: {tasks: [{task: mc.yml}]}\n"
             f"optimiser: {{name: {name}, budget: {args.budget}, seed: 0, popsize: 6}}\n"
         )
+        if skip:
+            break
         started = time.perf_counter()
         result = run_search(
             search_file,
@@ -123,22 +127,26 @@ def main() -> None:
     merge_in_memory(config, merge_options, task_vectors=cache)  # writes the cache
     first = time.perf_counter() - started
     merges, cached, scores = [], [], []
-    for seed in range(7):  # interleaved, so that the machine's load hits both alike
+    cpu_merges, cpu_cached = [], []
+    for seed in range(args.repeats):  # interleaved, so that the machine's load hits both alike
         merge_options = MergeOptions(device=args.device, seed=seed, threads=args.threads)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         merged = merge_in_memory(config, merge_options)
         middle = time.perf_counter()
+        cpu_merges.append(time.process_time() - cpu)
         objective.score(merged)
         merges.append(middle - started)
         scores.append(time.perf_counter() - middle)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         merge_in_memory(config, merge_options, task_vectors=cache)
         cached.append(time.perf_counter() - started)
+        cpu_cached.append(time.process_time() - cpu)
+    median = statistics.median
     print(
-        f"one candidate (median of 7): merge in memory {statistics.median(merges):.3f} s "
-        f"from the checkpoints, {statistics.median(cached):.3f} s from the task-vector cache "
-        f"(written once in {first:.3f} s, with that candidate's merge); load + score "
-        f"{statistics.median(scores):.3f} s"
+        f"one candidate (median of {args.repeats}): merge in memory {median(merges):.3f} s "
+        f"({median(cpu_merges):.3f} s CPU) from the checkpoints, {median(cached):.3f} s "
+        f"({median(cpu_cached):.3f} s CPU) from the task-vector cache (written once in "
+        f"{first:.3f} s, with that candidate's merge); load + score {median(scores):.3f} s"
     )
     cache.remove()
 

@@ -167,3 +167,18 @@ def test_a_search_writes_the_cache_once_and_every_trial_reads_it(
     assert [t.outcome for t in plain.trials] == [t.outcome for t in result.trials]
     assert plain.test == result.test
     assert len(writes) == 1
+
+
+def test_a_driver_prepares_the_cache_and_workers_reuse_it(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    config = _config(family, "dare_ties")
+    driver = TaskVectorCache(tmp_path / CACHE_FOLDER)
+    assert driver.prepare(config) and driver.writes == 1
+    worker = TaskVectorCache(tmp_path / CACHE_FOLDER)
+    state = merge_in_memory(config, MergeOptions(seed=2), task_vectors=worker).state
+    assert worker.writes == 0 and worker.hits > 0
+    plain = merge_in_memory(config, MergeOptions(seed=2)).state
+    assert all(torch.equal(plain[n], state[n]) for n in plain)
+    linear = {k: v for k, v in config.items() if k != "base_model"}
+    assert not TaskVectorCache(tmp_path / "other").prepare({**linear, "merge_method": "linear"})

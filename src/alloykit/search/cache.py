@@ -108,6 +108,25 @@ class TaskVectorCache:
                 self._open(fingerprint)
         return self if self._entries else None
 
+    def prepare(self, config: Any, options: Any = None) -> bool:
+        """Write the cache for a recipe (or find it written) without merging the recipe.
+
+        For a driver that starts several workers on one search: it prepares the cache once,
+        and each worker's own ``TaskVectorCache`` on the same folder finds it (``writes`` 0).
+        ``options`` is a :class:`alloykit.pipeline.MergeOptions`. Returns whether the recipe
+        takes task vectors (a one-stage recipe of a task-vector method).
+        """
+        from alloykit.pipeline import MergeOptions, _execution, final_inputs
+        from alloykit.plan import build_plan
+        from alloykit.stages import load_stages
+
+        options = options or MergeOptions()
+        if len(load_stages(config, strict=options.strict)) != 1:
+            return False
+        with final_inputs(config, options) as (stage, checkpoints):
+            plan = build_plan(stage, checkpoints, allow_crimes=options.allow_crimes)
+            return self.source(plan, checkpoints, _execution(options)) is not None
+
     # -- TaskVectorSource
 
     def read(
