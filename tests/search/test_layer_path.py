@@ -172,6 +172,14 @@ def test_bad_layer_path_files_are_refused(
     assert len(err.strip().splitlines()) == 1
     assert not (parents / "no").exists()
 
+    wide = ToySpec(num_hidden_layers=2, hidden_size=48, intermediate_size=96)
+    make_family(parents / "wide", wide, finetunes=0, seed=0)
+    other = parents / "other.yml"
+    other.write_text(_search_file(parents, "z.yml").read_text().replace("models/b", "wide/base"))
+    with pytest.raises(SearchError, match="do not fit those of"):
+        run_layer_path_search(other, parents / "other-run", SearchOptions(threads=1))
+    assert not (parents / "other-run").exists()
+
     good = _search_file(parents, "cli.yml", "random", 3)
     monkeypatch.setattr(sys, "argv", ["alloykit", "search", str(good), str(parents / "cli-run")])
     with pytest.raises(SystemExit) as exit:

@@ -256,6 +256,7 @@ def run_layer_path_search(
     created = _prepare_folder(out, options.resume)
     try:
         search = _with_space(search, merge_sources(search.space, out, options))
+        _check_stack(search)
         objective = _objective(search, options)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = _open_study(out, search, seed, options.resume)
@@ -275,6 +276,44 @@ def run_layer_path_search(
     test = _test_once(study, objective, best, seed, options) if best is not None else None
     files = write_outputs(out, search, trials, best, test, runner, options, seed)
     return SearchResult(out, trials, best, test, runner.candidates_per_minute, files)
+
+
+def _check_stack(search: Search) -> None:
+    """Plan the path through every slot (no tensor is read): models whose layers cannot be
+    stacked (other hidden sizes, other architectures) are refused before the first trial."""
+    from alloykit.errors import AlloyError
+    from alloykit.pipeline import plan_merge
+
+    space = search.space
+    assert isinstance(space, LayerPathSpace)
+    every = {dim.name: 1.0 for dim in space.dimensions}
+    where = f"search file '{search.path}': layer_path"
+    try:
+        plan = plan_merge(space.config(every))
+    except AlloyError as e:
+        raise SearchError(f"{where}: {e}") from e
+    layouts = {label: _layer_layout(folder) for label, folder in plan.models.items()}
+    first, expected = next(iter(layouts.items()))
+    for label, layout in layouts.items():
+        if layout != expected:
+            raise SearchError(
+                f"{where}: the layers of '{label}' do not fit those of '{first}' (other tensors "
+                "or shapes per layer); stack layers of models of one architecture and size"
+            )
+
+
+def _layer_layout(folder: Path) -> dict[str, tuple[int, ...]]:
+    """One model's per-layer tensors (name within the layer -> shape), from its first layer."""
+    from alloykit.architecture import split_layer_name
+    from alloykit.io.checkpoint import open_checkpoint
+
+    layout: dict[str, tuple[int, ...]] = {}
+    with open_checkpoint(folder) as checkpoint:
+        for name, info in checkpoint.tensors.items():
+            parts = split_layer_name(name)
+            if parts is not None and parts.index == 0:
+                layout[parts.rest] = tuple(info.shape)
+    return layout
 
 
 def _with_space(search: Search, space: LayerPathSpace) -> Search:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -132,6 +133,11 @@ def run_pareto_search(
         raise SearchError(
             f"search file '{search.path}': objective.pareto is not true; run it with "
             "alloykit search (one weighted score)"
+        )
+    if options.save_model:
+        logging.getLogger("alloykit").warning(
+            "--save-model: a Pareto search has no single best model; merge the point you choose "
+            "with alloykit merge OUT/pareto/trial_N.yml"
         )
     settings = search.spec.optimiser
     budget = options.budget or settings.budget
