@@ -8,6 +8,9 @@ candidates over the seconds spent merging and scoring them) and the wall time, t
 candidate's time into merging and scoring.
 
     PYTHONPATH=src .venv/bin/python benchmarks/search/candidates.py --hidden 512 --layers 8
+
+``--no-cache`` turns off the task-vector cache (every candidate reads the fine-tunes and
+subtracts the base again), for a before/after comparison.
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--budget", type=int, default=20)
-    parser.add_argument("--optimisers", default="random,tpe,cmaes")
+    parser.add_argument("--optimisers", default="random,tpe,cmaes", help="'none': no search")
+    parser.add_argument("--repeats", type=int, default=7, help="merges timed per variant")
     parser.add_argument("--method", default="ties", choices=["ties", "task_arithmetic"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="merge every candidate from the checkpoints (no task-vector cache), for comparison",
+    )
     args = parser.parse_args()
 
     from alloykit.pipeline import MergeOptions, merge_in_memory
@@ -74,7 +83,8 @@ def main() -> None:
         f"toy Llama: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} "
         f"(~{parameters / 1e6:.1f}M parameters); {args.rows} validation rows, 2 choices each"
     )
-    for name in args.optimisers.split(","):
+    skip = args.optimisers == "none"  # only the timed merges (their search file is written)
+    for name in ["random"] if skip else args.optimisers.split(","):
         search_file = root / f"search_{name}.yml"
         search_file.write_text(
             "template: template.yml\nspace:\n"
@@ -87,11 +97,15 @@ def main() -> None:
             + "objective: {tasks: [{task: mc.yml}]}\n"
             f"optimiser: {{name: {name}, budget: {args.budget}, seed: 0, popsize: 6}}\n"
         )
+        if skip:
+            break
         started = time.perf_counter()
         result = run_search(
             search_file,
             root / f"out_{name}",
-            SearchOptions(device=args.device, threads=args.threads),
+            SearchOptions(
+                device=args.device, threads=args.threads, cache_task_vectors=not args.no_cache
+            ),
         )
         wall = time.perf_counter() - started
         seconds = [t.seconds for t in result.trials]
@@ -105,18 +119,36 @@ def main() -> None:
     search = load_search(root / "search_random.yml")
     objective: Objective = _objective(search, SearchOptions(device=args.device))
     config = search.space.config(dict.fromkeys(search.space.names, 0.5))
-    merges, scores = [], []
-    for seed in range(5):
-        started = time.perf_counter()
-        merged = merge_in_memory(config, MergeOptions(device=args.device, seed=seed))
+    from alloykit.search.cache import TaskVectorCache
+
+    cache = TaskVectorCache(root / "task_vectors")
+    merge_options = MergeOptions(device=args.device, seed=0, threads=args.threads)
+    started = time.perf_counter()
+    merge_in_memory(config, merge_options, task_vectors=cache)  # writes the cache
+    first = time.perf_counter() - started
+    merges, cached, scores = [], [], []
+    cpu_merges, cpu_cached = [], []
+    for seed in range(args.repeats):  # interleaved, so that the machine's load hits both alike
+        merge_options = MergeOptions(device=args.device, seed=seed, threads=args.threads)
+        started, cpu = time.perf_counter(), time.process_time()
+        merged = merge_in_memory(config, merge_options)
         middle = time.perf_counter()
+        cpu_merges.append(time.process_time() - cpu)
         objective.score(merged)
         merges.append(middle - started)
         scores.append(time.perf_counter() - middle)
+        started, cpu = time.perf_counter(), time.process_time()
+        merge_in_memory(config, merge_options, task_vectors=cache)
+        cached.append(time.perf_counter() - started)
+        cpu_cached.append(time.process_time() - cpu)
+    median = statistics.median
     print(
-        f"one candidate (median of 5): merge in memory {statistics.median(merges):.3f} s, "
-        f"load + score {statistics.median(scores):.3f} s"
+        f"one candidate (median of {args.repeats}): merge in memory {median(merges):.3f} s "
+        f"({median(cpu_merges):.3f} s CPU) from the checkpoints, {median(cached):.3f} s "
+        f"({median(cpu_cached):.3f} s CPU) from the task-vector cache (written once in "
+        f"{first:.3f} s, with that candidate's merge); load + score {median(scores):.3f} s"
     )
+    cache.remove()
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ SEARCH_EXAMPLES = """Examples:
 
 \b
   alloykit search search.yml runs/s1                       # the file's optimiser and budget
+  alloykit search pareto.yml runs/p1     # objective.pareto: true: a Pareto front, pareto/*.yml
+  alloykit search layers.yml runs/l1     # layer_path: a passthrough recipe, best.yml
   alloykit search search.yml runs/s1 --budget 60 --time-limit 3600 --device auto
   alloykit search search.yml runs/s1 --resume              # continue after a kill
   alloykit search search.yml runs/s2 --seed 1 --save-model # also write the best merge
@@ -705,12 +707,25 @@ def search(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Search merge recipes (CMA-ES, TPE, GP, random, greedy soup) on validation splits."""
+    """Search merge recipes (CMA-ES, TPE, GP, random, greedy soup) on validation splits.
+
+    With objective.pareto: true, each task is one objective and the result a Pareto front
+    (NSGA-II, NSGA-III, TPE, random); with a layer_path: section, the layers of a passthrough
+    merge are searched (Akiba et al. 2024). See docs/search.md.
+    """
+    from dataclasses import replace
+
     from alloykit import _output
     from alloykit.search.study import SearchOptions, Trial, require_libraries, run_search
 
     _output.setup_logging(quiet)
     require_libraries()
+    from alloykit._cli_search import dispatch
+
+    special = SearchOptions(device=device, budget=budget, time_limit=time_limit, seed=seed)
+    special = replace(special, resume=resume, save_model=save_model, threads=threads)
+    if dispatch(search_file, out, special, quiet=quiet):  # a Pareto or a layer-path search
+        return
     best: list[float] = []
 
     def report(trial: Trial, total: int) -> None:

@@ -47,6 +47,43 @@ class StateDictSink(dict[str, torch.Tensor]):
 InputsHook = Callable[[TensorJob, torch.Tensor, torch.Tensor | None], None]
 
 
+class TaskVectorSource(Protocol):
+    """Task vectors ``x − base`` computed ahead (a recipe search's cache), read per input.
+
+    ``read`` returns the task vector of ``model``'s tensor against ``base``'s, as computed in
+    ``work_dtype`` from tensors first converted to ``load_dtype`` (None: as stored), or None
+    when it does not hold it (the executor then reads and subtracts as usual).
+    """
+
+    def read(
+        self,
+        model: str,
+        tensor: str,
+        base: tuple[str, str],
+        work_dtype: torch.dtype,
+        load_dtype: torch.dtype | None,
+    ) -> torch.Tensor | None: ...
+
+
+def task_vector_jobs(plan: MergePlan) -> list[TensorJob]:
+    """The jobs of ``plan`` whose inputs may be given as task vectors.
+
+    Those of a task-vector preset (task_arithmetic, ties, dare_*, breadcrumbs*, della*, ...)
+    with a base, outside vocabulary alignment; none when the plan reads calibration statistics
+    (data-aware steps, AIM) or ranks magnitudes over the whole model (its prepass reads the
+    inputs). Empty for every other method.
+    """
+    from alloykit.methods import task_vector_preset
+
+    if task_vector_preset(plan.kernel) is None or plan.aim is not None:
+        return []
+    if plan.calibration is not None and plan.kernel.statistics is not None:
+        return []
+    if needs_model_scope(plan.kernel, plan.jobs):
+        return []
+    return [j for j in plan.jobs if j.method != COPY and j.base is not None and not j.vocabulary]
+
+
 @dataclass(frozen=True)
 class ExecutionOptions:
     """How to run a plan: device, working precision, seed, threads."""
@@ -67,6 +104,7 @@ class _Loaded:
     activation: torch.Tensor | None = None  # AIM: the base's mean |input| per channel
     aim_base: torch.Tensor | None = None  # AIM: the base's tensor, kept from the method
     holders: torch.Tensor | None = None  # (k, rows): which input has which token (holders_only)
+    deltas: bool = False  # tensors holds task vectors (x − base) read from a TaskVectorSource
 
 
 @dataclass
@@ -181,11 +219,14 @@ def execute(
     options: ExecutionOptions | None = None,
     on_job_done: Callable[[TensorJob], None] | None = None,
     on_inputs: InputsHook | None = None,
+    task_vectors: TaskVectorSource | None = None,
 ) -> None:
     """Run every job of ``plan``, in order, writing each result to ``sink``.
 
     ``on_inputs(job, tensors, base)`` sees each job's inputs (``(k, *shape)`` in working
-    precision, and the base or None) before the method runs; it must not modify them.
+    precision, and the base or None) before the method runs; it must not modify them (nor is
+    it called for jobs whose inputs come from ``task_vectors``). ``task_vectors`` gives the
+    :func:`task_vector_jobs` their task vectors ready-made; the result is the same bits.
     """
     options = options or ExecutionOptions()
     tune_malloc()  # freed tensors go back to the OS instead of fragmenting the heap
@@ -196,6 +237,7 @@ def execute(
         torch.set_num_threads(options.threads)
     seed = options.seed if options.seed is not None else secrets.randbits(63)  # no global RNG
     calibrated = _Calibrated.open(plan, checkpoints, device)  # measured once per model, then cached
+    from_vectors = {j.output for j in task_vector_jobs(plan)} if task_vectors is not None else set()
 
     def load(job: TensorJob) -> _Loaded:
         def read(model: str, tensor: str) -> torch.Tensor:
@@ -208,6 +250,10 @@ def execute(
             (only,) = job.inputs
             return _Loaded(job, read(only.model, only.tensor).unsqueeze(0), None)
         stack = torch.empty((len(job.inputs), *job.shape), dtype=work_dtype, device=device)
+        if job.output in from_vectors and _read_vectors(job, stack):
+            assert job.base is not None
+            kept = read(job.base.model, job.base.tensor).to(device=device, dtype=work_dtype)
+            return _Loaded(job, stack, kept, deltas=True)
         for row, item in enumerate(job.inputs):
             stack[row].copy_(read(item.model, item.tensor))
         base = None
@@ -217,6 +263,17 @@ def execute(
         if calibrated is not None:
             calibrated.attach(loaded, plan.base_model)
         return loaded
+
+    def _read_vectors(job: TensorJob, stack: torch.Tensor) -> bool:
+        """Fill ``stack`` with the job's task vectors; False when the source lacks one."""
+        assert task_vectors is not None and job.base is not None
+        key = (job.base.model, job.base.tensor)
+        for row, item in enumerate(job.inputs):
+            vector = task_vectors.read(item.model, item.tensor, key, work_dtype, load_dtype)
+            if vector is None:
+                return False
+            stack[row].copy_(vector)
+        return True
 
     def load_aligned(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> _Loaded:
         """A vocabulary tensor: every model's rows re-indexed to the output vocabulary."""
@@ -269,7 +326,7 @@ def execute(
             ahead = following and sizes[index] + sizes[index + 1] <= budget
             if ahead:
                 pending = reader.submit(load, jobs[index + 1])
-            if on_inputs is not None:
+            if on_inputs is not None and not loaded.deltas:
                 on_inputs(loaded.job, loaded.tensors, loaded.base)
             strength = plan.aim.strength if plan.aim is not None else 0.0
             sink.write(loaded.job.output, _compute(plan.kernel, loaded, seed, device, strength))
@@ -326,7 +383,13 @@ def _compute(
         loaded.statistics,
         loaded.input_axis,
     )
-    if loaded.holders is not None:  # holders_only: keep the inputs for the per-subset runs
+    if loaded.deltas:  # task vectors given ready-made: the preset's steps after subtraction
+        from alloykit.methods import run_on_task_vectors, task_vector_preset
+
+        preset = task_vector_preset(method)
+        assert preset is not None
+        merged = run_on_task_vectors(inputs, preset=preset)
+    elif loaded.holders is not None:  # holders_only: keep the inputs for the per-subset runs
         full = method.run(dataclasses.replace(inputs, tensors=inputs.tensors.clone()))
         merged = merge_holders_only(method.run, inputs, loaded.holders, full, method.min_models)
     else:

@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from alloykit.config import MergeConfig, model_refs, recipe_hash
 from alloykit.errors import AlloyError
-from alloykit.execute import ExecutionOptions, StateDictSink, execute
+from alloykit.execute import ExecutionOptions, StateDictSink, TaskVectorSource, execute
 from alloykit.inspect.merge_checks import TaskVectorChecks, coefficient_warnings
 from alloykit.io.checkpoint import Checkpoint, open_checkpoint
 from alloykit.io.hub import resolve_model
@@ -409,22 +409,40 @@ class MergedState:
         return self.plan.models[self.plan.donor]
 
 
+class TaskVectorProvider(Protocol):
+    """Gives a plan its task vectors ready-made (a recipe search's cache,
+    :class:`alloykit.search.cache.TaskVectorCache`), or None to merge as usual."""
+
+    def source(
+        self,
+        plan: MergePlan,
+        checkpoints: Mapping[str, Checkpoint],
+        options: ExecutionOptions,
+    ) -> TaskVectorSource | None: ...
+
+
 def merge_in_memory(
     config: ConfigSource,
     options: MergeOptions | None = None,
     *,
     progress: ProgressHook | None = None,
+    task_vectors: TaskVectorProvider | None = None,
 ) -> MergedState:
     """Run the same plan as :func:`merge` into memory, with what is needed to load the result.
 
     The recipe hash equals the one :func:`merge` reports for the same recipe; the plan's
-    warnings are in ``plan.warnings`` (not logged).
+    warnings are in ``plan.warnings`` (not logged). ``task_vectors`` supplies task vectors
+    computed ahead for a one-stage recipe of a task-vector method; the result is the same.
     """
     options = options or MergeOptions()
     with _final_inputs(config, options) as run:
         plan = build_plan(run.stages[-1], run.checkpoints, allow_crimes=options.allow_crimes)
         sink = StateDictSink()
-        execute(plan, run.checkpoints, sink, _execution(options), progress)
+        execution = _execution(options)
+        source = None
+        if task_vectors is not None and len(run.stages) == 1:  # earlier stages change per run
+            source = task_vectors.source(plan, run.checkpoints, execution)
+        execute(plan, run.checkpoints, sink, execution, progress, task_vectors=source)
         digest = recipes_hash(_portable_stages(run.stages))
     return MergedState(dict(sink), plan, digest)
 

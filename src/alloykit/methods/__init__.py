@@ -114,10 +114,20 @@ class Preset:
 def run_task_vectors(inputs: MethodInputs, *, preset: Preset) -> torch.Tensor:
     """Registry adapter for every task-vector preset: the three steps on a job's inputs."""
     assert inputs.base is not None  # the planner guarantees a base for "required"
-    steps = preset_steps(preset, inputs.params)
     deltas = inputs.tensors.sub_(inputs.base)  # in place: the stack is this call's own
+    return run_on_task_vectors(replace(inputs, tensors=deltas), preset=preset)
+
+
+def run_on_task_vectors(inputs: MethodInputs, *, preset: Preset) -> torch.Tensor:
+    """:func:`run_task_vectors` on task vectors already taken: ``inputs.tensors`` holds
+    ``δ_i = x_i − base`` (overwritten), ``inputs.base`` the base. The same operations in the
+    same order as the adapter after its subtraction, so the result is the same bits; a recipe
+    search uses it with task vectors computed once and cached (:mod:`alloykit.search.cache`).
+    """
+    assert inputs.base is not None
+    steps = preset_steps(preset, inputs.params)
     combined = merge_deltas(
-        deltas,
+        inputs.tensors,
         inputs.per_model["weight"],
         steps,
         inputs.per_model.get("density"),

@@ -26,7 +26,8 @@ from alloykit.search.space import (
     parse_path,
 )
 
-OPTIMISERS = ("random", "tpe", "gp", "cmaes", "greedy_soup")
+OPTIMISERS = ("random", "tpe", "gp", "cmaes", "greedy_soup", "nsga2", "nsga3")
+PARETO_OPTIMISERS = ("nsga2", "nsga3", "tpe", "random")  # optuna's multi-objective samplers
 
 
 class DimensionSpec(BaseModel):
@@ -77,11 +78,12 @@ class ObjectiveSpec(BaseModel):
     tasks: list[TaskObjective] = Field(min_length=1)
     batch_size: int | None = Field(default=None, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    pareto: bool = False  # each task one objective: a Pareto front (search/pareto.py)
 
 
 class OptimiserSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Literal["random", "tpe", "gp", "cmaes", "greedy_soup"] = "tpe"
+    name: Literal["random", "tpe", "gp", "cmaes", "greedy_soup", "nsga2", "nsga3"] = "tpe"
     budget: int = Field(default=30, ge=1)
     time_limit: float | None = Field(default=None, gt=0)
     seed: int = 0
@@ -90,13 +92,30 @@ class OptimiserSpec(BaseModel):
     )  # TPE and GP: random trials before the model is used
     popsize: int | None = Field(default=None, ge=2)  # CMA-ES population (default: cma's 4 + 3 ln d)
     sigma0: float = Field(default=0.25, gt=0)  # CMA-ES initial step, in the unit cube
+    population: int = Field(default=10, ge=2)  # NSGA-II/III: candidates per generation
+
+
+class LayerSource(BaseModel):
+    """A ``layer_path.models`` entry given as a recipe: merged once, then its layers used."""
+
+    model_config = ConfigDict(extra="forbid")
+    recipe: str
+
+
+class LayerPathSpec(BaseModel):
+    """``layer_path:``: search the layer sequence of a passthrough merge (search/layer_path.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[str | LayerSource] = Field(min_length=1)
+    repeats: int = Field(default=1, ge=1, le=8)
 
 
 class SearchSpec(BaseModel):
     """A search file, as written."""
 
     model_config = ConfigDict(extra="forbid")
-    template: str | dict[str, Any]
+    template: str | dict[str, Any] = Field(default_factory=dict)
+    layer_path: LayerPathSpec | None = None
     space: list[DimensionSpec] = Field(default_factory=list)
     objective: ObjectiveSpec
     optimiser: OptimiserSpec = OptimiserSpec()
@@ -137,10 +156,18 @@ def load_search(path: str | Path) -> Search:
         raise SearchError(f"{where}: " + "; ".join(problems)) from e
     folder = path.parent
     template = _template(spec.template, folder, where)
-    space = Space(template, tuple(_dimensions(spec, template, where)))
-    if not space.dimensions and spec.optimiser.name != "greedy_soup":
-        raise SearchError(f"{where}: space: empty; name at least one parameter to search")
-    _check_space(space, where)
+    _check_pareto(spec, where)
+    if spec.layer_path is not None:
+        from alloykit.search.layer_path import layer_path_space
+
+        space: Space = layer_path_space(spec, template, folder, where)
+    else:
+        if not spec.template:
+            raise SearchError(f"{where}: template: missing (a merge config whose values to search)")
+        space = Space(template, tuple(_dimensions(spec, template, where)))
+        if not space.dimensions and spec.optimiser.name != "greedy_soup":
+            raise SearchError(f"{where}: space: empty; name at least one parameter to search")
+        _check_space(space, where)
     task_files = []
     for i, entry in enumerate(spec.objective.tasks):
         file = Path(entry.task)
@@ -149,6 +176,27 @@ def load_search(path: str | Path) -> Search:
             raise SearchError(f"{where}: objective.tasks[{i}].task: '{entry.task}' does not exist")
         task_files.append(file)
     return Search(path, spec, space, tuple(task_files))
+
+
+def _check_pareto(spec: SearchSpec, where: str) -> None:
+    """A Pareto search needs two tasks and a multi-objective sampler; NSGA needs a Pareto
+    search."""
+    name = spec.optimiser.name
+    if spec.objective.pareto:
+        if name not in PARETO_OPTIMISERS:
+            raise SearchError(
+                f"{where}: optimiser.name: {name} is single-objective; objective.pareto: true "
+                f"takes {', '.join(PARETO_OPTIMISERS)}"
+            )
+        if len(spec.objective.tasks) < 2:
+            raise SearchError(
+                f"{where}: objective.pareto: true needs two or more tasks (one objective each)"
+            )
+    elif name in ("nsga2", "nsga3"):
+        raise SearchError(
+            f"{where}: optimiser.name: {name} is multi-objective; set objective.pareto: true "
+            "(or choose tpe, gp, cmaes or random)"
+        )
 
 
 def _template(value: str | dict[str, Any], folder: Path, where: str) -> dict[str, Any]:

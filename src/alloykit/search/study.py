@@ -45,6 +45,8 @@ from alloykit.search.spec import Search, load_search
 if TYPE_CHECKING:
     import optuna
 
+    from alloykit.search.cache import TaskVectorCache
+
 log = logging.getLogger("alloykit")
 STUDY = "alloykit-search"
 STUDY_FILE = "study.db"
@@ -65,6 +67,7 @@ class SearchOptions:
     resume: bool = False
     save_model: bool = False
     threads: int | None = None
+    cache_task_vectors: bool = True  # task vectors written once to OUT/task_vectors (see cache)
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,8 @@ def run_search(
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    runner = _Runner(search, objective, study, seed, options, on_trial, budget)
+    cache = task_vector_cache(out, options)
+    runner = _Runner(search, objective, study, seed, options, on_trial, budget, cache)
     deadline = time.monotonic() + time_limit if time_limit else math.inf
     name = settings.name
     if name == "cmaes":
@@ -156,12 +160,21 @@ def run_search(
         runner.run_sequential(name, budget, deadline)
     trials = stored_trials(study)
     best = best_trial(trials)
-    test = _test_once(study, objective, best, seed, options) if best is not None else None
+    test = _test_once(study, objective, best, seed, options, cache) if best is not None else None
     files = write_outputs(out, search, trials, best, test, runner, options, seed)
+    if cache is not None:  # kept after a kill, for --resume; a finished search needs it no more
+        cache.remove()
     return SearchResult(out, trials, best, test, runner.candidates_per_minute, files)
 
 
 # --------------------------------------------------------------------------- setup
+
+
+def task_vector_cache(out: Path, options: SearchOptions) -> TaskVectorCache | None:
+    """The search's task-vector cache in ``OUT/task_vectors`` (None when turned off)."""
+    from alloykit.search.cache import CACHE_FOLDER, TaskVectorCache
+
+    return TaskVectorCache(out / CACHE_FOLDER) if options.cache_task_vectors else None
 
 
 def _prepare_folder(out: Path, resume: bool) -> bool:
@@ -222,6 +235,10 @@ def _open_study(out: Path, search: Search, seed: int, resume: bool) -> optuna.St
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # left unfinished by a kill: marked failed, its slot runs again
         study.tell(trial.number, state=TrialState.FAIL)
+    for _ in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        # enqueued (CMA-ES) but not yet asked when the process died: the next ask would take
+        # it instead of what the resumed run enqueues, shifting every later slot; dropped
+        study.tell(study.ask(), state=TrialState.FAIL)
     return study
 
 
@@ -281,8 +298,10 @@ class _Runner:
         options: SearchOptions,
         on_trial: TrialHook | None,
         budget: int,
+        task_vectors: TaskVectorCache | None = None,
     ) -> None:
         self.search = search
+        self.task_vectors = task_vectors
         self.objective = objective
         self.study = study
         self.seed = seed
@@ -345,7 +364,9 @@ class _Runner:
             seed=trial_seed(self.seed, slot),
             threads=self.options.threads,
         )
-        return self.objective.score(merge_in_memory(config, options))
+        return self.objective.score(
+            merge_in_memory(config, options, task_vectors=self.task_vectors)
+        )
 
     def _candidate(self, trial: optuna.trial.Trial, slot: int) -> Trial:
         config = self.search.space.config(trial.params)
@@ -539,6 +560,7 @@ def _test_once(
     best: Trial,
     seed: int,
     options: SearchOptions,
+    task_vectors: TaskVectorCache | None = None,
 ) -> Outcome | None:
     """The best candidate's test outcome, scored now or read from an earlier finish."""
     stored = study.user_attrs.get("test")
@@ -549,7 +571,8 @@ def _test_once(
     merge_options = MergeOptions(
         device=options.device, seed=trial_seed(seed, best.slot), threads=options.threads
     )
-    outcome = objective.score_test(merge_in_memory(best.config, merge_options))
+    merged = merge_in_memory(best.config, merge_options, task_vectors=task_vectors)
+    outcome = objective.score_test(merged)
     record: dict[str, Any] = {"slot": best.slot, "score": None}
     if outcome is not None:
         record.update(score=outcome.score, tasks=outcome.tasks, violation=outcome.violation)
