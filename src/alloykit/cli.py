@@ -32,6 +32,8 @@ MERGE_EXAMPLES = """Examples:
   alloykit merge recipe.yml merged/ --device auto --out-shard-size 2GiB --overwrite
   alloykit merge merged/alloykit_config.yml again/   # re-run a recipe written by a merge
   alloykit merge stages.yml merged/ --intermediate-dir work/   # multi-document recipe
+  alloykit merge recipe.yml merged/ --ray local --ray-workers 4  # shards as Ray tasks
+  alloykit merge recipe.yml /shared/merged/ --ray auto           # on a Ray cluster
 """
 
 EVALUATE_EXAMPLES = """Examples:
@@ -58,6 +60,8 @@ from alloykit._cli_options import (  # noqa: E402
     CopyTokenizerOpt,
     OverwriteOpt,
     QuietOpt,
+    RayOpt,
+    RayWorkersOpt,
     ShardSizeOpt,
 )
 
@@ -148,6 +152,8 @@ def merge(
             "zero task vectors and models that do not share the base.",
         ),
     ] = True,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the models a YAML recipe names into OUTPUT."""
@@ -181,9 +187,21 @@ def merge(
                 _output.out.print(f"[bold]stage {name}[/]")
             _output.print_plan(plan)
         return
+    runner = None
+    if ray is not None:
+        from alloykit.distributed import require_ray
+        from alloykit.distributed.merge import ray_shard_runner
+
+        require_ray()
+        runner = ray_shard_runner(ray, ray_workers)
     with _output.MergeProgress(enabled=not quiet) as progress:
         result = run_merge(
-            config, output, options, progress=progress.advance, on_plan=progress.start
+            config,
+            output,
+            options,
+            progress=progress.advance,
+            on_plan=progress.start,
+            shard_runner=runner,
         )
     _output.print_result(result)
 
