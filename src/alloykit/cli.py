@@ -54,6 +54,8 @@ SEARCH_EXAMPLES = """Examples:
   alloykit search search.yml runs/s1 --resume              # continue after a kill
   alloykit search search.yml runs/s2 --seed 1 --save-model # also write the best merge
   alloykit merge runs/s1/best.yml merged/                  # merge the best recipe later
+  alloykit search search.yml runs/s3 --ray local --ray-workers 4   # 4 Ray actors score
+  alloykit search search.yml /shared/runs/s4 --ray auto    # the actors of a Ray cluster
 """
 
 from alloykit._cli_options import (  # noqa: E402
@@ -721,6 +723,8 @@ def search(
     save_model: Annotated[
         bool, typer.Option("--save-model", help="Also merge the best recipe into OUT/model.")
     ] = False,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Search merge recipes (CMA-ES, TPE, GP, random, greedy soup) on validation splits."""
@@ -755,6 +759,8 @@ def search(
         resume=resume,
         save_model=save_model,
         threads=threads,
+        ray=ray,
+        ray_workers=ray_workers,
     )
     result = run_search(search_file, out, options, on_trial=report)
     if result.best is None or result.best.outcome is None:

@@ -36,3 +36,13 @@ def ray_instance() -> Iterator[Any]:
             os.environ["PYTHONPATH"] = path
         else:
             os.environ.pop("PYTHONPATH", None)
+
+
+@pytest.fixture(scope="session")
+def problem(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The recipe-search test problem (tests/search/problem.py), built once."""
+    from tests.search.problem import make_problem
+
+    root = tmp_path_factory.mktemp("problem")
+    make_problem(root)
+    return root

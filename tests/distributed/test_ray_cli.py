@@ -80,3 +80,27 @@ def test_help_shows_the_ray_examples() -> None:
     result = run_cli("merge", "--help")
     assert result.returncode == 0
     assert "--ray" in result.stdout and "--ray-workers" in result.stdout
+
+
+def test_search_with_ray_runs_and_bad_input_is_one_line(
+    ray_instance: Any,
+    problem: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.search.problem import write_search
+
+    search_file = write_search(problem, "random", 2, name="cli_ray.yml")
+    out = tmp_path / "search"
+    code, stdout, err = _cli(monkeypatch, capsys, "search", search_file, out, "--ray", "local")
+    assert code == 0, err
+    assert "trial 2/2" in stdout and "best: trial" in stdout
+    assert len((out / "trials.csv").read_text().splitlines()) == 3  # header and two trials
+
+    soup = write_search(problem, "greedy_soup", 3, name="cli_ray_soup.yml")
+    code, _, err = _cli(monkeypatch, capsys, "search", soup, tmp_path / "soup", "--ray", "local")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "greedy_soup" in lines[0] and "--ray" in lines[0], err
+    assert not (tmp_path / "soup").exists()
