@@ -70,6 +70,9 @@ def ray_cluster(address: str | None = LOCAL, workers: int | None = None) -> Iter
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": _python_path()}}
     else:
         kwargs["address"] = address
+    ray_log = logging.getLogger("ray")
+    level = ray_log.level
+    ray_log.setLevel(logging.ERROR)  # Ray's start-up notices are not the command's output
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -79,6 +82,8 @@ def ray_cluster(address: str | None = LOCAL, workers: int | None = None) -> Iter
             f"--ray: cannot start or reach {where} ({first}); check the address "
             "(`ray status` on the head node) or use --ray local"
         ) from e
+    finally:
+        ray_log.setLevel(level)
     try:
         yield ray
     finally:
