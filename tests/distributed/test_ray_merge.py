@@ -82,3 +82,22 @@ def test_a_task_that_always_dies_leaves_no_output_and_one_line(
     assert "model-00001-of-" in str(caught.value)
     assert not (tmp_path / "ray" / "model").exists()
     assert _leftovers(tmp_path) == []
+
+
+def test_a_multi_stage_recipe_needs_its_stages_on_disk(
+    ray_instance: Any, family: dict[str, Path], tmp_path: Path
+) -> None:
+    from tests.test_stages import two_stage
+
+    recipe = tmp_path / "stages.yml"
+    recipe.write_text(two_stage(family))
+    options = MergeOptions(out_shard_size=SHARD)
+    with pytest.raises(DistributedError, match=r"stage 'first' is held in memory.*--intermediate"):
+        merge(recipe, tmp_path / "memory" / "model", options, shard_runner=ray_shard_runner())
+    assert not (tmp_path / "memory" / "model").exists()
+
+    on_disk = MergeOptions(out_shard_size=SHARD, intermediate_dir=tmp_path / "work")
+    serial = merge(recipe, tmp_path / "serial" / "model", on_disk)
+    merge(recipe, tmp_path / "ray" / "model", on_disk, shard_runner=ray_shard_runner())
+    assert _files(tmp_path / "ray" / "model") == _files(serial.output)
+    assert _leftovers(tmp_path) == []
