@@ -93,7 +93,9 @@ def test_search_with_ray_runs_and_bad_input_is_one_line(
 
     search_file = write_search(problem, "random", 2, name="cli_ray.yml")
     out = tmp_path / "search"
-    code, stdout, err = _cli(monkeypatch, capsys, "search", search_file, out, "--ray", "local")
+    code, stdout, err = _cli(
+        monkeypatch, capsys, "search", search_file, out, "--ray", "local", "--ray-workers", "1"
+    )
     assert code == 0, err
     assert "trial 2/2" in stdout and "best: trial" in stdout
     assert len((out / "trials.csv").read_text().splitlines()) == 3  # header and two trials

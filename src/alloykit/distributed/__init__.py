@@ -95,6 +95,22 @@ def cluster_cpus(ray: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def resources(device: str) -> dict[str, float]:
+    """What one task or actor asks Ray for: a CPU, and a GPU when it runs on ``cuda``.
+
+    Ray gives each GPU task its own device as ``cuda:0`` (it sets ``CUDA_VISIBLE_DEVICES``),
+    so ``cuda:N`` is read as ``cuda``.
+    """
+    if device.startswith("cuda"):
+        return {"num_cpus": 1, "num_gpus": 1}
+    return {"num_cpus": 1}
+
+
+def ray_device(device: str) -> str:
+    """The device name inside a Ray task: its one visible GPU is ``cuda``."""
+    return "cuda" if device.startswith("cuda") else device
+
+
 def _python_path() -> str:
     import alloykit
 

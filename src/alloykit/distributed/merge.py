@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alloykit.distributed import LOCAL, DistributedError, ray_cluster
+from alloykit.distributed import LOCAL, DistributedError, ray_cluster, ray_device, resources
 from alloykit.errors import AlloyError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.writer import TensorSlot, shard_bytes, write_index
@@ -139,7 +139,10 @@ def _run_parts(ray: Any, work: ShardWork, retries: int, fault: Fault | None) -> 
     # the plan, without its warnings, goes to the object store once for all the tasks
     plan_ref = ray.put(dataclasses.replace(work.plan, warnings=[]))
     final_ref = ray.put(work.stages[-1])
-    task = ray.remote(_merge_part).options(max_retries=retries, retry_exceptions=False)
+    execution = dataclasses.replace(work.execution, device=ray_device(work.execution.device))
+    task = ray.remote(_merge_part).options(
+        max_retries=retries, retry_exceptions=False, **resources(work.execution.device)
+    )
     staging = str(work.folder.resolve())
     parts = [
         _Part(i, [shard], staging, stage_folders, fault)
@@ -147,7 +150,7 @@ def _run_parts(ray: Any, work: ShardWork, retries: int, fault: Fault | None) -> 
         if shard
     ]
     pending = {
-        task.remote(plan_ref, final_ref, part, work.execution, work.checks is not None): part
+        task.remote(plan_ref, final_ref, part, execution, work.checks is not None): part
         for part in parts
     }
     jobs = {job.output: job for job in work.plan.jobs}

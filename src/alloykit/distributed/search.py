@@ -13,13 +13,20 @@ at the same paths (a shared filesystem), with alloykit installed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from alloykit.distributed import DistributedError, cluster_cpus, ray_cluster
+from alloykit.distributed import (
+    DistributedError,
+    cluster_cpus,
+    ray_cluster,
+    ray_device,
+    resources,
+)
 from alloykit.errors import AlloyError
 
 if TYPE_CHECKING:
@@ -66,8 +73,9 @@ class RayScorers:
 
         self.ray = ray
         self.size = options.ray_workers or cluster_cpus(ray)
-        actor = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(_Scorer)
-        self.actors = [actor.remote(str(search_file.resolve()), options) for _ in range(self.size)]
+        actor = ray.remote(max_restarts=1, max_task_retries=1, **resources(options.device))(_Scorer)
+        inside = dataclasses.replace(options, device=ray_device(options.device))
+        self.actors = [actor.remote(str(search_file.resolve()), inside) for _ in range(self.size)]
         self.pool = ActorPool(self.actors)
 
     def score(self, items: list[tuple[dict[str, Any], int]]) -> list[Scored]:
