@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,12 +95,31 @@ def test_search_with_ray_runs_and_bad_input_is_one_line(
     search_file = write_search(problem, "random", 2, name="cli_ray.yml")
     out = tmp_path / "search"
     code, stdout, err = _cli(
-        monkeypatch, capsys, "search", search_file, out, "--ray", "local", "--ray-workers", "1"
+        monkeypatch,
+        capsys,
+        "search",
+        search_file,
+        out,
+        "--ray",
+        "local",
+        "--ray-workers",
+        "1",
+        "--save-model",
     )
     assert code == 0, err
     assert "trial 2/2" in stdout and "best: trial" in stdout
     assert len((out / "trials.csv").read_text().splitlines()) == 3  # header and two trials
+    # the best recipe, merged by Ray tasks, equals its one-process merge
+    from alloykit.pipeline import MergeOptions, merge
+    from alloykit.search.study import trial_seed
 
+    summary = json.loads((out / "summary.json").read_text())
+    seed = trial_seed(0, summary["best"]["slot"])
+    again = merge(out / "best.yml", tmp_path / "again" / "model", MergeOptions(seed=seed))
+    ray_model = {p.name: p.read_bytes() for p in (out / "model").glob("*.safetensors")}
+    assert ray_model == {p.name: p.read_bytes() for p in again.output.glob("*.safetensors")}
+
+    capsys.readouterr()  # the warnings of the merge above
     soup = write_search(problem, "greedy_soup", 3, name="cli_ray_soup.yml")
     code, _, err = _cli(monkeypatch, capsys, "search", soup, tmp_path / "soup", "--ray", "local")
     assert code == 1

@@ -700,6 +700,11 @@ def write_outputs(
     if options.save_model and best is not None:
         from alloykit.pipeline import MergeOptions, merge
 
+        shards = None
+        if options.ray is not None:  # the shards as Ray tasks, like merge --ray
+            from alloykit.distributed.merge import ray_shard_runner
+
+            shards = ray_shard_runner(options.ray, options.ray_workers)
         merge(
             best.config,
             out / "model",
@@ -709,6 +714,7 @@ def write_outputs(
                 threads=options.threads,
                 overwrite=True,
             ),
+            shard_runner=shards,
         )
         files.append("model/")
     return files
