@@ -50,6 +50,22 @@ def test_ray_gives_the_trials_and_scores_of_a_serial_run(
     assert [r.rsplit(",", 2)[0] for r in written] == [r.rsplit(",", 2)[0] for r in expected]
 
 
+def test_no_more_actors_than_the_cluster_has_cpus(ray_instance: Any, problem: Path) -> None:
+    from dataclasses import replace
+
+    from alloykit.distributed import DistributedError
+    from alloykit.distributed.search import RayScorers
+
+    search_file = write_search(problem, "random", 2, name="ray_room.yml")
+    scorers = RayScorers(ray_instance, search_file, replace(RAY, ray_workers=5))
+    try:
+        assert scorers.size == 2 and len(scorers.actors) == 2
+    finally:
+        scorers.close()
+    with pytest.raises(DistributedError, match="needs a GPU"):
+        RayScorers(ray_instance, search_file, SearchOptions(ray="local", device="cuda"))
+
+
 def test_greedy_soup_refuses_ray_in_one_line(problem: Path, tmp_path: Path) -> None:
     search_file = write_search(problem, "greedy_soup", 3, name="ray_soup.yml")
     with pytest.raises(SearchError, match=r"^--ray: greedy_soup .*without --ray") as caught:

@@ -14,6 +14,7 @@ at the same paths (a shared filesystem), with alloykit installed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from alloykit.search.objective import Outcome
     from alloykit.search.study import SearchOptions
 
+log = logging.getLogger("alloykit")
 Scored = tuple["Outcome | None", "str | None", float]  # outcome, the candidate's error, seconds
 
 
@@ -72,7 +74,18 @@ class RayScorers:
         from ray.util import ActorPool
 
         self.ray = ray
-        self.size = options.ray_workers or cluster_cpus(ray)
+        # no more actors than the cluster can place: an actor waiting for a free CPU (or GPU)
+        # would hold its candidates back forever
+        room = cluster_cpus(ray)
+        if resources(options.device).get("num_gpus"):
+            room = min(room, int(ray.cluster_resources().get("GPU", 0)))
+        if room < 1:
+            raise DistributedError(
+                f"--ray: --device {options.device} needs a GPU and the Ray cluster has none"
+            )
+        self.size = min(options.ray_workers or room, room)
+        if options.ray_workers and options.ray_workers > room:
+            log.warning(f"--ray-workers {options.ray_workers}: the cluster has room for {room}")
         actor = ray.remote(max_restarts=1, max_task_retries=1, **resources(options.device))(_Scorer)
         inside = dataclasses.replace(options, device=ray_device(options.device))
         self.actors = [actor.remote(str(search_file.resolve()), inside) for _ in range(self.size)]
