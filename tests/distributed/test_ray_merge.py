@@ -101,3 +101,14 @@ def test_a_multi_stage_recipe_needs_its_stages_on_disk(
     merge(recipe, tmp_path / "ray" / "model", on_disk, shard_runner=ray_shard_runner())
     assert _files(tmp_path / "ray" / "model") == _files(serial.output)
     assert _leftovers(tmp_path) == []
+
+
+def test_cuda_on_a_cluster_without_gpus_is_one_line_not_a_hang(
+    ray_instance: Any, family: dict[str, Path], tmp_path: Path
+) -> None:
+    recipe = _recipe(tmp_path, family)
+    options = MergeOptions(device="cuda", out_shard_size=SHARD)
+    with pytest.raises(DistributedError, match="needs a GPU"):
+        merge(recipe, tmp_path / "gpu" / "model", options, shard_runner=ray_shard_runner())
+    assert not (tmp_path / "gpu" / "model").exists()
+    assert _leftovers(tmp_path) == []

@@ -139,6 +139,10 @@ def _run_parts(ray: Any, work: ShardWork, retries: int, fault: Fault | None) -> 
     # the plan, without its warnings, goes to the object store once for all the tasks
     plan_ref = ray.put(dataclasses.replace(work.plan, warnings=[]))
     final_ref = ray.put(work.stages[-1])
+    if resources(work.execution.device).get("num_gpus") and not ray.cluster_resources().get("GPU"):
+        raise DistributedError(  # the tasks would wait for a GPU forever
+            f"--ray: --device {work.execution.device} needs a GPU and the Ray cluster has none"
+        )
     execution = dataclasses.replace(work.execution, device=ray_device(work.execution.device))
     task = ray.remote(_merge_part).options(
         max_retries=retries, retry_exceptions=False, **resources(work.execution.device)
