@@ -23,3 +23,20 @@ CopyTokenizerOpt = Annotated[
         "--copy-tokenizer/--no-copy-tokenizer", help="Copy the base model's tokenizer files."
     ),
 ]
+
+# --ray ADDRESS (merge and search): local, auto, HOST:PORT or ray://HOST:PORT; docs/distributed.md
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="Run on Ray: 'local' starts a Ray instance here; 'auto', HOST:PORT or "
+        "ray://HOST:PORT joins a cluster (pip install 'alloykit[distributed]').",
+    ),
+]
+RayWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ray-workers", min=1, help="With --ray local: worker CPUs (default: all of them)."
+    ),
+]

@@ -32,6 +32,8 @@ MERGE_EXAMPLES = """Examples:
   alloykit merge recipe.yml merged/ --device auto --out-shard-size 2GiB --overwrite
   alloykit merge merged/alloykit_config.yml again/   # re-run a recipe written by a merge
   alloykit merge stages.yml merged/ --intermediate-dir work/   # multi-document recipe
+  alloykit merge recipe.yml merged/ --ray local --ray-workers 4  # shards as Ray tasks
+  alloykit merge recipe.yml /shared/merged/ --ray auto           # on a Ray cluster
 """
 
 EVALUATE_EXAMPLES = """Examples:
@@ -54,12 +56,16 @@ SEARCH_EXAMPLES = """Examples:
   alloykit search search.yml runs/s1 --resume              # continue after a kill
   alloykit search search.yml runs/s2 --seed 1 --save-model # also write the best merge
   alloykit merge runs/s1/best.yml merged/                  # merge the best recipe later
+  alloykit search search.yml runs/s3 --ray local --ray-workers 4   # 4 Ray actors score
+  alloykit search search.yml /shared/runs/s4 --ray auto    # the actors of a Ray cluster
 """
 
 from alloykit._cli_options import (  # noqa: E402
     CopyTokenizerOpt,
     OverwriteOpt,
     QuietOpt,
+    RayOpt,
+    RayWorkersOpt,
     ShardSizeOpt,
 )
 
@@ -150,6 +156,8 @@ def merge(
             "zero task vectors and models that do not share the base.",
         ),
     ] = True,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the models a YAML recipe names into OUTPUT."""
@@ -183,9 +191,21 @@ def merge(
                 _output.out.print(f"[bold]stage {name}[/]")
             _output.print_plan(plan)
         return
+    runner = None
+    if ray is not None:
+        from alloykit.distributed import require_ray
+        from alloykit.distributed.merge import ray_shard_runner
+
+        require_ray()
+        runner = ray_shard_runner(ray, ray_workers)
     with _output.MergeProgress(enabled=not quiet) as progress:
         result = run_merge(
-            config, output, options, progress=progress.advance, on_plan=progress.start
+            config,
+            output,
+            options,
+            progress=progress.advance,
+            on_plan=progress.start,
+            shard_runner=runner,
         )
     _output.print_result(result)
 
@@ -705,6 +725,8 @@ def search(
     save_model: Annotated[
         bool, typer.Option("--save-model", help="Also merge the best recipe into OUT/model.")
     ] = False,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Search merge recipes (CMA-ES, TPE, GP, random, greedy soup) on validation splits.
@@ -752,6 +774,8 @@ def search(
         resume=resume,
         save_model=save_model,
         threads=threads,
+        ray=ray,
+        ray_workers=ray_workers,
     )
     result = run_search(search_file, out, options, on_trial=report)
     if result.best is None or result.best.outcome is None:

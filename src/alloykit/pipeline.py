@@ -7,6 +7,7 @@ each step lives in its own module.
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +28,7 @@ from alloykit.io.tokenizer_files import write_output_tokenizer
 from alloykit.io.writer import (
     OutputFolder,
     ShardWriter,
+    TensorSlot,
     check_output_folder,
     copy_donor_files,
     layout_shards,
@@ -93,6 +95,36 @@ class MergeResult:
 
 
 ProgressHook = Callable[[TensorJob], None]
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """Writing a plan's output shards into ``folder``: what :func:`merge` hands a shard runner.
+
+    ``checkpoints`` are the final stage's opened inputs and ``stages`` the recipe's stages
+    (the final one last); ``execution`` has the seed fixed, so that every part of a split
+    merge draws the same random numbers; ``checks`` gathers the task-vector sums.
+    """
+
+    folder: Path
+    shards: list[list[TensorSlot]]
+    plan: MergePlan
+    checkpoints: Mapping[str, Checkpoint]
+    stages: list[MergeConfig]
+    execution: ExecutionOptions
+    checks: TaskVectorChecks | None
+    progress: ProgressHook | None
+
+
+ShardRunner = Callable[[ShardWork], None]
+
+
+def write_shards(work: ShardWork) -> None:
+    """The default shard runner: every job in this process, each tensor straight to its shard."""
+    with ShardWriter(work.folder, work.shards) as writer:
+        observe = work.checks.observe if work.checks is not None else None
+        execute(work.plan, work.checkpoints, writer, work.execution, work.progress, observe)
+        writer.finish()
 
 
 @contextmanager
@@ -247,6 +279,7 @@ def merge(
     *,
     progress: ProgressHook | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
+    shard_runner: ShardRunner | None = None,
 ) -> MergeResult:
     """Merge the models ``config`` names and write the result to ``out_dir``.
 
@@ -254,6 +287,8 @@ def merge(
     config, tokenizer files and the recipe (``alloykit_config.yml``, which this function
     accepts back). A multi-stage recipe (several YAML documents) runs its stages first.
     ``progress`` is called after each tensor of the final stage; ``on_plan`` once with its plan.
+    ``shard_runner`` computes and writes the final stage's shards (default: here, one tensor
+    at a time; :func:`alloykit.distributed.merge.ray_shard_runner` spreads them over Ray).
 
     Example:
         >>> result = merge("examples/linear.yml", "merged")  # doctest: +SKIP
@@ -280,7 +315,9 @@ def merge(
             log.warning(warning)
         if on_plan is not None:
             on_plan(plan)
-        written = _write(plan, run.checkpoints, run.stages, out, options, progress, warnings)
+        written = _write(
+            plan, run.checkpoints, run.stages, out, options, progress, warnings, shard_runner
+        )
     seconds = time.perf_counter() - started
     return MergeResult(out, plan, written.files, written.digest, seconds, written.warnings)
 
@@ -300,6 +337,7 @@ def _write(
     options: MergeOptions,
     progress: ProgressHook | None,
     warnings: list[str] | None = None,
+    shard_runner: ShardRunner | None = None,
 ) -> _Written:
     """Execute ``plan`` into a new model folder at ``out``; return its files and recipe hash.
 
@@ -315,10 +353,13 @@ def _write(
         OutputFolder(out, overwrite=options.overwrite) as folder,
         InputHashes(checkpoints if options.model_card else {}) as hashes,
     ):
-        with ShardWriter(folder.path, shards) as writer:
-            observe = checks.observe if checks is not None else None
-            execute(plan, checkpoints, writer, _execution(options), progress, observe)
-            writer.finish()
+        execution = _execution(options)
+        if execution.seed is None:  # one seed for all the parts, should the work be split
+            execution = replace(execution, seed=secrets.randbits(63))
+        work = ShardWork(
+            folder.path, shards, plan, checkpoints, stages, execution, checks, progress
+        )
+        (shard_runner or write_shards)(work)
         if checks is not None:
             for warning in checks.warnings():
                 log.warning(warning)

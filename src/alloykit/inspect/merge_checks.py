@@ -92,6 +92,21 @@ class TaskVectorChecks:
                 self._dot_base[item.model] += float(torch.sum(row * base, dtype=torch.float64))
                 self._base_sq[item.model] += base_sq
 
+    def add(self, other: TaskVectorChecks) -> None:
+        """Add the sums ``other`` gathered over other jobs of the same merge (its parts)."""
+        for sums, more in (
+            (self._delta_sq, other._delta_sq),
+            (self._matrix_delta_sq, other._matrix_delta_sq),
+            (self._weight_sq, other._weight_sq),
+            (self._dot_base, other._dot_base),
+            (self._base_sq, other._base_sq),
+        ):
+            for model, value in more.items():
+                sums[model] = sums.get(model, 0.0) + value
+        for model, seen in other._seen.items():
+            self._seen[model] = self._seen.get(model, False) or seen
+        self._delta_norm_setting |= other._delta_norm_setting
+
     def warnings(self) -> list[str]:
         """Zero task vectors, models that do not share the base, norms differing by over 10x."""
         seen = [m for m in self.models if self._seen[m]]

@@ -189,8 +189,12 @@ class ShardWriter:
         handle.write(data.data)
         self._written.add(name)
 
-    def finish(self) -> None:
-        """Close the shards and write the index; every planned tensor must have been written."""
+    def finish(self, *, index: bool = True) -> None:
+        """Close the shards and write the index; every planned tensor must have been written.
+
+        ``index=False`` leaves the index to whoever writes the other shards (a distributed
+        merge gives each worker some of the shards).
+        """
         missing = set(self._slots) - self._written
         if missing:
             raise MergeError(f"output is incomplete: {len(missing)} tensors were never written")
@@ -198,13 +202,26 @@ class ShardWriter:
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-        if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(s.end - s.begin for s in self._slots.values())},
-                "weight_map": {name: slot.file for name, slot in self._slots.items()},
-            }
-            text = json.dumps(index, indent=2) + "\n"
-            (self.folder / "model.safetensors.index.json").write_text(text)
+        if index:
+            write_index(self.folder, self.shards)
+
+
+def write_index(folder: Path, shards: list[list[TensorSlot]]) -> None:
+    """Write ``model.safetensors.index.json`` for a layout of more than one shard."""
+    if len(shards) <= 1:
+        return
+    slots = [slot for shard in shards for slot in shard]
+    index = {
+        "metadata": {"total_size": sum(s.end - s.begin for s in slots)},
+        "weight_map": {slot.name: slot.file for slot in slots},
+    }
+    text = json.dumps(index, indent=2) + "\n"
+    (folder / "model.safetensors.index.json").write_text(text)
+
+
+def shard_bytes(shard: list[TensorSlot]) -> int:
+    """The size of a finished shard file: its header plus its data."""
+    return len(safetensors_header(shard)) + (shard[-1].end if shard else 0)
 
 
 class OutputFolder:

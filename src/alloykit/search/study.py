@@ -19,10 +19,17 @@ Optimisers:
   template's models, each soup scored on the validation split.
 
 The test split is scored once, for the best feasible candidate, after the budget is spent.
+
+With ``ray`` set (``alloykit search --ray``), candidates are scored by Ray actors
+(:mod:`alloykit.distributed.search`): random search asks as many trials at once as there are
+actors and CMA-ES its whole generation, each trial seeded by its slot as in a serial run, and
+the study is told the results in slot order, so the trials are those of a serial run. TPE and
+GP depend on every earlier result and run one candidate at a time (on the cluster).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -45,6 +52,7 @@ from alloykit.search.spec import Search, load_search
 if TYPE_CHECKING:
     import optuna
 
+    from alloykit.distributed.search import Scorers
     from alloykit.search.cache import TaskVectorCache
 
 log = logging.getLogger("alloykit")
@@ -68,6 +76,8 @@ class SearchOptions:
     save_model: bool = False
     threads: int | None = None
     cache_task_vectors: bool = True  # task vectors written once to OUT/task_vectors (see cache)
+    ray: str | None = None  # Ray address (``local``, ``auto``, HOST:PORT); None: this process
+    ray_workers: int | None = None  # Ray actors scoring candidates (default: the cluster's CPUs)
 
 
 @dataclass(frozen=True)
@@ -139,25 +149,45 @@ def run_search(
     time_limit = options.time_limit or settings.time_limit
     seed = settings.seed if options.seed is None else options.seed
     out = Path(out)
+    if options.ray is not None and settings.name == "greedy_soup":
+        raise SearchError(
+            "--ray: greedy_soup scores one soup after another, each depending on the last; "
+            "run it without --ray, or use cmaes or random"
+        )
+    if options.ray is not None:
+        from alloykit.distributed import require_ray
+
+        require_ray()
     created = _prepare_folder(out, options.resume)
+    stack = contextlib.ExitStack()  # the Ray actors, when there are any
     try:
         objective = _objective(search, options)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report the trials
         study = _open_study(out, search, seed, options.resume)
+        scorers = None
+        if options.ray is not None:
+            from alloykit.distributed.search import ray_scorers
+
+            scorers = stack.enter_context(ray_scorers(search.path, options))
     except BaseException:
+        stack.close()
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    cache = task_vector_cache(out, options)
-    runner = _Runner(search, objective, study, seed, options, on_trial, budget, cache)
-    deadline = time.monotonic() + time_limit if time_limit else math.inf
+    # Ray actors merge from the checkpoints: the cache serves this process's candidates
+    cache = task_vector_cache(out, options) if scorers is None else None
     name = settings.name
-    if name == "cmaes":
-        runner.run_cmaes(budget, deadline)
-    elif name == "greedy_soup":
-        runner.run_soup(deadline)
-    else:
-        runner.run_sequential(name, budget, deadline)
+    with stack:
+        runner = _Runner(
+            search, objective, study, seed, options, on_trial, budget, cache, scorers=scorers
+        )
+        deadline = time.monotonic() + time_limit if time_limit else math.inf
+        if name == "cmaes":
+            runner.run_cmaes(budget, deadline)
+        elif name == "greedy_soup":
+            runner.run_soup(deadline)
+        else:
+            runner.run_sequential(name, budget, deadline)
     trials = stored_trials(study)
     best = best_trial(trials)
     test = _test_once(study, objective, best, seed, options, cache) if best is not None else None
@@ -299,6 +329,7 @@ class _Runner:
         on_trial: TrialHook | None,
         budget: int,
         task_vectors: TaskVectorCache | None = None,
+        scorers: Scorers | None = None,
     ) -> None:
         self.search = search
         self.task_vectors = task_vectors
@@ -308,6 +339,7 @@ class _Runner:
         self.options = options
         self.on_trial = on_trial
         self.budget = budget
+        self.scorers = scorers  # Ray actors scoring batches; None: score here, one at a time
         self.evaluated = 0  # candidates evaluated by this call (not replayed)
         self.seconds = 0.0
 
@@ -326,18 +358,33 @@ class _Runner:
         score: Callable[[], Outcome],
     ) -> Trial:
         """Score one candidate and tell the study; errors of the candidate are recorded."""
-        from optuna.trial import TrialState
-
         started = time.perf_counter()
-        trial.set_user_attr("slot", slot)
-        trial.set_user_attr("config", config)
+        self._start(trial, slot, config)
         outcome: Outcome | None = None
         error = None
         try:
             outcome = score()
         except AlloyError as e:
             error = str(e)
-        seconds = time.perf_counter() - started
+        return self._record(trial, slot, config, outcome, error, time.perf_counter() - started)
+
+    @staticmethod
+    def _start(trial: optuna.trial.Trial, slot: int, config: dict[str, Any]) -> None:
+        trial.set_user_attr("slot", slot)
+        trial.set_user_attr("config", config)
+
+    def _record(
+        self,
+        trial: optuna.trial.Trial,
+        slot: int,
+        config: dict[str, Any],
+        outcome: Outcome | None,
+        error: str | None,
+        seconds: float,
+    ) -> Trial:
+        """Tell the study one candidate's outcome (or its error) and report it."""
+        from optuna.trial import TrialState
+
         trial.set_user_attr("seconds", seconds)
         if outcome is not None:
             trial.set_user_attr("score", outcome.score)
@@ -357,31 +404,68 @@ class _Runner:
         return record
 
     def merge_and_score(self, config: dict[str, Any], slot: int) -> Outcome:
-        from alloykit.pipeline import MergeOptions, merge_in_memory
-
-        options = MergeOptions(
-            device=self.options.device,
-            seed=trial_seed(self.seed, slot),
-            threads=self.options.threads,
-        )
-        return self.objective.score(
-            merge_in_memory(config, options, task_vectors=self.task_vectors)
+        return score_candidate(
+            self.objective, config, trial_seed(self.seed, slot), self.options, self.task_vectors
         )
 
     def _candidate(self, trial: optuna.trial.Trial, slot: int) -> Trial:
         config = self.search.space.config(trial.params)
         return self.evaluate(trial, slot, config, lambda: self.merge_and_score(config, slot))
 
+    def evaluate_batch(
+        self, slots: list[int], ask: Callable[[int], optuna.trial.Trial], deadline: float
+    ) -> list[Trial]:
+        """Ask and score the candidates of ``slots``, telling the study in slot order.
+
+        Here, one at a time, none started after ``deadline``; with Ray actors, all at once
+        (or none, after the deadline). Returns the finished trials.
+        """
+        if self.scorers is None:
+            records = []
+            for slot in slots:
+                if time.monotonic() >= deadline:
+                    break
+                records.append(self._candidate(ask(slot), slot))
+            return records
+        if not slots or time.monotonic() >= deadline:
+            return []
+        started = time.perf_counter()
+        trials = [ask(slot) for slot in slots]
+        configs = [self.search.space.config(trial.params) for trial in trials]
+        for trial, slot, config in zip(trials, slots, configs, strict=True):
+            self._start(trial, slot, config)
+        seeds = [trial_seed(self.seed, slot) for slot in slots]
+        results = self.scorers.score(list(zip(configs, seeds, strict=True)))
+        records = [
+            self._record(trial, slot, config, outcome, error, seconds)
+            for trial, slot, config, (outcome, error, seconds) in zip(
+                trials, slots, configs, results, strict=True
+            )
+        ]
+        # candidates per minute of the cluster: wall time, not the sum of the candidates'
+        self.seconds += time.perf_counter() - started - sum(r.seconds for r in records)
+        return records
+
     def run_sequential(self, name: str, budget: int, deadline: float) -> None:
-        """Random search, TPE or GP: one trial at a time, a fresh seeded sampler for each."""
+        """Random search, TPE or GP: a fresh seeded sampler for each trial.
+
+        With Ray actors, random search asks one trial per actor at a time (its draws depend
+        on the slot only); TPE and GP, which learn from every earlier trial, ask one.
+        """
         distributions = self.search.space.distributions()
+        batch = self.scorers.size if self.scorers is not None and name == "random" else 1
+
+        def ask(slot: int) -> optuna.trial.Trial:
+            self.study.sampler = self._sampler(name, trial_seed(self.seed, slot))
+            return self.study.ask(distributions)
+
         while time.monotonic() < deadline:
             slot = len(self.finished())
             if slot >= budget:
                 break
-            self.study.sampler = self._sampler(name, trial_seed(self.seed, slot))
-            trial = self.study.ask(distributions)
-            self._candidate(trial, slot)
+            slots = list(range(slot, min(slot + batch, budget)))
+            if not self.evaluate_batch(slots, ask, deadline):
+                break
 
     def _sampler(self, name: str, seed: int) -> optuna.samplers.BaseSampler:
         import optuna
@@ -435,22 +519,25 @@ class _Runner:
         slot = 0
         while slot < budget:
             points = strategy.ask()
+            slots = list(range(slot, min(slot + len(points), budget)))
+            todo = [s for s in slots if s not in finished]
+
+            def ask(at: int, first: int = slot, points: list[Any] = points) -> optuna.trial.Trial:
+                params = space.from_unit(list(points[at - first])[: len(space.dimensions)])
+                self.study.enqueue_trial(params)
+                self.study.sampler = _quiet_random(trial_seed(self.seed, at))
+                return self.study.ask(distributions)
+
+            # a whole generation at once: on Ray actors its candidates run in parallel
+            finished.update({r.slot: r for r in self.evaluate_batch(todo, ask, deadline)})
+            if any(s not in finished for s in todo) or len(slots) < len(points):
+                return  # the time limit or the budget ended the generation
             losses = []
-            for point in points:
-                if slot >= budget:
-                    return
-                record = finished.get(slot)
-                if record is None:
-                    if time.monotonic() >= deadline:
-                        return
-                    params = space.from_unit(list(point)[: len(space.dimensions)])
-                    self.study.enqueue_trial(params)
-                    self.study.sampler = _quiet_random(trial_seed(self.seed, slot))
-                    record = self._candidate(self.study.ask(distributions), slot)
-                value = _value(record)
+            for s in slots:
+                value = _value(finished[s])
                 losses.append(FAILED_VALUE if value is None else -value)
-                slot += 1
             strategy.tell(points, losses)
+            slot += len(points)
 
     def run_soup(self, deadline: float) -> None:
         """Greedy soup over the template's models, every soup scored as one trial.
@@ -515,6 +602,29 @@ class _Runner:
             greedy_soup(list(range(len(models))), score, load=lambda i: states[i])
         except _OutOfTime:
             return
+
+
+def score_candidate(
+    objective: Objective,
+    config: dict[str, Any],
+    seed: int,
+    options: SearchOptions,
+    task_vectors: TaskVectorCache | None = None,
+) -> Outcome:
+    """Merge ``config`` in memory with the trial's ``seed`` and score it on the validation split.
+
+    What every candidate goes through, here or in a Ray actor; ``task_vectors`` is the
+    search's cache of ``x − base`` (:mod:`alloykit.search.cache`), when there is one.
+    """
+    from alloykit.pipeline import MergeOptions, merge_in_memory
+
+    merge_options = MergeOptions(device=options.device, seed=seed, threads=options.threads)
+    return objective.score(merge_in_memory(config, merge_options, task_vectors=task_vectors))
+
+
+def objective_for(search: Search, options: SearchOptions) -> Objective:
+    """The search's objective with the evaluation options of ``options``."""
+    return _objective(search, options)
 
 
 def _quiet_random(seed: int) -> optuna.samplers.BaseSampler:
@@ -620,6 +730,11 @@ def write_outputs(
     if options.save_model and best is not None:
         from alloykit.pipeline import MergeOptions, merge
 
+        shards = None
+        if options.ray is not None:  # the shards as Ray tasks, like merge --ray
+            from alloykit.distributed.merge import ray_shard_runner
+
+            shards = ray_shard_runner(options.ray, options.ray_workers)
         merge(
             best.config,
             out / "model",
@@ -629,6 +744,7 @@ def write_outputs(
                 threads=options.threads,
                 overwrite=True,
             ),
+            shard_runner=shards,
         )
         files.append("model/")
     return files
