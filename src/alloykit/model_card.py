@@ -29,7 +29,7 @@ _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Hashing reads through one reused buffer of this size: the merge's memory bound leaves room
 # for about one tensor's working set, so the hash thread must not hold more than a few MB.
-_CHUNK = 1 << 20
+_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from alloykit.inspect.stats import NOT_SHARED_COSINE, NOT_SHARED_RELATIVE, shares_base
+from alloykit.methods.task_vectors import blocks
 from alloykit.plan import COPY, MergePlan, TensorJob
 
 # Σ w·λ outside this range, with normalize off, is "far from one": the merged change is more
@@ -52,7 +53,12 @@ def coefficient_warnings(plan: MergePlan) -> list[str]:
 
 
 def _square_norm(values: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2
+    """``‖values‖²`` in float64, block by block (a float64 norm converts its input whole)."""
+    flat = values.reshape(-1)
+    return sum(
+        float(torch.linalg.vector_norm(flat[block], dtype=torch.float64)) ** 2
+        for block in blocks(flat.numel())
+    )
 
 
 class TaskVectorChecks:
@@ -80,16 +86,23 @@ class TaskVectorChecks:
         self._delta_norm_setting.add(str(job.params.get("delta_norm", "none")))
         matrix = base.dim() >= 2
         base_sq = _square_norm(base) if matrix else 0.0
+        flat_base = base.reshape(-1)
         for row, item in zip(tensors, job.inputs, strict=True):
             if item.model not in self._delta_sq:
                 continue
             self._seen[item.model] = True
-            delta_sq = _square_norm(row - base)
+            flat = row.reshape(-1)
+            # block by block: the sums' temporaries are blocks, not copies of the tensor
+            delta_sq = dot = 0.0
+            for block in blocks(flat.numel()):
+                delta_sq += _square_norm(flat[block] - flat_base[block])
+                if matrix:
+                    dot += float(torch.sum(flat[block] * flat_base[block], dtype=torch.float64))
             self._delta_sq[item.model] += delta_sq
             if matrix:
                 self._matrix_delta_sq[item.model] += delta_sq
                 self._weight_sq[item.model] += _square_norm(row)
-                self._dot_base[item.model] += float(torch.sum(row * base, dtype=torch.float64))
+                self._dot_base[item.model] += dot
                 self._base_sq[item.model] += base_sq
 
     def add(self, other: TaskVectorChecks) -> None:

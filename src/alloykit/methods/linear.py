@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from alloykit.methods.registry import MethodInputs
+from alloykit.methods.task_vectors import blocks
 
 
 def linear(tensors: torch.Tensor, weights: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -35,11 +36,13 @@ def linear(tensors: torch.Tensor, weights: torch.Tensor, *, normalize: bool = Tr
     first = tensors[0]
     # 1) the anchor term: Σ_i c_i times x_0, which is x_0 itself when normalising
     out = first.clone() if normalize else first * total
-    # 2) the weighted differences from the anchor
+    # 2) the weighted differences from the anchor, block by block (bounded temporaries)
+    flat, rows = out.view(-1), tensors.reshape(tensors.shape[0], -1)
     for i in range(1, tensors.shape[0]):
         coefficient = float(weights[i]) / total if normalize else float(weights[i])
         if coefficient != 0.0:
-            out.add_(tensors[i] - first, alpha=coefficient)
+            for block in blocks(flat.numel()):
+                flat[block].add_(rows[i, block] - rows[0, block], alpha=coefficient)
     return out
 
 

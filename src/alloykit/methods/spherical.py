@@ -18,7 +18,13 @@ import torch
 from alloykit.errors import MergeError
 from alloykit.methods.reductions import stable_row_sums
 from alloykit.methods.registry import MethodInputs
-from alloykit.methods.task_vectors import ZERO_WEIGHT_SUM, stable_sum
+from alloykit.methods.task_vectors import (
+    ZERO_WEIGHT_SUM,
+    blocks,
+    stable_block_sum,
+    stable_sum,
+    stable_sum_of,
+)
 
 # MergeKit's threshold: inputs closer to colinear than this are lerped (reference §1.5).
 COLINEAR = 0.9995
@@ -37,13 +43,28 @@ _ROUNDING = 1e-14
 
 
 def _norm(tensor: torch.Tensor) -> float:
-    """The Euclidean norm of a whole tensor, summed in float64 in a fixed order."""
-    return math.sqrt(stable_sum(tensor.double() ** 2))
+    """The Euclidean norm of a whole tensor, summed in float64 in a fixed order (block by
+    block: no float64 copy of the tensor)."""
+    return math.sqrt(stable_sum_of(tensor.reshape(-1), lambda x: x.double() ** 2))
 
 
 def _dot(first: torch.Tensor, second: torch.Tensor) -> float:
     """The dot product of two whole tensors, summed in float64 in a fixed order."""
     return stable_sum(first.double() * second.double())
+
+
+def _unit_dot(v0: torch.Tensor, norm0: float, v1: torch.Tensor, norm1: float) -> float:
+    """``_dot(v0 / norm0, v1 / norm1)`` bit for bit (a norm at or below epsilon divides by
+    nothing), block by block: no unit vectors or float64 copies are materialised."""
+    flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
+
+    def unit(flat: torch.Tensor, norm: float, block: slice) -> torch.Tensor:
+        part = flat[block]
+        return (part / norm if norm > _NORM_EPSILON else part).double()
+
+    return stable_block_sum(
+        flat0.numel(), lambda block: unit(flat0, norm0, block) * unit(flat1, norm1, block)
+    )
 
 
 def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
@@ -68,14 +89,19 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     """
     norm0 = _norm(v0)
     norm1 = _norm(v1)
-    unit0 = v0 / norm0 if norm0 > _NORM_EPSILON else v0
-    unit1 = v1 / norm1 if norm1 > _NORM_EPSILON else v1
-    dot = _dot(unit0, unit1)
+    dot = _unit_dot(v0, norm0, v1, norm1)
+    out = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device)
+    flat0, flat1, flat = v0.reshape(-1), v1.reshape(-1), out.view(-1)
     if abs(dot) > COLINEAR:  # 1) nearly colinear: the sphere is flat here
-        return v0 + t * (v1 - v0)
+        for block in blocks(flat.numel()):
+            flat[block] = flat0[block] + t * (flat1[block] - flat0[block])
+        return out
     theta = math.acos(dot)  # 2) the angle between the two directions
     sin_theta = math.sin(theta)
-    return (math.sin((1 - t) * theta) / sin_theta) * v0 + (math.sin(t * theta) / sin_theta) * v1
+    a, b = math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    for block in blocks(flat.numel()):  # elementwise: block by block, bounded temporaries
+        flat[block] = a * flat0[block] + b * flat1[block]
+    return out
 
 
 def run_slerp(inputs: MethodInputs) -> torch.Tensor:

@@ -76,14 +76,20 @@ def stable_sum_of(flat: torch.Tensor, transform: Callable[[torch.Tensor], torch.
     that adds them, are the ones the whole tensor would give; only a block is transformed at
     once.
     """
-    n = flat.numel()
+    return stable_block_sum(flat.numel(), lambda block: transform(flat[block]))
+
+
+def stable_block_sum(n: int, values: Callable[[slice], torch.Tensor]) -> float:
+    """``stable_sum`` of an ``n``-element 1-D tensor given block by block: ``values(block)``
+    returns the elements in ``block`` (a slice from :func:`blocks`); bit for bit the whole
+    tensor's stable sum (see :func:`stable_sum_of`)."""
     if n <= _PARTIAL:
-        return stable_sum(transform(flat))
+        return stable_sum(values(slice(0, n)))
     partials = []
     for block in blocks(n):
-        values = transform(flat[block]).to(torch.float64)
-        values = torch.nn.functional.pad(values, (0, -values.numel() % _PARTIAL))
-        partials.append(values.view(-1, _PARTIAL).sum(dim=1))
+        part = values(block).to(torch.float64)
+        part = torch.nn.functional.pad(part, (0, -part.numel() % _PARTIAL))
+        partials.append(part.view(-1, _PARTIAL).sum(dim=1))
     return float(stable_row_sums(torch.cat(partials)))
 
 
