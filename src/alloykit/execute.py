@@ -244,6 +244,13 @@ def execute(
             value = checkpoints[model].read(tensor)
             return value.to(load_dtype) if load_dtype is not None else value
 
+        def read_into(model: str, tensor: str, out: torch.Tensor) -> None:
+            checkpoint = checkpoints[model]
+            if load_dtype is None and isinstance(checkpoint, Checkpoint):
+                checkpoint.read_into(tensor, out)  # no whole-tensor copy of the raw data
+            else:
+                out.copy_(read(model, tensor))
+
         if job.vocabulary:
             return load_aligned(job, read)
         if job.method == COPY:
@@ -255,10 +262,11 @@ def execute(
             kept = read(job.base.model, job.base.tensor).to(device=device, dtype=work_dtype)
             return _Loaded(job, stack, kept, deltas=True)
         for row, item in enumerate(job.inputs):
-            stack[row].copy_(read(item.model, item.tensor))
+            read_into(item.model, item.tensor, stack[row])
         base = None
         if job.base is not None:
-            base = read(job.base.model, job.base.tensor).to(device=device, dtype=work_dtype)
+            base = torch.empty(job.shape, dtype=work_dtype, device=device)
+            read_into(job.base.model, job.base.tensor, base)
         loaded = _Loaded(job, stack, base)
         if calibrated is not None:
             calibrated.attach(loaded, plan.base_model)

@@ -113,6 +113,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+_READ_BUFFER = 1 << 24  # bytes read at once when a tensor is converted while read
+
+
 class Checkpoint:
     """A model folder opened for reading: its ``config.json`` and an index of its tensors.
 
@@ -178,13 +181,47 @@ class Checkpoint:
         buffer = self._read_bytes(info.file, info.offset, info.nbytes, name)
         return buffer.view(SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
 
-    def _read_bytes(self, file: Path, offset: int, count: int, name: str) -> torch.Tensor:
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor ``name`` converted into ``out`` (a contiguous CPU tensor of its shape).
+
+        Safetensors data goes straight into ``out`` when the dtypes match, else through a
+        buffer of at most 16 MB converted piece by piece: no whole-tensor copy of the raw
+        bytes is ever held.
+        """
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"model '{self.label}' has no tensor '{name}'")
+        if (
+            info.file.suffix != ".safetensors"
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+            or tuple(out.shape) != tuple(info.shape)
+        ):
+            out.copy_(self.read(name))
+            return
+        stored = SAFETENSORS_DTYPES[info.dtype]
+        flat = out.view(-1)
+        if stored == out.dtype:
+            self._read_bytes(info.file, info.offset, info.nbytes, name, into=flat.view(torch.uint8))
+            return
+        width = torch.empty((), dtype=stored).element_size()
+        step = max(1, _READ_BUFFER // width)
+        for start in range(0, flat.numel(), step):
+            stop = min(start + step, flat.numel())
+            raw = self._read_bytes(
+                info.file, info.offset + start * width, (stop - start) * width, name
+            )
+            flat[start:stop].copy_(raw.view(stored))
+
+    def _read_bytes(
+        self, file: Path, offset: int, count: int, name: str, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``count`` bytes of ``file`` from ``offset`` (tensor ``name``'s), as a uint8 tensor."""
         try:
             descriptor = self._descriptors.get(file)
             if descriptor is None:
                 descriptor = self._descriptors[file] = os.open(file, os.O_RDONLY)
-            buffer = torch.empty(count, dtype=torch.uint8)
+            buffer = torch.empty(count, dtype=torch.uint8) if into is None else into
             view = buffer.numpy().data
             done = 0
             while done < count:  # pread may return less than asked
