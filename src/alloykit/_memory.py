@@ -4,10 +4,10 @@ glibc's allocator raises its mmap threshold each time a large block is freed (up
 after the first tensors of a merge, buffers of up to 32 MB come from the heap, where freed space
 fragments and is rarely returned: measured on a merge of 1.25 MB tensors, the peak resident
 memory above the interpreter was 30-45 MB with the default, 5.5-7.9 MB with the threshold fixed
-at 1 MiB and 6.0-6.3 MB at 64 KiB (``benchmarks/RESULTS.md``). Fixing the threshold makes every
-buffer of at least 64 KiB its own mapping, unmapped when freed, so the peak follows the tensors
-a merge really holds. (Large tensors are mapped by glibc anyway; the cost is a system call per
-block-sized temporary, small next to the arithmetic on it.)
+at 1 MiB and 6.0-6.3 MB at 64 KiB. A threshold below the blockwise passes' temporaries costs
+time instead: each is then a fresh mapping faulted in page by page (on the 1.1B benchmark model,
+2.4 million page faults and 15 s of system time for a linear merge). So the threshold follows
+the model: a quarter of its largest tensor (:func:`mmap_threshold`).
 """
 
 from __future__ import annotations
@@ -17,20 +17,24 @@ import os
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD = 1 << 16
+MIN_THRESHOLD = 1 << 16
+MAX_THRESHOLD = 1 << 25  # glibc's own ceiling for its moving threshold (32 MiB on 64-bit)
 
-_tuned = False
+
+def mmap_threshold(largest: int) -> int:
+    """The threshold for a merge whose largest tensor takes ``largest`` bytes (working
+    precision): a quarter of it, between 64 KiB and 32 MiB. Whole tensors and stacks are then
+    mapped and unmapped (no fragmentation, returned to the OS at once); the blockwise passes'
+    temporaries, smaller, are reused from the heap without new page faults."""
+    return min(max(largest // 4, MIN_THRESHOLD), MAX_THRESHOLD)
 
 
-def tune_malloc() -> bool:
-    """Fix glibc's mmap threshold at 64 KiB, once per process; True when it is set.
+def tune_malloc(largest: int) -> bool:
+    """Fix glibc's mmap threshold for a merge (see :func:`mmap_threshold`); True when set.
 
     Skipped when not on Linux/glibc, when the user set ``MALLOC_MMAP_THRESHOLD_`` themselves,
     or with ``ALLOYKIT_MALLOC_TUNING=0``.
     """
-    global _tuned
-    if _tuned:
-        return True
     if (
         not sys.platform.startswith("linux")
         or "MALLOC_MMAP_THRESHOLD_" in os.environ
@@ -44,5 +48,4 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    _tuned = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    return _tuned
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold(largest)))

@@ -148,6 +148,14 @@ def merge(
             help="Write README.md (method, inputs with hashes, recipe) into the output.",
         ),
     ] = True,
+    hash_inputs: Annotated[
+        bool,
+        typer.Option(
+            "--hash-inputs",
+            help="List the sha256 of local input files in the model card (reads every input "
+            "once more; Hub inputs' hashes are free and always listed).",
+        ),
+    ] = False,
     checks: Annotated[
         bool,
         typer.Option(
@@ -182,6 +190,7 @@ def merge(
         precision=precision,
         intermediate_dir=intermediate_dir,
         model_card=model_card,
+        hash_inputs=hash_inputs,
         checks=checks,
     )
     if dry_run:

@@ -229,7 +229,6 @@ def execute(
     :func:`task_vector_jobs` their task vectors ready-made; the result is the same bits.
     """
     options = options or ExecutionOptions()
-    tune_malloc()  # freed tensors go back to the OS instead of fragmenting the heap
     device = resolve_device(options.device)
     work_dtype = {"float32": torch.float32, "float64": torch.float64}[options.precision]
     load_dtype = getattr(torch, plan.load_dtype) if plan.load_dtype else None
@@ -321,6 +320,8 @@ def execute(
     if not jobs:
         return
     sizes = [_input_bytes(job, work_dtype) for job in jobs]
+    # whole tensors are mapped and returned to the OS when freed; blocks reuse the heap
+    tune_malloc(max(_input_bytes(job, work_dtype) // max(1, _input_count(job)) for job in jobs))
     budget = max(sizes)  # one job's inputs at the largest tensor: what the bound allows
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloykit-read") as reader:
         pending: Future[_Loaded] | None = reader.submit(load, jobs[0])
@@ -345,9 +346,13 @@ def execute(
                 pending = reader.submit(load, jobs[index + 1])
 
 
+def _input_count(job: TensorJob) -> int:
+    return len(job.inputs) + (job.base is not None)
+
+
 def _input_bytes(job: TensorJob, work_dtype: torch.dtype) -> int:
     """Bytes a job's loaded inputs take: its stack and base in the working precision."""
-    count = len(job.inputs) + (job.base is not None)
+    count = _input_count(job)
     elements = 1
     for size in job.shape:
         elements *= size

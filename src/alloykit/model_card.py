@@ -5,7 +5,9 @@ read the rest: the method and its paper, the inputs with their revisions and has
 recipe that reproduces the merge, the alloykit version and the warnings the merge gave.
 
 Input hashes are the sha256 of each weight file. A Hub input's come free: the cache names each
-file's blob by its sha256 (the Hub's LFS hash). Local files are hashed in a background thread
+file's blob by its sha256 (the Hub's LFS hash). Local files are hashed only when asked
+(``hash_inputs``, ``--hash-inputs``: reading every input again costs about 40% of a linear
+merge's time on a 2-core machine), in a background thread
 while the merge runs (:class:`InputHashes`), so the cost hides behind the merge's arithmetic
 where it can; ``--no-model-card`` skips it.
 """
@@ -46,9 +48,11 @@ def input_records(
     config: MergeConfig,
     checkpoints: Mapping[str, Checkpoint],
     hashes: Mapping[Path, str] | None = None,
+    hash_local: bool = True,
 ) -> list[InputRecord]:
     """The final stage's inputs, base first, with revisions and sha256 (from ``hashes`` when
-    given, see :class:`InputHashes`)."""
+    given, see :class:`InputHashes`; a local file not in ``hashes`` is read and hashed only
+    with ``hash_local``, else its digest is ``NOT_HASHED``)."""
     hashes = hashes or {}
     base = str(config.base_model) if config.base_model else None
     records = []
@@ -62,7 +66,9 @@ def input_records(
             continue
         snapshot = _SNAPSHOT.search(str(Path(checkpoint.folder).absolute()))
         revision = ref.revision or (snapshot[1] if snapshot else "local")
-        digests = tuple((file.name, hashes.get(file) or file_sha256(file)) for file in files)
+        digests = tuple(
+            (file.name, hashes.get(file) or file_sha256(file, local=hash_local)) for file in files
+        )
         records.append(InputRecord(label, role, revision, digests))
     records.sort(key=lambda r: r.role != "base")
     return records
@@ -74,12 +80,17 @@ def weight_files(checkpoint: Checkpoint) -> list[Path]:
     return [file for file in files if file.is_file()]
 
 
-def file_sha256(file: Path, stop: threading.Event | None = None) -> str:
+NOT_HASHED = "not hashed (local file; merge with --hash-inputs)"
+
+
+def file_sha256(file: Path, stop: threading.Event | None = None, *, local: bool = True) -> str:
     """sha256 of a file: the blob's name in the Hugging Face cache, else read and hashed
-    (``""`` when ``stop`` is set before the end)."""
+    (``""`` when ``stop`` is set before the end; ``NOT_HASHED`` without ``local``)."""
     target = file.resolve()
     if target.parent.name == "blobs" and _SHA256.match(target.name):
         return target.name
+    if not local:
+        return NOT_HASHED
     digest = hashlib.sha256()
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)

@@ -63,6 +63,8 @@ class MergeOptions:
         intermediate_dir: where a multi-stage recipe writes its intermediate models; None
             keeps them in memory.
         model_card: write ``README.md`` (front matter, method, inputs, recipe) into the output.
+        hash_inputs: list the sha256 of local input files in the model card (read and hashed
+            during the merge; Hub inputs' hashes are free and always listed).
         checks: warn about suspicious inputs (coefficients far from one, task vectors of very
             different norms, zero task vectors, models that do not share the base).
     """
@@ -79,6 +81,7 @@ class MergeOptions:
     precision: str = "float32"
     intermediate_dir: str | Path | None = None
     model_card: bool = True
+    hash_inputs: bool = False
     checks: bool = True
 
 
@@ -351,7 +354,7 @@ def _write(
     checks = TaskVectorChecks(list(plan.models)) if options.checks else None
     with (
         OutputFolder(out, overwrite=options.overwrite) as folder,
-        InputHashes(checkpoints if options.model_card else {}) as hashes,
+        InputHashes(checkpoints if options.model_card and options.hash_inputs else {}) as hashes,
     ):
         execution = _execution(options)
         if execution.seed is None:  # one seed for all the parts, should the work be split
@@ -380,7 +383,9 @@ def _write(
         body = "---\n".join(recipe.to_yaml() for recipe in recipes)
         (folder.path / RECIPE_FILE).write_text(header + body)
         if options.model_card:
-            inputs = input_records(stages[-1], checkpoints, hashes.result())
+            inputs = input_records(
+                stages[-1], checkpoints, hashes.result(), hash_local=options.hash_inputs
+            )
             _write_card(folder.path, out.name, plan, inputs, body, digest, warnings)
         files = sorted(p.name for p in folder.path.iterdir())
         folder.commit()

@@ -31,7 +31,7 @@ def test_card_has_front_matter_inputs_recipe_citation_and_version(
             for m in ("ft", "same")
         ],
     }
-    result = merge(config, tmp_path / "merged")
+    result = merge(config, tmp_path / "merged", MergeOptions(hash_inputs=True))
     assert "README.md" in result.files
     card = (result.output / "README.md").read_text()
     front = front_matter(card)
@@ -72,6 +72,8 @@ def test_fingerprint_is_stable_and_no_card_when_asked(
     second = (merge(config, tmp_path / "b").output / "README.md").read_text()
     assert first.replace("# a\n", "# b\n") == second
     skipped = merge(config, tmp_path / "c", MergeOptions(model_card=False))
+    # local inputs are not read a second time unless asked (Hub inputs' hashes are free)
+    assert "not hashed (local file; merge with --hash-inputs)" in first
     assert "README.md" not in skipped.files
 
 
