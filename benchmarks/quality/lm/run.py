@@ -1,0 +1,130 @@
+"""Causal-LM skill-merge benchmark: SmolLM2-135M-Instruct, mathematics-dataset skill experts.
+
+One full fine-tune and one LoRA fine-tune per skill (cached), every method of METHODS merging
+the experts (full; LoRA as dense updates and as adapters through ``alloykit lora merge``),
+scored by exact match on each skill's held-out test questions; parameters are chosen on
+validation. Writes Markdown tables and the raw numbers (JSON).
+
+    python benchmarks/quality/lm/run.py                      # the small configuration
+    python benchmarks/quality/lm/run.py --experts-only       # fine-tune and cache only
+    python benchmarks/quality/lm/run.py --methods task_arithmetic,ties --no-lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+LAMBDA = [0.5, 1.0]
+# Methods merging all experts at once, and the validation grid of each (kept small: every
+# grid point costs one in-memory merge and one generation pass over the validation split).
+METHODS: dict[str, dict[str, list]] = {
+    "linear": {},
+    "task_arithmetic": {"lambda": LAMBDA},
+    "ties": {"density": [0.2, 0.5], "lambda": [1.0]},
+    "dare_ties": {"density": [0.5], "lambda": [1.0]},
+    "tsv": {"alpha": [1.0]},
+}
+SMALL = {"steps": 40, "batch_size": 8, "sizes": (1000, 100, 100)}
+
+
+def main() -> None:
+    """Train or reuse the experts, build the tables, write them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "src"))
+    from alloykit.demo.lm.base import base_model
+    from alloykit.demo.lm.data import DEFAULT_MODULES, build_skills, write_tasks
+    from alloykit.demo.lm.experiment import Scorer, format_table, run_table
+    from alloykit.demo.lm.train import TrainConfig, get_expert
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/alloykit/lm")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("table.md"))
+    parser.add_argument("--modules", default=",".join(DEFAULT_MODULES))
+    parser.add_argument("--methods", default="", help="comma-separated subset of METHODS")
+    parser.add_argument("--no-lora", action="store_true", help="full fine-tunes only")
+    parser.add_argument("--experts-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=SMALL["steps"])
+    parser.add_argument("--batch-size", type=int, default=SMALL["batch_size"])
+    parser.add_argument("--lr-full", type=float, default=5e-5)
+    parser.add_argument("--lr-lora", type=float, default=3e-4)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the experts")
+    args = parser.parse_args()
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    started = time.perf_counter()
+    modules = [m for m in args.modules.split(",") if m]
+    skills = build_skills(modules, SMALL["sizes"])
+    tasks = write_tasks(skills, args.cache / "tasks")
+    base = base_model(args.cache)
+    kinds = ["full"] if args.no_lora else ["full", "lora"]
+    configs = {
+        "full": TrainConfig(
+            "full", args.steps, args.batch_size, args.lr_full, threads=args.threads
+        ),
+        "lora": TrainConfig(
+            "lora",
+            args.steps,
+            args.batch_size,
+            args.lr_lora,
+            threads=args.threads,
+            lora_rank=args.rank,
+            lora_alpha=2 * args.rank,
+        ),
+    }
+    experts: dict[str, dict[str, Path]] = {kind: {} for kind in kinds}
+    timing: dict[str, dict] = {}
+    for kind in kinds:
+        for skill in skills:
+            folder = get_expert(args.cache, base, skill.module, skill.train, configs[kind], log)
+            experts[kind][skill.module] = folder
+            timing[f"{kind}:{skill.module}"] = json.loads((folder / "train.json").read_text())[
+                "timing"
+            ]
+            log(f"{kind} {skill.module}: {folder}")
+    if args.experts_only:
+        return
+    wanted = [m for m in args.methods.split(",") if m] or list(METHODS)
+    methods = {m: METHODS[m] for m in wanted}
+    scorer = Scorer(tasks, args.cache / "scores.json", args.threads)
+    sections = []
+    raw = {}
+    for kind in kinds:
+        rows, own = run_table(
+            scorer,
+            base,
+            {s: f / "model" for s, f in experts[kind].items()},
+            methods,
+            adapters={s: f / "adapter" for s, f in experts[kind].items()}
+            if kind == "lora"
+            else None,
+            cache=args.cache,
+            rank=args.rank * len(modules),
+            log=log,
+        )
+        title = "Full fine-tunes" if kind == "full" else "LoRA fine-tunes"
+        sections.append(f"### {title}\n\n{format_table(rows, own)}\n")
+        raw[kind] = {"own": own, "rows": [r.__dict__ for r in rows]}
+    per_step = {k: round(v["seconds_per_step"], 1) for k, v in timing.items()}
+    head = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}; "
+        f"training: {args.steps} steps x batch {args.batch_size}, lr {args.lr_full} (full) / "
+        f"{args.lr_lora} (LoRA rank {args.rank}); seconds per step: {per_step}; "
+        f"total {time.perf_counter() - started:.0f} s.\n\n"
+    )
+    text = head + "\n".join(sections)
+    print(text)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"raw": raw, "timing": timing, "methods": methods}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
