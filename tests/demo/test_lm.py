@@ -32,6 +32,7 @@ from alloykit.demo.lm.experiment import (
     merge_config,
     normalised,
     run_table,
+    selection_value,
 )
 from alloykit.demo.lm.train import TrainConfig, answer_loss, batches, collate, encode_examples
 from tests.helpers import load_tensors
@@ -249,9 +250,9 @@ class _FakeScorer(Scorer):
             for skill in self.tasks:
                 self.test_reads[(label, skill)] = self.test_reads.get((label, skill), 0) + 1
         if isinstance(model, dict):
-            if model["merge_method"] == "broken":
+            if model["merge_method"] == "ties":
                 raise ValueError("cannot merge\nsecond line")
-            lam = model["models"][0]["parameters"].get("lambda", 1.0)
+            lam = model.get("parameters", {}).get("lambda", 1.0)  # task_arithmetic's is global
             value = 80.0 - 100 * abs(lam - 0.5) + (5.0 if split == "test" else 0.0)
             return {"a": value, "b": value / 2}
         name = Path(str(model)).name
@@ -261,7 +262,7 @@ class _FakeScorer(Scorer):
 def test_run_table_chooses_on_validation_and_reads_test_once(tmp_path: Path) -> None:
     scorer = _FakeScorer()
     experts = {"a": tmp_path / "a", "b": tmp_path / "b"}
-    methods = {"task_arithmetic": {"lambda": [0.3, 0.5, 1.0]}, "broken": {}}
+    methods = {"task_arithmetic": {"lambda": [0.3, 0.5, 1.0]}, "ties": {}, "broken": {}}
     rows, own = run_table(scorer, tmp_path / "base", experts, methods, log=lambda _: None)
     assert own == {"a": 90.0, "b": 60.0}
     by_name = {row.name: row for row in rows}
@@ -270,7 +271,8 @@ def test_run_table_chooses_on_validation_and_reads_test_once(tmp_path: Path) -> 
     assert merged.em == {"a": 85.0, "b": 42.5}
     # validation is normalised by the experts' own validation scores: (80/90 + 40/60) / 2
     assert merged.val_mean == pytest.approx((80 / 90 + 40 / 60) / 2 * 100)
-    assert by_name["broken"].note == "failed: cannot merge"
+    assert by_name["ties"].note == "failed: cannot merge"  # first line of the error
+    assert by_name["broken"].note.startswith("failed: merge_method: unknown method 'broken'")
     assert [c for c in scorer.calls if c[1] == "test"] == [
         ("base", "test"),
         ("expert: a", "test"),
@@ -299,6 +301,11 @@ def test_run_table_refuses_a_second_test_read(tmp_path: Path) -> None:
         )
 
 
+def test_selection_falls_back_to_exact_match_when_no_expert_scores() -> None:
+    assert selection_value({"a": 45.0, "b": 3.0}, {"a": 50.0, "b": 0.0}) == 90.0
+    assert selection_value({"a": 4.0, "b": 2.0}, {"a": 0.0, "b": 0.0}) == 3.0
+
+
 def test_normalised_and_keeps() -> None:
     own = {"a": 50.0, "b": 0.0}
     norm = normalised({"a": 45.0, "b": 3.0}, own)
@@ -316,3 +323,59 @@ def test_merge_config_is_what_alloykit_accepts(tmp_path: Path) -> None:
     parsed = MergeConfig.model_validate(config)
     assert parsed.merge_method == "ties"
     assert [m["parameters"] for m in config["models"]] == [{"weight": 1.0, "density": 0.5}] * 2
+    assert "parameters" not in config
+    # lambda is global to task_arithmetic: it goes to the top level, where alloykit reads it
+    config = merge_config("task_arithmetic", tmp_path / "base", [tmp_path / "x"], {"lambda": 0.5})
+    assert config["parameters"] == {"lambda": 0.5}
+    assert config["models"][0]["parameters"] == {"weight": 1.0}
+    MergeConfig.model_validate(config)
+
+
+def test_table_on_toy_models_runs_every_route_through_alloykit(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real scorer (alloykit.evaluate), merge configs merged in memory and adapters merged
+    with lora merge, on toy Llamas; scores are cached and reused without evaluating again."""
+    from tests.lora.conftest import make_adapter
+
+    rows = {
+        skill: [QA(f"w{i} w{i + 1}", f"w{i + offset}") for i in range(3, 9)]
+        for skill, offset in (("s__one", 2), ("s__two", 3))
+    }
+    skills = [split_rows(s, r, (2, 2, 2), seed=0) for s, r in rows.items()]
+    tasks = write_tasks(skills, tmp_path / "tasks", max_new_tokens=2)
+    adapters = {
+        skill: make_adapter(family["base"], tmp_path / f"adapter-{skill}", seed=index)
+        for index, skill in enumerate(tasks)
+    }
+    experts = {"s__one": family["ft1"], "s__two": family["ft2"]}
+    scorer = Scorer(tasks, tmp_path / "scores.json", threads=1)
+    methods = {"task_arithmetic": {"lambda": [0.5, 1.0]}}
+    table, _ = run_table(
+        scorer, family["base"], experts, methods, adapters=adapters, cache=tmp_path, rank=8
+    )
+    names = [row.name for row in table]
+    assert names == [
+        "base",
+        "expert: s__one",
+        "expert: s__two",
+        "task_arithmetic (dense)",
+        "task_arithmetic (lora merge)",
+    ]
+    assert all(row.em and not row.note for row in table), [row.note for row in table]
+    assert all(0.0 <= v <= 100.0 for row in table for v in row.em.values())
+    assert len(list((tmp_path / "adapter-merges").iterdir())) == 2  # one per grid point
+    # a fresh scorer on the same cache file answers without evaluating anything
+    import alloykit
+
+    monkeypatch.setattr(alloykit, "evaluate", lambda *a, **k: pytest.fail("not cached"))
+    again, _ = run_table(
+        Scorer(tasks, tmp_path / "scores.json", threads=1),
+        family["base"],
+        experts,
+        methods,
+        adapters=adapters,
+        cache=tmp_path,
+        rank=8,
+    )
+    assert [row.em for row in again] == [row.em for row in table]

@@ -91,13 +91,21 @@ class Scorer:
 def merge_config(
     method: str, base: Path, experts: Sequence[Path], params: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """A MergeKit-style config merging ``experts`` over ``base`` with ``params`` per model."""
-    return {
+    """A MergeKit-style config merging ``experts`` over ``base``: ``params`` that the method
+    declares per model go to every model (beside ``weight: 1``), the others to the top level."""
+    from alloykit import get_method
+
+    declared = {p.name: p.per_model for p in get_method(method).params}
+    per_model = {k: v for k, v in params.items() if declared.get(k, True)}
+    config: dict[str, Any] = {
         "merge_method": method,
         "base_model": str(base),
-        "models": [{"model": str(e), "parameters": {"weight": 1.0, **params}} for e in experts],
+        "models": [{"model": str(e), "parameters": {"weight": 1.0, **per_model}} for e in experts],
         "dtype": "float32",
     }
+    if len(per_model) < len(params):
+        config["parameters"] = {k: v for k, v in params.items() if k not in per_model}
+    return config
 
 
 def adapter_merge(
@@ -172,7 +180,7 @@ def run_table(
                         s: scorer.score(f"val:expert:{s}", experts[s], "validation")[s]
                         for s in skills
                     }
-                    value = _mean(normalised(val, val_own))
+                    value = selection_value(val, val_own)
                     log(f"  {label} {point}: validation {value:.1f}")
                     if value > best[0]:
                         best = (value, point, model)
@@ -187,6 +195,13 @@ def run_table(
         if count != 1 or label.startswith("val:"):
             raise LMProtocolError(f"test split of {skill} read {count} times for {label}")
     return rows, own
+
+
+def selection_value(em: Mapping[str, float], own: Mapping[str, float]) -> float:
+    """What validation maximises: the mean normalised exact match over the skills whose
+    expert scores above 0, else (no expert scores) the mean exact match."""
+    value = _mean(normalised(em, own))
+    return sum(em.values()) / len(em) if math.isnan(value) else value
 
 
 def _mean(values: Mapping[str, float]) -> float:
