@@ -6,6 +6,7 @@ scored by exact match on each skill's held-out test questions; parameters are ch
 validation. Writes Markdown tables and the raw numbers (JSON).
 
     python benchmarks/quality/lm/run.py                      # the small configuration
+    python benchmarks/quality/lm/run.py --config full        # 300 steps x 16, more data
     python benchmarks/quality/lm/run.py --experts-only       # fine-tune and cache only
     python benchmarks/quality/lm/run.py --methods task_arithmetic,ties --no-lora
 """
@@ -32,7 +33,12 @@ METHODS: dict[str, dict[str, list]] = {
     "dare_ties": {"density": [0.5], "lambda": [1.0]},
     "tsv": {"alpha": [1.0]},
 }
-SMALL = {"steps": 40, "batch_size": 8, "sizes": (1000, 100, 100)}
+# Training and data sizes: "small" is the configuration meant to finish on a 2-core CPU
+# (benchmarks/RESULTS.md has its measured time per step); "full" is the larger one.
+PRESETS: dict[str, dict] = {
+    "small": {"steps": 40, "batch_size": 8, "sizes": (1000, 100, 100)},
+    "full": {"steps": 300, "batch_size": 16, "sizes": (5000, 200, 500)},
+}
 
 
 def main() -> None:
@@ -51,17 +57,21 @@ def main() -> None:
     parser.add_argument("--no-lora", action="store_true", help="full fine-tunes only")
     parser.add_argument("--experts-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=SMALL["steps"])
-    parser.add_argument("--batch-size", type=int, default=SMALL["batch_size"])
+    parser.add_argument("--config", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-lora", type=float, default=3e-4)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the experts")
     args = parser.parse_args()
+    preset = PRESETS[args.config]
+    args.steps = args.steps or preset["steps"]
+    args.batch_size = args.batch_size or preset["batch_size"]
     log = lambda text: print(text, flush=True)  # noqa: E731
     started = time.perf_counter()
     modules = [m for m in args.modules.split(",") if m]
-    skills = build_skills(modules, SMALL["sizes"])
-    tasks = write_tasks(skills, args.cache / "tasks")
+    skills = build_skills(modules, preset["sizes"])
+    tasks = write_tasks(skills, args.cache / f"tasks-{args.config}")
     base = base_model(args.cache)
     kinds = ["full"] if args.no_lora else ["full", "lora"]
     configs = {
@@ -114,6 +124,7 @@ def main() -> None:
     per_step = {k: round(v["seconds_per_step"], 1) for k, v in timing.items()}
     head = (
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}; "
+        f"configuration {args.config}, {preset['sizes']} train/validation/test questions; "
         f"training: {args.steps} steps x batch {args.batch_size}, lr {args.lr_full} (full) / "
         f"{args.lr_lora} (LoRA rank {args.rank}); seconds per step: {per_step}; "
         f"total {time.perf_counter() - started:.0f} s.\n\n"

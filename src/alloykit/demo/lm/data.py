@@ -147,7 +147,8 @@ def build_skills(
     sizes: tuple[int, int, int] = (2000, 100, 200),
     seed: int = 0,
 ) -> list[Skill]:
-    """One :class:`Skill` per module, each generated with its own seed derived from ``seed``."""
+    """One :class:`Skill` per module; the module at position ``i`` is generated with seed
+    ``1000 * seed + i``, so the rows depend on the seed and the module list (its order too)."""
     skills = []
     for index, module in enumerate(modules):
         rows = generate_rows(module, sum(sizes), seed * 1000 + index)
