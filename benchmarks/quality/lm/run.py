@@ -8,7 +8,7 @@ validation. Writes Markdown tables and the raw numbers (JSON).
     python benchmarks/quality/lm/run.py                      # the small configuration
     python benchmarks/quality/lm/run.py --config full        # 300 steps x 16, more data
     python benchmarks/quality/lm/run.py --experts-only       # fine-tune and cache only
-    python benchmarks/quality/lm/run.py --methods task_arithmetic,ties --no-lora
+    python benchmarks/quality/lm/run.py --methods task_arithmetic,ties --kinds full
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("table.md"))
     parser.add_argument("--modules", default=",".join(DEFAULT_MODULES))
     parser.add_argument("--methods", default="", help="comma-separated subset of METHODS")
-    parser.add_argument("--no-lora", action="store_true", help="full fine-tunes only")
+    parser.add_argument(
+        "--kinds", default="full,lora", help="experts to train and merge: full, lora or both"
+    )
     parser.add_argument("--experts-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--config", choices=sorted(PRESETS), default="small")
@@ -73,7 +75,7 @@ def main() -> None:
     skills = build_skills(modules, preset["sizes"])
     tasks = write_tasks(skills, args.cache / f"tasks-{args.config}")
     base = base_model(args.cache)
-    kinds = ["full"] if args.no_lora else ["full", "lora"]
+    kinds = [k for k in args.kinds.split(",") if k]
     configs = {
         "full": TrainConfig(
             "full", args.steps, args.batch_size, args.lr_full, threads=args.threads
@@ -102,10 +104,12 @@ def main() -> None:
         return
     wanted = [m for m in args.methods.split(",") if m] or list(METHODS)
     methods = {m: METHODS[m] for m in wanted}
-    scorer = Scorer(tasks, args.cache / "scores.json", args.threads)
     sections = []
     raw = {}
     for kind in kinds:
+        # one scorer (test reads counted per table) and score file per kind, so a full and a
+        # LoRA table can also run side by side in two processes
+        scorer = Scorer(tasks, args.cache / f"scores-{args.config}-{kind}.json", args.threads)
         rows, own = run_table(
             scorer,
             base,
