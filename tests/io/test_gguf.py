@@ -52,7 +52,7 @@ def llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 def write_gguf(path: Path, tensors: dict[str, np.ndarray], kind: str) -> Path:
     """Write ``tensors`` (a Llama state dict) as llama.cpp does: ``kind`` is F32, F16 (matrices
-    in float16, vectors in float32) or Q8_0 (matrices quantised)."""
+    in float16, vectors in float32), Q8_0 or Q4_1 (matrices quantised)."""
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
     writer.add_context_length(128)
@@ -74,9 +74,10 @@ def write_gguf(path: Path, tensors: dict[str, np.ndarray], kind: str) -> Path:
             values = llama_cpp_permute(values, SPEC["kv_heads"])
         if kind == "F16" and values.ndim == 2:
             writer.add_tensor(gguf_name(name), values.astype(np.float16))
-        elif kind == "Q8_0" and values.ndim == 2:
-            quantised = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name(name), quantised, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif kind in ("Q8_0", "Q4_1") and values.ndim == 2:
+            quant_type = gguf.GGMLQuantizationType[kind]
+            quantised = gguf.quants.quantize(values, quant_type)
+            writer.add_tensor(gguf_name(name), quantised, raw_dtype=quant_type)
         else:
             writer.add_tensor(gguf_name(name), values)
     writer.write_header_to_file()
