@@ -16,7 +16,8 @@ import ctypes
 import os
 import sys
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
 MIN_THRESHOLD = 1 << 16
 MAX_THRESHOLD = 1 << 25  # glibc's own ceiling for its moving threshold (32 MiB on 64-bit)
 
@@ -48,4 +49,9 @@ def tune_malloc(largest: int) -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold(largest)))
+    threshold = mmap_threshold(largest)
+    # and keep freed heap memory up to twice that (glibc's own ratio when it moves the
+    # threshold): returning every freed block to the OS would fault it in again at once
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(
+        mallopt(M_TRIM_THRESHOLD, 2 * threshold)
+    )
