@@ -44,8 +44,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *WORDS,
         *(w for ws in KEYS.values() for w in ws),
     ]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    # transformers 5 ignores vocab_file=: the vocabulary goes in as a mapping
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    assert "[UNK]" not in tokenizer.tokenize(" ".join(vocab[5:]))
+    tokenizer.save_pretrained(str(folder))
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),
@@ -152,3 +154,36 @@ def test_scorer_refuses_a_partial_backbone(base: Path) -> None:
     state.pop("pooler.dense.weight")
     with pytest.raises(DemoError, match="backbone lacks 1 tensors"):
         scorer.load(state)
+
+
+def test_scorer_agrees_with_evaluate_classification(base: Path, tmp_path: Path) -> None:
+    """The demo's scorer and ``alloykit.evaluate``'s classification metric give one accuracy
+    for one model and one split (an expert, and the base with that expert's head)."""
+    from alloykit.demo.core import get_expert
+    from alloykit.evaluation import evaluate
+    from tests.evaluation.fixtures import write_jsonl, write_task
+
+    task = _task("alpha", 0)
+    train = TrainConfig(steps=30, batch_size=8, lr=1e-2, max_length=12, threads=1)
+    expert = get_expert(tmp_path, task, base, train, lambda _: None)
+    state = load_state(expert)
+    head = {k: v for k, v in state.items() if k.startswith("classifier.")}
+    scorer = Scorer(base, [task], {"alpha": head}, train.max_length, batch_size=5, threads=1)
+    rows = [{"text": t, "label": task.labels[y]} for t, y in task.test]
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    spec = write_task(
+        tmp_path / "alpha.yml",
+        f"data: test.jsonl\nprompt: '{{{{ text }}}}'\ntarget: label\nhead: {expert}\n"
+        "metric: classification\n",
+    )
+    checked = set()
+    for label, backbone, model in (
+        ("expert", strip_backbone(state), expert),
+        ("base", strip_backbone(load_state(base)), base),
+    ):
+        scorer.load(backbone)
+        ours = scorer.accuracy(label, "alpha", "test")
+        theirs = 100.0 * evaluate(model, spec)["alpha"]
+        assert ours == pytest.approx(theirs, abs=1e-9), label
+        checked.add(ours)
+    assert len(checked) == 2  # the two models differ, so the check is not vacuous
