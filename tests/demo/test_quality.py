@@ -187,3 +187,52 @@ def test_scorer_agrees_with_evaluate_classification(base: Path, tmp_path: Path) 
         assert ours == pytest.approx(theirs, abs=1e-9), label
         checked.add(ours)
     assert len(checked) == 2  # the two models differ, so the check is not vacuous
+
+
+def test_validation_scores_are_cached(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second run merges each method once (at its chosen point) and reports the same row."""
+    from alloykit.demo import experiment
+
+    merges: list[dict[str, object]] = []
+    real = experiment.merge_backbones
+
+    def counting(method: str, *args: object, **kwargs: object) -> object:
+        merges.append(dict(args[2]))  # type: ignore[call-overload]
+        return real(method, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(experiment, "merge_backbones", counting)
+    tasks = [_task("alpha", 0), _task("beta", 1)]
+    train = TrainConfig(steps=2, batch_size=8, max_length=12, threads=1)
+    grid = {"task_arithmetic": {"lambda": [0.3, 0.6, 1.0]}}
+
+    def run() -> list[object]:
+        table = run_table(
+            tmp_path, grid, train=train, tasks=tasks, base=base, probe=False, log=lambda _: None
+        )
+        return [(r.name, r.acc, r.params, r.val_mean) for r in table.rows]
+
+    first = run()
+    assert len(merges) == 3
+    merges.clear()
+    assert run() == first
+    assert merges == [first[-1][2]]  # only the chosen point, merged for its test row
+    assert len(list((tmp_path / "validation").glob("*.json"))) == 3
+
+
+def test_parallel_fine_tuning_equals_serial(base: Path, tmp_path: Path) -> None:
+    """Experts fine-tuned by worker processes are bit for bit the ones fine-tuned in process."""
+    from alloykit.demo.core import get_expert, get_experts
+
+    tasks = [_task("alpha", 0), _task("beta", 1)]
+    train = TrainConfig(steps=3, batch_size=8, max_length=12, threads=1)
+    logs: list[str] = []
+    parallel = get_experts(tmp_path / "p", tasks, base, train, workers=2, log=logs.append)
+    assert any("2 at a time" in line for line in logs)
+    for task in tasks:
+        serial = get_expert(tmp_path / "s", task, base, train, lambda _: None)
+        assert parallel[task.name].name == serial.name
+        one, two = load_state(parallel[task.name]), load_state(serial)
+        assert set(one) == set(two)
+        assert all(torch.equal(one[k], two[k]) for k in one)

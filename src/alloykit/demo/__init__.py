@@ -45,6 +45,7 @@ def run_demo(
         DEMO_GRIDS,
         train=TrainConfig(threads=threads),
         cross=False,
+        workers=threads,
         log=log,
     )
     chart = plot_table(table, plot) if plot is not None else None
