@@ -236,3 +236,15 @@ def test_parallel_fine_tuning_equals_serial(base: Path, tmp_path: Path) -> None:
         one, two = load_state(parallel[task.name]), load_state(serial)
         assert set(one) == set(two)
         assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_demo_cli_help_and_bad_option() -> None:
+    from typer.testing import CliRunner
+
+    from alloykit.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0 and "alloykit demo --threads 2" in result.output
+    bad = runner.invoke(app, ["demo", "--threads", "two"])
+    assert bad.exit_code != 0
