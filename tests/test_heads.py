@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from alloykit import merge, merge_to_state_dict, plan_merge
 from alloykit.architecture import architecture_family, backbone_prefix
-from alloykit.errors import ConfigError
+from alloykit.errors import ConfigError, IncompatibleModels
 from tests.helpers import load_tensors, run_cli, write_yaml
 
 PREFIX = "bert."
@@ -187,6 +187,51 @@ def test_integer_buffers_come_from_the_base(bert: dict[str, Path], tmp_path: Pat
     buffer = state["embeddings.position_ids"]
     assert buffer.dtype == torch.int64
     assert torch.equal(buffer, torch.arange(32)[None])
+
+
+def _with_buffer(
+    bert: dict[str, Path], tmp_path: Path, name: str, dtype: type = np.int64
+) -> dict[str, Path]:
+    """The family with tensor ``name`` added to the base only (as an older save holds it)."""
+    folders = dict(bert)
+    copy = tmp_path / "base"
+    shutil.copytree(bert["base"], copy)
+    tensors = load_file(copy / "model.safetensors")
+    tensors[name] = np.arange(32, dtype=dtype)[None]
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    folders["base"] = copy
+    return folders
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_a_buffer_only_the_base_holds_is_copied_with_a_warning(
+    bert: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    # all-MiniLM-L6-v2's file holds embeddings.position_ids; fine-tunes saved by
+    # transformers 5 do not (a non-persistent buffer)
+    folders = _with_buffer(bert, tmp_path, "embeddings.position_ids")
+    result = merge(_config(folders, method), tmp_path / "out")
+    state = load_tensors(result.output)
+    np.testing.assert_array_equal(state.pop("embeddings.position_ids"), np.arange(32)[None])
+    _assert_close(state, _reference(bert, method))  # every weight merged as without it
+    notes = [w for w in result.warnings if "position_ids" in w]
+    assert len(notes) == 1 and "copied from model" in notes[0]
+    assert str(bert["ft1"]) in notes[0] and str(bert["ft2"]) in notes[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("embeddings.rotary_ids", np.int64),  # not a known buffer name
+        ("embeddings.position_ids", np.float32),  # a float tensor is a weight
+    ],
+)
+def test_other_tensors_only_the_base_holds_are_still_refused(
+    bert: dict[str, Path], tmp_path: Path, name: str, dtype: type
+) -> None:
+    folders = _with_buffer(bert, tmp_path, name, dtype)
+    with pytest.raises(IncompatibleModels, match=f"tensor 'bert.{name}' is missing from model"):
+        plan_merge(_config(folders))
 
 
 def test_a_model_without_config_json_is_matched_too(bert: dict[str, Path], tmp_path: Path) -> None:

@@ -811,7 +811,10 @@ def demo(
             help="Experts cache (default: $ALLOYKIT_CACHE/demo or ~/.cache/alloykit/demo)."
         ),
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: up to 4).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch threads, and experts fine-tuned at a time (default: up to 4)."),
+    ] = None,
 ) -> None:
     """Merge real fine-tunes of a real model and score each merge on every task.
 
@@ -819,8 +822,12 @@ def demo(
     packages; needs the 'demo' extra), caches the experts, merges their backbones with linear,
     task_arithmetic, ties and tsv (hyper-parameters chosen on validation), prints accuracy and
     normalised accuracy per task on test, and writes a bar chart. The first run fine-tunes four
-    experts (about 12 minutes of CPU on 2 cores); with the experts cached a run took 137 s on a
-    loaded 2-core machine (the validation grid is most of it).
+    experts (about 17 CPU-minutes, one thread each, as many at a time as --threads); later runs
+    reuse the experts and the validation scores, so each method is merged once.
+
+    Examples:
+        alloykit demo
+        alloykit demo --threads 2 --plot bars.png --cache /tmp/demo-cache
     """
     from alloykit.demo import run_demo
     from alloykit.demo.experiment import format_table

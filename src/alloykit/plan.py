@@ -698,6 +698,9 @@ class _Planner:
             if output in self.left_out:
                 return None
         donor = self._donor(output_slice)
+        buffer = self._buffer_job(output, names, donor, donor_name)
+        if buffer is not None:
+            return buffer
         infos: dict[str, TensorInfo] = {}
         for label, name in names.items():
             info = self._lookup(label, name)
@@ -731,6 +734,29 @@ class _Planner:
                     ),
                 )
         return self._merge_job(output_slice, output, infos, names, t, reference)
+
+    def _buffer_job(
+        self, output: str, names: Mapping[str, str], donor: str, donor_name: str
+    ) -> TensorJob | None:
+        """A known integer buffer (:data:`BUFFER_NAMES`) that the donor (the base, else the
+        first model) holds and some models lack: copied from the donor, with a warning.
+
+        ``position_ids`` and ``token_type_ids`` are index tables a model builds itself
+        (non-persistent buffers since transformers 4.31), so a checkpoint saved by a newer
+        transformers lacks the ones an older save of its base holds; they are not weights and
+        nothing merges them. Any other tensor missing from a model is still a problem.
+        """
+        if output.rsplit(".", 1)[-1] not in BUFFER_NAMES:
+            return None
+        missing = [label for label, name in names.items() if self._lookup(label, name) is None]
+        info = self._lookup(donor, donor_name)
+        if not missing or info is None or info.dtype in FLOAT_CODES:
+            return None
+        self.warnings.append(
+            f"buffer '{output}' is missing from model(s) {', '.join(repr(m) for m in missing)}; "
+            f"copied from model '{donor}' (an index table, not a weight)"
+        )
+        return _copy_job(output, donor, info, info.dtype)
 
     def _vocabulary_job(
         self,
@@ -884,6 +910,11 @@ class _Planner:
 def reference_label(infos: Mapping[str, TensorInfo], reference: TensorInfo) -> str:
     """The label of the model whose tensor is ``reference``."""
     return next(label for label, info in infos.items() if info is reference)
+
+
+# Integer buffers some transformers versions save and others leave out (non-persistent):
+# a model lacking one gets the donor's (Planner._buffer_job).
+BUFFER_NAMES = frozenset({"position_ids", "token_type_ids"})
 
 
 def _copy_job(output: str, model: str, info: TensorInfo, dtype: str) -> TensorJob:

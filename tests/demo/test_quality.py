@@ -44,8 +44,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *WORDS,
         *(w for ws in KEYS.values() for w in ws),
     ]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    # transformers 5 ignores vocab_file=: the vocabulary goes in as a mapping
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    assert "[UNK]" not in tokenizer.tokenize(" ".join(vocab[5:]))
+    tokenizer.save_pretrained(str(folder))
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),
@@ -152,3 +154,97 @@ def test_scorer_refuses_a_partial_backbone(base: Path) -> None:
     state.pop("pooler.dense.weight")
     with pytest.raises(DemoError, match="backbone lacks 1 tensors"):
         scorer.load(state)
+
+
+def test_scorer_agrees_with_evaluate_classification(base: Path, tmp_path: Path) -> None:
+    """The demo's scorer and ``alloykit.evaluate``'s classification metric give one accuracy
+    for one model and one split (an expert, and the base with that expert's head)."""
+    from alloykit.demo.core import get_expert
+    from alloykit.evaluation import evaluate
+    from tests.evaluation.fixtures import write_jsonl, write_task
+
+    task = _task("alpha", 0)
+    train = TrainConfig(steps=30, batch_size=8, lr=1e-2, max_length=12, threads=1)
+    expert = get_expert(tmp_path, task, base, train, lambda _: None)
+    state = load_state(expert)
+    head = {k: v for k, v in state.items() if k.startswith("classifier.")}
+    scorer = Scorer(base, [task], {"alpha": head}, train.max_length, batch_size=5, threads=1)
+    rows = [{"text": t, "label": task.labels[y]} for t, y in task.test]
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    spec = write_task(
+        tmp_path / "alpha.yml",
+        f"data: test.jsonl\nprompt: '{{{{ text }}}}'\ntarget: label\nhead: {expert}\n"
+        "metric: classification\n",
+    )
+    checked = set()
+    for label, backbone, model in (
+        ("expert", strip_backbone(state), expert),
+        ("base", strip_backbone(load_state(base)), base),
+    ):
+        scorer.load(backbone)
+        ours = scorer.accuracy(label, "alpha", "test")
+        theirs = 100.0 * evaluate(model, spec)["alpha"]
+        assert ours == pytest.approx(theirs, abs=1e-9), label
+        checked.add(ours)
+    assert len(checked) == 2  # the two models differ, so the check is not vacuous
+
+
+def test_validation_scores_are_cached(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second run merges each method once (at its chosen point) and reports the same row."""
+    from alloykit.demo import experiment
+
+    merges: list[dict[str, object]] = []
+    real = experiment.merge_backbones
+
+    def counting(method: str, *args: object, **kwargs: object) -> object:
+        merges.append(dict(args[2]))  # type: ignore[call-overload]
+        return real(method, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(experiment, "merge_backbones", counting)
+    tasks = [_task("alpha", 0), _task("beta", 1)]
+    train = TrainConfig(steps=2, batch_size=8, max_length=12, threads=1)
+    grid = {"task_arithmetic": {"lambda": [0.3, 0.6, 1.0]}}
+
+    def run() -> list[object]:
+        table = run_table(
+            tmp_path, grid, train=train, tasks=tasks, base=base, probe=False, log=lambda _: None
+        )
+        return [(r.name, r.acc, r.params, r.val_mean) for r in table.rows]
+
+    first = run()
+    assert len(merges) == 3
+    merges.clear()
+    assert run() == first
+    assert merges == [first[-1][2]]  # only the chosen point, merged for its test row
+    assert len(list((tmp_path / "validation").glob("*.json"))) == 3
+
+
+def test_parallel_fine_tuning_equals_serial(base: Path, tmp_path: Path) -> None:
+    """Experts fine-tuned by worker processes are bit for bit the ones fine-tuned in process."""
+    from alloykit.demo.core import get_expert, get_experts
+
+    tasks = [_task("alpha", 0), _task("beta", 1)]
+    train = TrainConfig(steps=3, batch_size=8, max_length=12, threads=1)
+    logs: list[str] = []
+    parallel = get_experts(tmp_path / "p", tasks, base, train, workers=2, log=logs.append)
+    assert any("2 at a time" in line for line in logs)
+    for task in tasks:
+        serial = get_expert(tmp_path / "s", task, base, train, lambda _: None)
+        assert parallel[task.name].name == serial.name
+        one, two = load_state(parallel[task.name]), load_state(serial)
+        assert set(one) == set(two)
+        assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_demo_cli_help_and_bad_option() -> None:
+    from typer.testing import CliRunner
+
+    from alloykit.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0 and "alloykit demo --threads 2" in result.output
+    bad = runner.invoke(app, ["demo", "--threads", "two"])
+    assert bad.exit_code != 0

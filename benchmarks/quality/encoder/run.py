@@ -23,26 +23,35 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LAMBDA = [0.3, 0.5, 0.7, 1.0]
+HALF_ONE = [0.5, 1.0]
+ONE_AND_HALF = [1.0, 1.5]
 
-# Multi-model methods (all experts at once): the validation grid of each.
+# Multi-model methods (all experts at once): the validation grid of each, in the order they
+# run. The grids are small (2-6 points past the first five methods) so that the whole
+# catalogue runs in well under an hour on a 2-core machine; a method's row names the chosen
+# point. "ties+aim" is TIES with activation-informed merging on top (its strength "aim");
+# regmean and aim use the calibration texts of alloykit.demo.experiment.calibration_section
+# (the tasks' train splits only).
 GRIDS: dict[str, dict[str, list]] = {
     "linear": {},
     "task_arithmetic": {"lambda": LAMBDA},
-    "ties": {"density": [0.1, 0.2, 0.3, 0.5, 0.7], "lambda": [0.7, 1.0, 1.5]},
-    "tsv": {"alpha": [0.5, 0.7, 1.0, 1.5]},
-    "iso_c": {"alpha": [0.5, 0.7, 1.0, 1.5]},
-    "iso_cts": {"alpha": [0.5, 0.7, 1.0, 1.5]},
-    "magnitude_prune": {"density": [0.2, 0.5], "lambda": LAMBDA},
-    "dare_linear": {"density": [0.3, 0.7], "lambda": LAMBDA},
-    "dare_ties": {"density": [0.3, 0.7], "lambda": LAMBDA},
-    "della": {"density": [0.3, 0.7], "lambda": [0.7, 1.0, 1.5]},
-    "della_linear": {"density": [0.3, 0.7], "lambda": LAMBDA},
-    "breadcrumbs": {"density": [0.5, 0.9], "lambda": LAMBDA},
-    "breadcrumbs_ties": {"density": [0.5, 0.9], "lambda": LAMBDA},
-    "magmax": {"lambda": LAMBDA},
-    "consensus": {"lambda": LAMBDA},
-    "pcb": {"pcb_ratio": [0.1, 0.2], "lambda": LAMBDA},
-    "sce": {"select_topk": [0.1, 0.3, 1.0]},
+    "ties": {"density": [0.3, 0.5, 0.7], "lambda": ONE_AND_HALF},
+    "tsv": {"alpha": [0.7, 1.0, 1.5]},
+    "iso_c": {"alpha": [0.7, 1.0, 1.5]},
+    "regmean": {"alpha": [0.5, 0.7, 0.9]},
+    "ties+aim": {"density": [0.5, 0.7], "lambda": [1.0], "aim": [0.3, 0.6, 0.9]},
+    "iso_cts": {"alpha": [0.7, 1.0, 1.5]},
+    "magnitude_prune": {"density": [0.5], "lambda": HALF_ONE},
+    "dare_linear": {"density": [0.5], "lambda": HALF_ONE},
+    "dare_ties": {"density": [0.5], "lambda": ONE_AND_HALF},
+    "della": {"density": [0.5], "lambda": ONE_AND_HALF},
+    "della_linear": {"density": [0.5], "lambda": HALF_ONE},
+    "breadcrumbs": {"density": [0.9], "lambda": HALF_ONE},
+    "breadcrumbs_ties": {"density": [0.9], "lambda": ONE_AND_HALF},
+    "magmax": {"lambda": HALF_ONE},
+    "consensus": {"lambda": HALF_ONE},
+    "pcb": {"pcb_ratio": [0.1], "lambda": HALF_ONE},
+    "sce": {"select_topk": [0.1, 1.0]},
     "model_stock": {},
     "multislerp": {},
     "karcher": {},
@@ -51,8 +60,41 @@ GRIDS: dict[str, dict[str, list]] = {
 }
 # Two-model methods: every pair of experts, the pair with the best validation mean reported.
 PAIR_GRIDS: dict[str, dict[str, list]] = {"nuslerp": {}}
+# Fine-tuning candidates for an expert whose default fine-tune (TrainConfig) is weak: each is
+# trained and scored on the task's validation split (`--select-train TASK`); the best goes into
+# alloykit.demo.core.TASK_TRAIN. The test split is not read.
+TRAIN_CANDIDATES: list[dict] = [
+    {},  # the defaults: 300 steps, lr 8e-5, seed 0
+    {"lr": 1.5e-4},
+]
 # One-model methods (slerp, nearswap, arcee_fusion, expo, passthrough) combine one fine-tune
 # with the base: not multi-task merges, so not in the table.
+
+
+def select_train(args: argparse.Namespace, train) -> None:
+    """Fine-tune each of TRAIN_CANDIDATES for one task; print each one's validation accuracy."""
+    from dataclasses import replace
+
+    from alloykit.demo.core import (
+        Scorer,
+        base_model_path,
+        get_expert,
+        load_state,
+        strip_backbone,
+    )
+    from alloykit.demo.experiment import load_tasks
+
+    base = base_model_path()
+    (task,) = load_tasks(args.cache, [args.select_train], 0, 100)
+    picks = range(len(TRAIN_CANDIDATES)) if args.candidate < 0 else [args.candidate]
+    for i in picks:
+        config = replace(train, **TRAIN_CANDIDATES[i])
+        state = load_state(get_expert(args.cache, task, base, config))
+        head = {k: v for k, v in state.items() if k.startswith("classifier.")}
+        scorer = Scorer(base, [task], {task.name: head}, config.max_length, threads=args.threads)
+        scorer.load(strip_backbone(state))
+        acc = scorer.accuracy("candidate", task.name, "validation")
+        print(f"{task.name} candidate {TRAIN_CANDIDATES[i]}: validation {acc:.1f}", flush=True)
 
 
 def main() -> None:
@@ -68,27 +110,50 @@ def main() -> None:
     parser.add_argument("--no-pairs", action="store_true")
     parser.add_argument("--experts-only", action="store_true")
     parser.add_argument("--task", default="", help="with --experts-only: this task only")
+    parser.add_argument("--select-train", default="", metavar="TASK")
+    parser.add_argument("--candidate", type=int, default=-1, help="with --select-train: one only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     args = parser.parse_args()
     train = TrainConfig(steps=args.steps, threads=args.threads)
+    if args.select_train:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "src"))
+        select_train(args, train)
+        return
     if args.experts_only:
-        from alloykit.demo.core import base_model_path, clean_base, get_expert
+        from alloykit.demo.core import base_model_path, get_expert, task_config
         from alloykit.demo.data import TASK_NAMES
 
         start = time.perf_counter()
-        base = clean_base(args.cache, base_model_path())
+        base = base_model_path()
         names = [args.task] if args.task else TASK_NAMES
         for task in load_tasks(args.cache, names, 0, 100):
             t0 = time.perf_counter()
-            get_expert(args.cache, task, base, train)
+            get_expert(args.cache, task, base, task_config(task.name, train))
             print(f"{task.name}: {time.perf_counter() - t0:.0f} s", flush=True)
         print(f"experts: {time.perf_counter() - start:.0f} s")
         return
     wanted = [m for m in args.methods.split(",") if m] or list(GRIDS)
     grids = {m: GRIDS[m] for m in wanted}
     pairs = {} if args.no_pairs else PAIR_GRIDS
-    table = run_table(args.cache, grids, pairs, train=train, log=lambda s: print(s, flush=True))
+    partial = args.out.with_suffix(".partial.md")
+
+    def on_row(table) -> None:
+        partial.write_text(
+            f"Partial ({time.perf_counter() - start:.0f} s):\n\n{format_table(table)}\n"
+        )
+
+    start = time.perf_counter()
+    table = run_table(
+        args.cache,
+        grids,
+        pairs,
+        train=train,
+        log=lambda s: print(s, flush=True),
+        on_row=on_row,
+        workers=args.threads,
+    )
+    partial.unlink(missing_ok=True)
     text = format_table(table)
     print(text)
     head = (

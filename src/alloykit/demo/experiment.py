@@ -6,9 +6,11 @@ tasks); the test split is read once per reported cell, which :func:`run_table` a
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +22,8 @@ from alloykit.demo.core import (
     Scorer,
     TrainConfig,
     base_model_path,
-    clean_base,
     expert_dir,
-    get_expert,
+    get_experts,
     linear_probe,
     load_state,
     mean,
@@ -94,6 +95,38 @@ def _cached_probe(cache: Path, task: Task, base: Path, train: TrainConfig) -> di
     return load_file(str(path))
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
+def calibration_section(cache: Path, tasks: Sequence[Task], samples: int = 128) -> dict[str, Any]:
+    """The ``calibration:`` section of the data-aware merges (regmean, aim): every task's train
+    texts shuffled together with a fixed seed (validation and test are never used), written to
+    ``cache/calibration.jsonl``; ``samples`` blocks of 64 tokens."""
+    texts = [text for task in tasks for text, _ in task.train]
+    random.Random(0).shuffle(texts)
+    path = cache / f"calibration-{_digest(texts)}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp.replace(path)
+    return {
+        "data": str(path),
+        "samples": samples,
+        "sequence_length": 64,
+        "batch_size": 16,
+        "cache_dir": str(cache / "calibration"),
+    }
+
+
 def run_table(
     cache: Path,
     methods: Mapping[str, Grid],
@@ -104,7 +137,9 @@ def run_table(
     seed: int = 0,
     probe: bool = True,
     cross: bool = True,
+    workers: int = 1,
     log: Callable[[str], None] = print,
+    on_row: Callable[[Table], None] | None = None,
     tasks: Sequence[Task] | None = None,
     base: Path | None = None,
 ) -> Table:
@@ -113,6 +148,12 @@ def run_table(
     ``tasks`` and ``base`` replace the PyPI tasks and all-MiniLM-L6-v2 (the tests use toys).
     ``methods`` merge all experts; ``pair_methods`` merge each pair of experts and report the
     pair with the best validation mean. ``cross`` adds each expert's row on every task.
+    ``workers`` experts are fine-tuned side by side when they are not cached. ``on_row`` gets
+    the table so far after each method's row (a long run can be watched, or cut short).
+
+    Validation scores are cached in ``cache/validation``, keyed by the method, its grid point,
+    the experts (whose folder names hash their data and settings), the base and the scoring
+    settings: a second run merges each method once, at its chosen point, and reads test once.
     """
     train = train or TrainConfig()
     seconds: dict[str, float] = {}
@@ -121,10 +162,10 @@ def run_table(
     if tasks is None:
         tasks = load_tasks(cache, task_names, seed, per_label)
     if base is None:
-        base = clean_base(cache, base_model_path())
+        base = base_model_path()
     seconds["data"] = time.perf_counter() - start
     t0 = time.perf_counter()
-    experts = {t.name: get_expert(cache, t, base, train, log) for t in tasks}
+    experts = get_experts(cache, tasks, base, train, workers, log)
     seconds["experts"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     states = {name: load_state(folder) for name, folder in experts.items()}
@@ -169,18 +210,32 @@ def run_table(
         reported.append("base")
     seconds["baselines"] = time.perf_counter() - t0
 
+    calibration = calibration_section(cache, tasks)
+
+    def merge(method: str, point: Mapping[str, Any], members: Sequence[str]) -> Any:
+        folders = [experts[m] for m in members]
+        return merge_backbones(method, base, folders, point, seed, train.threads, calibration)
+
     def search(
         method: str, grid: Grid, members: Sequence[str]
     ) -> tuple[float, dict[str, Any], Any]:
         best: tuple[float, dict[str, Any], Any] = (-1.0, {}, None)
         for point in grid_points(grid):
-            merged = merge_backbones(
-                method, base, [experts[m] for m in members], point, seed, train.threads
-            )
-            val = mean(list(scorer.score_all(f"val:{method}", merged, "validation").values()))
+            key = [method, point, [experts[m].name for m in members], str(base), seed, train]
+            path = cache / "validation" / f"{_digest(key)}.json"
+            merged = None
+            if path.exists():
+                val = float(json.loads(path.read_text())["val_mean"])
+            else:
+                merged = merge(method, point, members)
+                scores = scorer.score_all(f"val:{method}", merged, "validation")
+                val = mean(list(scores.values()))
+                _write_json(path, {"key": repr(key), "val_mean": val, "scores": scores})
             log(f"  {method} {point} {members if len(members) < len(names) else ''}: val {val:.1f}")
             if val > best[0]:
                 best = (val, point, merged)
+        if best[2] is None:  # the winner's score came from the cache: merge it once
+            best = (best[0], best[1], merge(method, best[1], members))
         return best
 
     for method, grid in methods.items():
@@ -193,6 +248,8 @@ def run_table(
             continue
         test_row(method, merged, params=point, val_mean=val)
         seconds[method] = time.perf_counter() - t0
+        if on_row is not None:
+            on_row(Table(names, list(rows), expert_acc, dict(seconds), {}))
     for method, grid in (pair_methods or {}).items():
         t0 = time.perf_counter()
         best: tuple[float, dict[str, Any], Any, tuple[str, ...]] = (-1.0, {}, None, ())
