@@ -557,7 +557,8 @@ def sparsify_(
         if rescale == "inverse":
             raise ValueError(INVERSE_DELLA)
         rows = delta.view(1, -1) if delta.dim() < 2 else delta.view(delta.shape[0], -1)
-        step = max(1, _block_size(n) // max(1, rows.shape[1]))
+        # a quarter block of rows: della_mask's histograms take ~20 bytes per entry
+        step = max(1, _block_size(n) // (4 * max(1, rows.shape[1])))
         for first in range(0, rows.shape[0], step):
             part = rows[first : first + step]
             draws = torch.rand(part.shape, generator=generator, device=delta.device)
