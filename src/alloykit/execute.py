@@ -327,7 +327,7 @@ def execute(
         return
     sizes = [_input_bytes(job, work_dtype) for job in jobs]
     # whole tensors are mapped and returned to the OS when freed; blocks reuse the heap
-    tune_malloc(max(_input_bytes(job, work_dtype) // max(1, _input_count(job)) for job in jobs))
+    tune_malloc(max(_tensor_bytes(job, work_dtype) for job in jobs))
     budget = max(sizes)  # one job's inputs at the largest tensor: what the bound allows
     pool = _InputPool(budget // work_dtype.itemsize, work_dtype, device)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloykit-read") as reader:
@@ -384,17 +384,14 @@ class _InputPool:
         return tensor.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
 
 
-def _input_count(job: TensorJob) -> int:
-    return len(job.inputs) + (job.base is not None)
+def _tensor_bytes(job: TensorJob, work_dtype: torch.dtype) -> int:
+    """Bytes of one of the job's tensors in the working precision."""
+    return math.prod(job.shape) * work_dtype.itemsize
 
 
 def _input_bytes(job: TensorJob, work_dtype: torch.dtype) -> int:
     """Bytes a job's loaded inputs take: its stack and base in the working precision."""
-    count = _input_count(job)
-    elements = 1
-    for size in job.shape:
-        elements *= size
-    return count * elements * torch.empty((), dtype=work_dtype).element_size()
+    return (len(job.inputs) + (job.base is not None)) * _tensor_bytes(job, work_dtype)
 
 
 def job_generator(seed: int, job: TensorJob, device: torch.device) -> torch.Generator:

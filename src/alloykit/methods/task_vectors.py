@@ -110,44 +110,6 @@ def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return threshold_mask(magnitude, threshold, k - int(torch.count_nonzero(flat > threshold)))
 
 
-def top_values(delta: torch.Tensor, k: int, magnitude: torch.Tensor | None = None) -> torch.Tensor:
-    """``delta`` with all but its ``k`` largest-magnitude entries zeroed (a new tensor).
-
-    The same entries as :func:`top_mask` (ties at the threshold go to the lower flat index),
-    computed with float kernels only: ``hardshrink`` keeps what is above the threshold and the
-    tied entries are added back from the front. Boolean masks are avoided because applying
-    one (``masked_fill``, ``where``, multiplying by it) costs 5-10x an elementwise float op.
-    ``magnitude`` may pass ``delta.abs()`` when the caller has it.
-    """
-    flat = delta.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros_like(delta)
-    if k >= n:
-        return delta.clone()
-    magnitudes = flat.abs() if magnitude is None else magnitude.reshape(-1)
-    threshold = kth_largest(magnitudes, k)
-    return threshold_values(delta, threshold, k - int(torch.count_nonzero(magnitudes > threshold)))
-
-
-def threshold_values(delta: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
-    """``delta`` keeping ``|δ| > threshold`` and the first ``ties`` entries with ``|δ| ==
-    threshold`` (by flat index), zero elsewhere: :func:`threshold_mask` applied, as floats."""
-    flat = delta.reshape(-1)
-    kept = torch.nn.functional.hardshrink(flat, threshold)  # |δ| > threshold
-    if ties > 0 and threshold > 0:  # tied zeros add nothing, so threshold 0 needs no fix-up
-        rest = flat - kept  # the entries with |δ| <= threshold
-        below = float(
-            torch.nextafter(
-                torch.tensor(threshold, dtype=flat.dtype), torch.tensor(0.0, dtype=flat.dtype)
-            )
-        )
-        tied = torch.nn.functional.hardshrink(rest, below)  # exactly the |δ| == threshold
-        end = _prefix_holding(tied, ties)
-        kept[:end] += tied[:end]
-    return kept.view(delta.shape)
-
-
 _CHUNK = 1 << 16  # elements per block when locating the n-th nonzero entry
 
 
@@ -182,37 +144,57 @@ _BRACKET_SIGMAS = 6.0  # half-width of the bracket, in binomial standard deviati
 def kth_largest(flat: torch.Tensor, k: int) -> float:
     """The ``k``-th largest value of a 1-D tensor (``1 <= k <= n``), exactly.
 
-    Equal to ``torch.kthvalue(flat, n − k + 1)``, which is a single-threaded quickselect over a
-    copy of the tensor (about 50 ns per element here). Large tensors take a shortcut that
-    gives the same value: a fixed strided sample of 65 536 elements brackets the answer
-    between two sample order statistics six binomial standard deviations either side of its
-    expected rank; two vectorised passes count the elements below the bracket and gather
-    those inside it (about 1% of them), and ``kthvalue`` runs on that band only. When the
-    counts show the bracket missed (or the data hold NaNs), the full ``kthvalue`` runs, so the
-    result never depends on the sample.
+    Equal to ``torch.kthvalue(flat, n − k + 1)`` (NaN ordered above every number), by the
+    selection :func:`magnitude_cut` uses: see :func:`_order_statistic`.
+    """
+    return _order_statistic(flat, flat.numel() - k + 1, torch.clone)[0]
+
+
+def _order_statistic(
+    flat: torch.Tensor, rank: int, transform: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[float, int]:
+    """The ``rank``-th smallest (1-based) of ``transform(flat)``, and how many exceed it.
+
+    ``transform`` is elementwise and returns a new tensor (``torch.abs``, ``torch.clone``).
+    Small tensors: an exact select. Large ones take a shortcut that gives the same value: a
+    fixed strided sample of 65 536 elements brackets the answer between two sample order
+    statistics six binomial standard deviations either side of its expected rank; one pass
+    over blocks (:func:`blocks`, so no whole-tensor temporary) counts the values below the
+    bracket and gathers those inside it (about 1% of them), and the select runs on that band.
+    When the counts show the bracket missed (or the data hold NaNs), the whole tensor is
+    selected from, so the result never depends on the sample.
     """
     n = flat.numel()
-    rank = n - k + 1  # 1-based ascending rank of the answer
-    if n <= 4 * _SAMPLE:
-        return float(torch.kthvalue(flat, rank).values)
-    sample = flat[:: n // _SAMPLE].sort().values  # small, fixed: no randomness
-    m = sample.numel()
-    expected = rank / n * m
-    spread = _BRACKET_SIGMAS * (m * (rank / n) * (1 - rank / n)) ** 0.5 + 8
-    low_index, high_index = int(expected - spread), int(expected + spread)
-    outside = torch.zeros_like(flat, dtype=torch.bool)
-    below = 0
-    if low_index >= 0:
-        lower = flat < sample[low_index]
-        below = int(torch.count_nonzero(lower))
-        outside |= lower
-    if high_index < m:
-        outside |= flat > sample[high_index]
-    band = flat[~outside]  # NaNs compare false both ways, so they land here
-    wanted = rank - below
-    if 1 <= wanted <= band.numel() and not bool(torch.isnan(band).any()):
-        return float(torch.kthvalue(band, wanted).values)
-    return float(torch.kthvalue(flat, rank).values)
+    if n > 4 * _SAMPLE:
+        sample = transform(flat[:: n // _SAMPLE]).sort().values  # fixed: no randomness
+        m = sample.numel()
+        expected = rank / n * m
+        spread = _BRACKET_SIGMAS * (m * (rank / n) * (1 - rank / n)) ** 0.5 + 8
+        low_index, high_index = int(expected - spread), int(expected + spread)
+        low = float(sample[low_index]) if low_index >= 0 else None
+        high = float(sample[high_index]) if high_index < m else None
+        below = above = 0
+        band = []
+        for block in blocks(n):
+            values = transform(flat[block])
+            inside = torch.ones_like(values, dtype=torch.bool)
+            if low is not None:
+                lower = values < low
+                below += int(torch.count_nonzero(lower))
+                inside &= ~lower
+            if high is not None:
+                upper = values > high
+                above += int(torch.count_nonzero(upper))
+                inside &= ~upper
+            band.append(values[inside])  # NaNs compare false both ways: they land here
+        kept = torch.cat(band)
+        wanted = rank - below
+        if 1 <= wanted <= kept.numel() and not bool(torch.isnan(kept).any()):
+            threshold = _select_(kept, wanted)
+            return threshold, above + int(torch.count_nonzero(kept > threshold))
+    values = transform(flat)
+    threshold = _select_(values, rank)  # both order NaN above every number
+    return threshold, int(torch.count_nonzero(values > threshold))
 
 
 def threshold_mask(magnitude: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
@@ -238,48 +220,16 @@ def magnitude_cut(flat: torch.Tensor, k: int) -> Cut | None:
     """The :class:`Cut` of the ``k`` largest ``|δ|`` of a 1-D tensor, or None when ``k >= n``
     (everything is kept).
 
-    The same threshold as :func:`kth_largest` on ``flat.abs()``, computed block by block
-    (:func:`blocks`): the sample bracket is taken from a strided view, then one pass counts
-    the magnitudes below the bracket and gathers those inside it, so no whole-tensor
-    temporary exists. Small tensors (and a missed bracket) use ``kthvalue`` directly.
+    The same threshold as :func:`kth_largest` on ``flat.abs()``, by the same blockwise
+    selection (:func:`_order_statistic`).
     """
     n = flat.numel()
     if k >= n:
         return None
     if k <= 0:
         return Cut(float("inf"), 0)
-    rank = n - k + 1  # 1-based ascending rank of the threshold
-    if n > 4 * _SAMPLE:
-        sample = flat[:: n // _SAMPLE].abs().sort().values  # fixed: no randomness
-        m = sample.numel()
-        expected = rank / n * m
-        spread = _BRACKET_SIGMAS * (m * (rank / n) * (1 - rank / n)) ** 0.5 + 8
-        low_index, high_index = int(expected - spread), int(expected + spread)
-        low = float(sample[low_index]) if low_index >= 0 else None
-        high = float(sample[high_index]) if high_index < m else None
-        below = above = 0
-        band = []
-        for block in blocks(n):
-            magnitude = flat[block].abs()
-            inside = torch.ones_like(magnitude, dtype=torch.bool)
-            if low is not None:
-                lower = magnitude < low
-                below += int(torch.count_nonzero(lower))
-                inside &= ~lower
-            if high is not None:
-                upper = magnitude > high
-                above += int(torch.count_nonzero(upper))
-                inside &= ~upper
-            band.append(magnitude[inside])  # NaNs compare false both ways: they land here
-        values = torch.cat(band)
-        wanted = rank - below
-        if 1 <= wanted <= values.numel() and not bool(torch.isnan(values).any()):
-            threshold = _select_(values, wanted)
-            above += int(torch.count_nonzero(values > threshold))
-            return Cut(threshold, k - above)
-    magnitude = flat.abs()
-    threshold = _select_(magnitude, rank)  # both order NaN above every number
-    return Cut(threshold, k - int(torch.count_nonzero(magnitude > threshold)))
+    threshold, above = _order_statistic(flat, n - k + 1, torch.abs)
+    return Cut(threshold, k - above)
 
 
 def _select_(values: torch.Tensor, rank: int) -> float:
