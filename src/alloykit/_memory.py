@@ -7,7 +7,7 @@ memory above the interpreter was 30-45 MB with the default, 5.5-7.9 MB with the 
 at 1 MiB and 6.0-6.3 MB at 64 KiB. A threshold below the blockwise passes' temporaries costs
 time instead: each is then a fresh mapping faulted in page by page (on the 1.1B benchmark model,
 2.4 million page faults and 15 s of system time for a linear merge). So the threshold follows
-the model: a quarter of its largest tensor (:func:`mmap_threshold`).
+the model: an eighth of its largest tensor (:func:`mmap_threshold`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ MAX_THRESHOLD = 1 << 25  # glibc's own ceiling for its moving threshold (32 MiB 
 
 def mmap_threshold(largest: int) -> int:
     """The threshold for a merge whose largest tensor takes ``largest`` bytes (working
-    precision): a quarter of it, between 64 KiB and 32 MiB. Whole tensors and stacks are then
+    precision): an eighth of it, between 64 KiB and 32 MiB. Whole tensors and stacks are then
     mapped and unmapped (no fragmentation, returned to the OS at once); the blockwise passes'
     temporaries, smaller, are reused from the heap without new page faults."""
-    return min(max(largest // 4, MIN_THRESHOLD), MAX_THRESHOLD)
+    return min(max(largest // 8, MIN_THRESHOLD), MAX_THRESHOLD)
 
 
 def tune_malloc(largest: int) -> bool:
