@@ -22,7 +22,7 @@ from alloykit.demo.core import (
     merge_backbones,
     strip_backbone,
 )
-from alloykit.demo.data import Task, make_task
+from alloykit.demo.data import MATH_FAMILIES, DemoDataError, Task, build_task, make_task, math_texts
 from alloykit.demo.experiment import format_table, grid_points, plot_table, run_table
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -81,6 +81,28 @@ def test_make_task_is_stratified_fixed_and_disjoint() -> None:
     texts = [t for split in (one.train, one.validation, one.test) for t, _ in split]
     assert len(texts) == len(set(texts)) == 40 + 10  # deduplicated (case too), capped per label
     assert sum(y == 1 for _, y in one.train) == 6 and sum(y == 1 for _, y in one.test) == 2
+
+
+def test_math_questions_ship_with_the_package(tmp_path: Path) -> None:
+    # generated once (mathematics-dataset is not reproducible across processes) and read back
+    questions = math_texts()
+    assert sorted(questions) == sorted(MATH_FAMILIES)
+    assert all(len(set(v)) == len(v) == 100 for v in questions.values())
+    task = build_task("math", 0, 100)
+    assert task.labels == sorted(MATH_FAMILIES) and len(task.train) == 7 * 60
+    assert build_task("math", 0, 100).test == task.test  # the same rows in every process
+    bad = tmp_path / "q.json"
+    bad.write_text("{}")
+    with pytest.raises(DemoDataError, match="q.json"):
+        math_texts(bad)
+
+
+def test_chat_topic_takes_its_own_cap() -> None:
+    pytest.importorskip("chatterbot_corpus")
+    task = build_task("chat_topic", 0, 100)
+    assert len(task.labels) == 8
+    counts = [sum(y == i for _, y in task.train + task.validation + task.test) for i in range(8)]
+    assert max(counts) == 150  # emotion, coding and ai hold more than 150 utterances
 
 
 def test_grid_points() -> None:

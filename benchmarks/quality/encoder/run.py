@@ -85,7 +85,7 @@ def select_train(args: argparse.Namespace, train) -> None:
     from alloykit.demo.experiment import load_tasks
 
     base = base_model_path()
-    (task,) = load_tasks(args.cache, [args.select_train], 0, 100)
+    (task,) = load_tasks([args.select_train], 0, 100)
     picks = range(len(TRAIN_CANDIDATES)) if args.candidate < 0 else [args.candidate]
     for i in picks:
         config = replace(train, **TRAIN_CANDIDATES[i])
@@ -127,7 +127,7 @@ def main() -> None:
         start = time.perf_counter()
         base = base_model_path()
         names = [args.task] if args.task else TASK_NAMES
-        for task in load_tasks(args.cache, names, 0, 100):
+        for task in load_tasks(names, 0, 100):
             t0 = time.perf_counter()
             get_expert(args.cache, task, base, task_config(task.name, train))
             print(f"{task.name}: {time.perf_counter() - t0:.0f} s", flush=True)
