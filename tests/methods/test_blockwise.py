@@ -14,7 +14,9 @@ from alloykit.methods.reductions import stable_row_sums
 from alloykit.methods.task_vectors import (
     Steps,
     blocks,
+    counter_uniform,
     della_mask,
+    draw_key,
     merge_deltas,
     sparsify_,
     stable_sum_of,
@@ -76,7 +78,8 @@ def test_breadcrumbs_keeps_the_ranks_between_the_two_cuts() -> None:
 
 def test_dare_draws_are_those_of_one_whole_tensor_draw() -> None:
     values = torch.randn(N, generator=torch.Generator().manual_seed(4)) + 3.0  # no zeros
-    draws = torch.rand(N, generator=torch.Generator().manual_seed(9))
+    key = draw_key(torch.Generator().manual_seed(9), torch.device("cpu"))
+    draws = counter_uniform(key, 0, N, torch.device("cpu"))
     expected = np.where(draws.numpy() < 0.3, values.numpy(), 0.0) / np.float32(0.3)
     got = sparsify_(
         values.clone(),
@@ -90,7 +93,8 @@ def test_dare_draws_are_those_of_one_whole_tensor_draw() -> None:
 
 def test_della_row_blocks_equal_one_whole_matrix_pass() -> None:
     matrix = torch.randn(700, 1100, generator=torch.Generator().manual_seed(5))
-    draws = torch.rand(matrix.shape, generator=torch.Generator().manual_seed(6))
+    key = draw_key(torch.Generator().manual_seed(6), torch.device("cpu"))
+    draws = counter_uniform(key, 0, matrix.numel(), torch.device("cpu")).view(matrix.shape)
     expected = matrix * della_mask(matrix.abs(), 0.4, 0.1, draws)
     before = float(stable_row_sums(matrix.abs().reshape(-1)))
     after = float(stable_row_sums(expected.abs().reshape(-1)))

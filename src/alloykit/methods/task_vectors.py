@@ -24,9 +24,12 @@ histogram of the magnitudes' float bits (see :func:`della_mask`). Sums that deci
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -43,6 +46,32 @@ DeltaNorm = Literal["none", "l1", "l2"]
 ZERO_WEIGHT_SUM = 1e-8
 # MergeKit's L1 rescale is skipped when either norm is below this (reference §1.3).
 RESCALE_EPSILON = 1e-7
+
+
+def fused_loops(*tensors: torch.Tensor) -> Any | None:
+    """The fused CPU loops (:mod:`alloykit.methods._loops`) when they apply to ``tensors``:
+    contiguous float32/float64 CPU tensors, numba importable and not switched off with
+    ``ALLOYKIT_FUSED=0``. None otherwise (the torch code then runs, as on other devices)."""
+    if not all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
+        for t in tensors
+    ):
+        return None
+    loops = _import_loops()
+    if loops is not None:
+        loops.use_threads(torch.get_num_threads())
+    return loops
+
+
+@functools.cache
+def _import_loops() -> Any | None:
+    if os.environ.get("ALLOYKIT_FUSED", "1") == "0":
+        return None
+    try:
+        from alloykit.methods import _loops
+    except ImportError:  # numba missing or unusable on this platform: the torch path runs
+        return None
+    return _loops
 
 
 def stable_sum(values: torch.Tensor) -> float:
@@ -147,15 +176,13 @@ def kth_largest(flat: torch.Tensor, k: int) -> float:
     Equal to ``torch.kthvalue(flat, n − k + 1)`` (NaN ordered above every number), by the
     selection :func:`magnitude_cut` uses: see :func:`_order_statistic`.
     """
-    return _order_statistic(flat, flat.numel() - k + 1, torch.clone)[0]
+    return _order_statistic(flat, flat.numel() - k + 1, absolute=False)[0]
 
 
-def _order_statistic(
-    flat: torch.Tensor, rank: int, transform: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[float, int]:
-    """The ``rank``-th smallest (1-based) of ``transform(flat)``, and how many exceed it.
+def _order_statistic(flat: torch.Tensor, rank: int, absolute: bool) -> tuple[float, int]:
+    """The ``rank``-th smallest (1-based) of ``flat`` (of ``|flat|`` when ``absolute``), and
+    how many exceed it.
 
-    ``transform`` is elementwise and returns a new tensor (``torch.abs``, ``torch.clone``).
     Small tensors: an exact select. Large ones take a shortcut that gives the same value: a
     fixed strided sample of 65 536 elements brackets the answer between two sample order
     statistics six binomial standard deviations either side of its expected rank; one pass
@@ -165,6 +192,7 @@ def _order_statistic(
     selected from, so the result never depends on the sample.
     """
     n = flat.numel()
+    transform = torch.abs if absolute else torch.clone
     if n > 4 * _SAMPLE:
         sample = transform(flat[:: n // _SAMPLE]).sort().values  # fixed: no randomness
         m = sample.numel()
@@ -173,6 +201,17 @@ def _order_statistic(
         low_index, high_index = int(expected - spread), int(expected + spread)
         low = float(sample[low_index]) if low_index >= 0 else None
         high = float(sample[high_index]) if high_index < m else None
+        loops = fused_loops(flat)
+        if loops is not None:  # one pass: count below and above, gather the band
+            below, above, array = loops.band(
+                flat.numpy(),
+                -math.inf if low is None else low,
+                math.inf if high is None else high,
+                absolute,
+            )
+            return _band_statistic(
+                torch.from_numpy(array), rank, int(below), int(above), flat, absolute
+            )
         below = above = 0
         band = []
         for block in blocks(n):
@@ -187,12 +226,23 @@ def _order_statistic(
                 above += int(torch.count_nonzero(upper))
                 inside &= ~upper
             band.append(values[inside])  # NaNs compare false both ways: they land here
-        kept = torch.cat(band)
-        wanted = rank - below
-        if 1 <= wanted <= kept.numel() and not bool(torch.isnan(kept).any()):
-            threshold = _select_(kept, wanted)
-            return threshold, above + int(torch.count_nonzero(kept > threshold))
-    values = transform(flat)
+        return _band_statistic(torch.cat(band), rank, below, above, flat, absolute)
+    return _whole_statistic(flat, rank, absolute)
+
+
+def _band_statistic(
+    band: torch.Tensor, rank: int, below: int, above: int, flat: torch.Tensor, absolute: bool
+) -> tuple[float, int]:
+    # the band holds the answer unless the sample's bracket missed it (or there are NaNs)
+    wanted = rank - below
+    if 1 <= wanted <= band.numel() and not bool(torch.isnan(band).any()):
+        threshold = _select_(band, wanted)
+        return threshold, above + int(torch.count_nonzero(band > threshold))
+    return _whole_statistic(flat, rank, absolute)
+
+
+def _whole_statistic(flat: torch.Tensor, rank: int, absolute: bool) -> tuple[float, int]:
+    values = flat.abs() if absolute else flat.clone()
     threshold = _select_(values, rank)  # both order NaN above every number
     return threshold, int(torch.count_nonzero(values > threshold))
 
@@ -228,7 +278,7 @@ def magnitude_cut(flat: torch.Tensor, k: int) -> Cut | None:
         return None
     if k <= 0:
         return Cut(float("inf"), 0)
-    threshold, above = _order_statistic(flat, n - k + 1, torch.abs)
+    threshold, above = _order_statistic(flat, n - k + 1, absolute=True)
     return Cut(threshold, k - above)
 
 
@@ -273,6 +323,10 @@ def keep_top_(flat: torch.Tensor, cut: Cut | None) -> None:
     """Zero, in place and block by block, every entry of 1-D ``flat`` that ``cut`` drops."""
     if cut is None:
         return
+    loops = fused_loops(flat)
+    if loops is not None:
+        loops.keep_(flat.numpy(), cut.threshold, cut.ties, 0.0, 0, False)
+        return
     ties = cut.ties
     for block in blocks(flat.numel()):
         kept, ties = _kept_block(flat[block], cut, ties)
@@ -282,6 +336,18 @@ def keep_top_(flat: torch.Tensor, cut: Cut | None) -> None:
 def keep_between_(flat: torch.Tensor, outer: Cut | None, inner: Cut | None) -> None:
     """Keep, in place, what ``outer`` keeps and ``inner`` does not (``inner`` keeps a subset
     of ``outer``'s top entries, in the same tie order): breadcrumbs' band."""
+    loops = fused_loops(flat)
+    if loops is not None:  # a missing cut keeps everything: |v| > -1
+        outer_cut, inner_cut = outer or Cut(-1.0, 0), inner or Cut(-1.0, 0)
+        loops.keep_(
+            flat.numpy(),
+            outer_cut.threshold,
+            outer_cut.ties,
+            inner_cut.threshold,
+            inner_cut.ties,
+            True,
+        )
+        return
     outer_ties = outer.ties if outer is not None else 0
     inner_ties = inner.ties if inner is not None else 0
     for block in blocks(flat.numel()):
@@ -492,14 +558,18 @@ def sparsify_(
         # the top n_top entries are a subset of the top n − n_bottom (same tie order)
         keep_between_(flat, magnitude_cut(flat, n - n_bottom), magnitude_cut(flat, n_top))
     elif method == "random":
-        for block in blocks(n):
-            part = flat[block]
-            draws = torch.rand(
-                part.shape, generator=generator, device=delta.device, dtype=torch.float32
-            )
-            # keep where draw < density, as a 0/1 float (in float32, like the comparison
-            # would be): sign(density − draw) is +1 exactly when draw < density, then clamp
-            part.mul_(draws.neg_().add_(density).sign_().clamp_(min=0.0))
+        key = draw_key(generator, delta.device)
+        loops = fused_loops(flat)
+        if loops is not None:
+            loops.random_keep_(flat.numpy(), key, density)
+        else:
+            limit = float(torch.tensor(density, dtype=torch.float32))
+            for block in blocks(n):
+                part = flat[block]
+                draws = counter_uniform(key, block.start, part.numel(), delta.device)
+                # keep where draw < density (float32), as a 0/1 float: sign(density − draw)
+                # is +1 exactly when draw < density (no rounding flips a sign), then clamp
+                part.mul_(draws.neg_().add_(limit).sign_().clamp_(min=0.0))
     elif method == "della":
         problem = della_bounds_problem(density, epsilon)
         if problem:
@@ -509,10 +579,11 @@ def sparsify_(
         rows = delta.view(1, -1) if delta.dim() < 2 else delta.view(delta.shape[0], -1)
         # a quarter block of rows: della_mask's histograms take ~20 bytes per entry
         step = max(1, _block_size(n) // (4 * max(1, rows.shape[1])))
+        key = draw_key(generator, delta.device)
         for first in range(0, rows.shape[0], step):
             part = rows[first : first + step]
-            draws = torch.rand(part.shape, generator=generator, device=delta.device)
-            part.mul_(della_mask(part.abs(), density, epsilon, draws))
+            draws = counter_uniform(key, first * rows.shape[1], part.numel(), delta.device)
+            part.mul_(della_mask(part.abs(), density, epsilon, draws.view(part.shape)))
     else:
         raise ValueError(f"unknown sparsify method {method!r}")
     if rescale == "inverse":  # the DARE paper's 1/(1−p), p the drop rate
@@ -522,6 +593,51 @@ def sparsify_(
         if before > RESCALE_EPSILON and after > RESCALE_EPSILON:
             delta.mul_(before / after)
     return delta
+
+
+def draw_key(generator: torch.Generator | None, device: torch.device) -> int:
+    """One 63-bit key from ``generator``: the seed of one task vector's counter-based draws
+    (:func:`counter_uniform`)."""
+    if generator is not None:
+        device = generator.device
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    # a 64-bit pattern as the int64 torch holds it
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    # logical shift of int64 bit patterns (torch's >> is arithmetic)
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniform(key: int, start: int, count: int, device: torch.device) -> torch.Tensor:
+    """Draws ``start .. start + count − 1`` of ``key``: float32 uniforms in [0, 1) on a 2^-24
+    grid, each a function of the key and its index alone.
+
+    SplitMix64's output function (Steele, Lea & Flood 2014, "Fast splittable pseudorandom
+    number generators") applied to ``key + (index + 1)·0x9E3779B97F4A7C15``, top 24 bits.
+    Counter-based draws need no sequential stream: any block of a tensor, on any thread or
+    device, draws exactly what a whole-tensor pass would, so DARE's and DELLA's masks are
+    the same bits on every device and thread count. On CPU the fused loops
+    (:mod:`alloykit.methods._loops`) compute the same function; this is the torch form.
+    """
+    index = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    z = index.mul_(_GOLDEN).add_(_signed(key & _MASK64))
+    z = (z ^ _shift_right(z, 30)).mul_(_MIX1)
+    z = (z ^ _shift_right(z, 27)).mul_(_MIX2)
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 40).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
 INVERSE_DELLA = (
@@ -728,6 +844,9 @@ def merge_task_vectors(
     return merge_deltas(deltas, weights, steps, densities, gammas, generator, epsilons).add_(base)
 
 
+_ELECT_CODE = {"none": 0, "mass": 1, "count": 2}  # the fused loop's election codes
+
+
 @dataclass(frozen=True)
 class Steps:
     """The steps of a task-vector merge and their global options (see merge_task_vectors)."""
@@ -759,6 +878,20 @@ def merge_deltas(
     """
     sparsify_deltas(deltas, steps, densities, gammas, generator, epsilons, model_thresholds)
     k = deltas.shape[0]
+    loops = fused_loops(deltas)
+    if loops is not None and steps.elect in _ELECT_CODE and steps.combine in ("sum", "mean"):
+        out = torch.empty(deltas.shape[1:], dtype=deltas.dtype)
+        loops.elect_combine(
+            deltas.view(k, -1).numpy(),
+            weights.to(torch.float64).numpy(),
+            _ELECT_CODE[steps.elect],
+            steps.combine == "mean",
+            steps.normalize,
+            float(weights.sum()),
+            float(steps.scale),
+            out.view(-1).numpy(),
+        )
+        return out
     for i in range(k):
         deltas[i] *= float(weights[i])
     # elect and combine are elementwise: run them block by block, so their temporaries (the

@@ -1,0 +1,223 @@
+"""Fused CPU loops (numba) for the task-vector steps' hot passes.
+
+The torch code in :mod:`alloykit.methods.task_vectors` is the definition and runs on every
+device; on CPU these loops do the same work in one pass over the data instead of a chain of
+elementwise torch ops (each of which reads and writes the whole block, and a boolean gather
+costs 5-10x an elementwise op). Each loop gives the torch path's result exactly (selection
+counts, kept entries, tie order); the sums of the combine step add the models in the same
+index order. Tests compare the two paths (tests/methods/test_loops.py).
+
+Work is split into fixed chunks of :data:`CHUNK` elements, so results never depend on the
+thread count: chunks are counted in parallel, their counts added in chunk order, and each
+chunk then knows exactly where its output goes or how many tied entries come before it.
+
+This module imports numba, which takes a few tenths of a second: it is imported on the first
+merge that needs it (:func:`alloykit.methods.task_vectors.fused_loops`), never by ``import
+alloykit`` or ``alloykit --help``. Compiled code is cached next to this file (numba's
+``cache=True``), so only the first merge after installing pays the compilation.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+CHUNK = 1 << 16  # elements per chunk of parallel work
+
+
+def use_threads(count: int) -> None:
+    """Run the loops on ``count`` threads (torch's count: ``--threads``), at most numba's."""
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def band(values, low, high, absolute):  # type: ignore[no-untyped-def]
+    """Count the (absolute, when ``absolute``) values below ``low`` and above ``high``, and
+    gather the rest (NaNs included: they compare false both ways) in flat order.
+
+    Returns ``(below, above, band)``; ``low = -inf`` / ``high = inf`` for no bound."""
+    n = values.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    below = np.zeros(chunks, np.int64)
+    above = np.zeros(chunks, np.int64)
+    for c in prange(chunks):
+        lo_count = 0
+        hi_count = 0
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            v = abs(values[j]) if absolute else values[j]
+            if v < low:
+                lo_count += 1
+            elif v > high:
+                hi_count += 1
+        below[c] = lo_count
+        above[c] = hi_count
+    starts = np.zeros(chunks + 1, np.int64)
+    for c in range(chunks):
+        size = min(n, (c + 1) * CHUNK) - c * CHUNK
+        starts[c + 1] = starts[c] + size - below[c] - above[c]
+    out = np.empty(starts[chunks], values.dtype)
+    for c in prange(chunks):
+        at = starts[c]
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            v = abs(values[j]) if absolute else values[j]
+            if not (v < low or v > high):
+                out[at] = v
+                at += 1
+    return below.sum(), above.sum(), out
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _tie_offsets(values, threshold, ties):  # type: ignore[no-untyped-def]
+    # per chunk, how many entries with |v| == threshold come before it in flat order, so each
+    # chunk keeps the tied entries the serial rule keeps (the first `ties` of them)
+    n = values.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    before = np.zeros(chunks, np.int64)
+    if not _tied(threshold, ties):
+        return before
+    counts = np.zeros(chunks, np.int64)
+    for c in prange(chunks):
+        count = 0
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            if abs(values[j]) == threshold:
+                count += 1
+        counts[c] = count
+    for c in range(1, chunks):
+        before[c] = before[c - 1] + counts[c - 1]
+    return before
+
+
+@njit(cache=True, nogil=True)
+def _tied(threshold, ties):  # type: ignore[no-untyped-def]
+    # tied entries matter only for a finite positive threshold (tied zeros add nothing)
+    return ties > 0 and 0.0 < threshold < np.inf
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def keep_(values, threshold, ties, inner_threshold, inner_ties, has_inner):  # type: ignore[no-untyped-def]
+    """Zero in place what a magnitude cut drops: keep ``|v| > threshold`` and the first
+    ``ties`` entries with ``|v| == threshold`` (flat order). With ``has_inner``, keep only
+    what the outer cut keeps and the inner cut does not (breadcrumbs' band)."""
+    n = values.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    outer_tied = _tied(threshold, ties)
+    inner_tied = has_inner and _tied(inner_threshold, inner_ties)
+    outer_before = _tie_offsets(values, threshold, ties)
+    inner_before = _tie_offsets(values, inner_threshold, inner_ties if has_inner else 0)
+    for c in prange(chunks):
+        seen = outer_before[c]
+        inner_seen = inner_before[c]
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            a = abs(values[j])
+            keep = a > threshold
+            if outer_tied and a == threshold:
+                keep = seen < ties
+                seen += 1
+            if has_inner:
+                top = a > inner_threshold
+                if inner_tied and a == inner_threshold:
+                    top = inner_seen < inner_ties
+                    inner_seen += 1
+                keep = keep and not top
+            if not keep:
+                values[j] = 0.0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def elect_combine(deltas, weights, elect, mean, normalize, weight_sum, scale, out):  # type: ignore[no-untyped-def]
+    """Weight, elect and combine ``(k, n)`` task vectors into ``out`` ``(n,)``.
+
+    ``u_i = w_i·δ_i`` in the deltas' precision. ``elect``: 0 none, 1 mass (the sign of
+    ``Σ u_i``), 2 count (the sign of ``Σ sign(u_i)``); a zero total elects +. An entry agrees
+    when its sign is the elected one (zero never agrees). Agreeing entries are added in model
+    order; ``mean`` divides by the number agreeing (at least 1; by k without election);
+    ``normalize`` by the agreeing weights' sum (a zero sum counts as 1), without election by
+    ``weight_sum`` unless it is below 1e-8; then ``scale`` multiplies."""
+    k, n = deltas.shape
+    chunks = (n + CHUNK - 1) // CHUNK
+    zero = deltas.dtype.type(0.0)
+    one = deltas.dtype.type(1.0)
+    w = weights.astype(deltas.dtype)
+    s = deltas.dtype.type(scale)
+    total = deltas.dtype.type(weight_sum)
+    divide_total = normalize and abs(weight_sum) >= 1e-8
+    for c in prange(chunks):
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            if elect == 0:
+                acc = zero
+                for i in range(k):
+                    acc += deltas[i, j] * w[i]
+                if mean:
+                    acc = acc / deltas.dtype.type(k)
+                elif divide_total:
+                    acc = acc / total
+            else:
+                vote = zero
+                for i in range(k):
+                    u = deltas[i, j] * w[i]
+                    if elect == 1:
+                        vote += u
+                    elif u > 0:
+                        vote += one
+                    elif u < 0:
+                        vote -= one
+                positive = not (vote < 0)
+                acc = zero
+                divisor = zero
+                for i in range(k):
+                    u = deltas[i, j] * w[i]
+                    if (u > 0 and positive) or (u < 0 and not positive):
+                        acc += u
+                        divisor += one if mean else w[i]
+                if mean:
+                    acc = acc / max(divisor, one)
+                elif normalize:
+                    acc = acc / (divisor if divisor != 0 else one)
+            if scale != 1.0:
+                acc = acc * s
+            out[j] = acc
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_ONE = np.uint64(1)
+_UNIT = np.float32(1.0 / (1 << 24))
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _uniform(key, index):  # type: ignore[no-untyped-def]
+    # SplitMix64 (Steele, Lea & Flood 2014) of key + (index + 1)·golden; its top 24 bits
+    z = key + (np.uint64(index) + _ONE) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return np.float32(z >> np.uint64(40)) * _UNIT
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def uniform_fill(out, key, start):  # type: ignore[no-untyped-def]
+    """``out[j]`` = the counter-based uniform draw number ``start + j`` of ``key``, float32
+    in [0, 1) on a 2^-24 grid (what :func:`alloykit.methods.task_vectors.counter_uniform`
+    computes with torch ops)."""
+    n = out.size
+    key = np.uint64(key)
+    chunks = (n + CHUNK - 1) // CHUNK
+    for c in prange(chunks):
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            out[j] = _uniform(key, start + j)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def random_keep_(values, key, density):  # type: ignore[no-untyped-def]
+    """DARE's drop in place: zero ``values[j]`` unless draw ``j`` of ``key`` is below
+    ``density`` (float32)."""
+    n = values.size
+    key = np.uint64(key)
+    limit = np.float32(density)
+    chunks = (n + CHUNK - 1) // CHUNK
+    for c in prange(chunks):
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            if not (_uniform(key, j) < limit):
+                values[j] = 0.0

@@ -1,0 +1,151 @@
+"""The fused CPU loops (alloykit.methods._loops) give the torch path's results.
+
+Every test runs the same call twice, with the fused loops and with them switched off
+(``ALLOYKIT_FUSED=0`` semantics, through ``_import_loops``), on tensors large enough for the
+sampled selection and several parallel chunks, with heavy ties (values on a coarse grid, as
+bfloat16 task vectors have).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from alloykit.methods import task_vectors as tv
+
+pytest.importorskip("numba")
+
+N = 700_001  # > 4 x the selection sample, 11 chunks of 65 536, and a ragged last chunk
+
+
+@pytest.fixture
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """Run a thunk with the fused loops switched off."""
+
+    def run(thunk: Callable[[], Any]) -> Any:
+        with monkeypatch.context() as patch:
+            patch.setattr(tv, "_import_loops", lambda: None)
+            return thunk()
+
+    yield run
+
+
+def _coarse(seed: int, n: int = N, k: int | None = None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n,) if k is None else (k, n)
+    # a grid of 1/64 steps: thousands of entries share each magnitude, zeros included
+    return torch.round(torch.randn(shape, generator=generator) * 64) / 64
+
+
+def test_loops_are_used() -> None:
+    assert tv.fused_loops(torch.zeros(3)) is not None
+    assert tv.fused_loops(torch.zeros(3, dtype=torch.bfloat16)) is None
+    assert tv.fused_loops(torch.zeros(4, 4).t()) is None  # not contiguous
+
+
+@pytest.mark.parametrize("density", [0.0001, 0.1, 0.5, 0.9, 0.999])
+def test_magnitude_cut_and_keep_match(density: float, torch_path: Any) -> None:
+    flat = _coarse(1)
+    k = max(1, int(density * N))
+    cut = tv.magnitude_cut(flat, k)
+    assert cut == torch_path(lambda: tv.magnitude_cut(flat, k))
+    assert cut is not None and cut.ties > 0  # the tie rule is exercised
+    fused, reference = flat.clone(), flat.clone()
+    tv.keep_top_(fused, cut)
+    torch_path(lambda: tv.keep_top_(reference, cut))
+    assert torch.equal(fused, reference)
+    assert int(torch.count_nonzero(fused)) == min(k, int(torch.count_nonzero(flat)))
+
+
+def test_kth_largest_matches_kthvalue(torch_path: Any) -> None:
+    flat = _coarse(2)
+    for k in (1, 17, N // 3, N - 5):
+        expected = float(torch.kthvalue(flat, N - k + 1).values)
+        assert (
+            tv.kth_largest(flat, k) == expected == torch_path(lambda k=k: tv.kth_largest(flat, k))
+        )
+
+
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.01), (0.9, 0.05), (0.2, 0.0), (0.99, 0.01)])
+def test_breadcrumbs_band_matches(density: float, gamma: float, torch_path: Any) -> None:
+    delta = _coarse(3, n=700_000).view(100, 7000)
+    fused = tv.sparsify(delta, "breadcrumbs", density=density, gamma=gamma)
+    reference = torch_path(lambda: tv.sparsify(delta, "breadcrumbs", density=density, gamma=gamma))
+    assert torch.equal(fused, reference)
+    assert int(torch.count_nonzero(fused)) <= int(density * delta.numel())
+
+
+@pytest.mark.parametrize("elect", ["none", "mass", "count"])
+@pytest.mark.parametrize("combine", ["sum", "mean"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_elect_combine_matches(elect: str, combine: str, normalize: bool, torch_path: Any) -> None:
+    deltas = _coarse(4, n=200_003, k=3)
+    deltas[:, :1000] = 0.0  # zero totals and entries with no sign
+    deltas[1, 1000:2000] = -deltas[0, 1000:2000]  # exact cancellations: a zero mass elects +
+    weights = torch.tensor([1.0, 0.8, 0.3])
+    steps = tv.Steps(elect=elect, combine=combine, normalize=normalize, scale=0.7)  # type: ignore[arg-type]
+    fused = tv.merge_deltas(deltas.clone(), weights, steps)
+    reference = torch_path(lambda: tv.merge_deltas(deltas.clone(), weights, steps))
+    assert torch.equal(fused, reference)
+
+
+def test_ties_merge_matches_in_float64(torch_path: Any) -> None:
+    base = torch.randn(300_000, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    tuned = base + _coarse(6, n=300_000, k=3).double()
+
+    def merge() -> torch.Tensor:
+        return tv.merge_task_vectors(
+            base,
+            tuned,
+            torch.tensor([1.0, 0.5, 0.25]),
+            torch.tensor([0.5, 0.3, 0.7]),
+            sparsify="magnitude",
+            elect="mass",
+            normalize=True,
+        )
+
+    assert torch.equal(merge(), torch_path(merge))
+
+
+def test_counter_draws_are_uniform_and_the_same_on_both_paths() -> None:
+    from alloykit.methods import _loops
+
+    key = tv.draw_key(torch.Generator().manual_seed(3), torch.device("cpu"))
+    draws = tv.counter_uniform(key, 5, 1 << 20, torch.device("cpu"))
+    fused = torch.empty(1 << 20)
+    _loops.uniform_fill(fused.numpy(), key, 5)
+    assert torch.equal(draws, fused)
+    # uniform on [0, 1): 64 bins within 5 standard deviations, mean and first-lag correlation
+    counts = torch.histc(draws, bins=64, min=0.0, max=1.0)
+    expected = draws.numel() / 64
+    assert float((counts - expected).abs().max()) < 5 * expected**0.5
+    assert abs(float(draws.double().mean()) - 0.5) < 1e-3
+    centred = draws.double() - 0.5
+    assert abs(float((centred[1:] * centred[:-1]).mean())) < 1e-3
+    assert float(draws.min()) >= 0.0 and float(draws.max()) < 1.0
+    # another key, or the next block of this one, draws differently
+    other = tv.counter_uniform(key + 1, 5, 1000, torch.device("cpu"))
+    assert not torch.equal(other, draws[:1000])
+
+
+@pytest.mark.parametrize("method", ["random", "della"])
+def test_random_draws_match_across_paths(method: str, torch_path: Any) -> None:
+    delta = _coarse(7, n=500_000).view(500, 1000)
+
+    def run() -> torch.Tensor:
+        return tv.sparsify(
+            delta,
+            method,  # type: ignore[arg-type]
+            density=0.4,
+            epsilon=0.1,
+            generator=torch.Generator().manual_seed(11),
+            rescale="l1",
+        )
+
+    fused = run()
+    assert torch.equal(fused, torch_path(run))
+    kept = int(torch.count_nonzero(fused)) / int(torch.count_nonzero(delta))
+    assert abs(kept - 0.4) < 0.01
