@@ -131,9 +131,20 @@ def test_counter_draws_are_uniform_and_the_same_on_both_paths() -> None:
     assert not torch.equal(other, draws[:1000])
 
 
-@pytest.mark.parametrize("method", ["random", "della"])
-def test_random_draws_match_across_paths(method: str, torch_path: Any) -> None:
-    delta = _coarse(7, n=500_000).view(500, 1000)
+@pytest.mark.parametrize(
+    "method,shape,dtype",
+    [
+        ("random", (500, 1000), torch.float32),
+        ("della", (500, 1000), torch.float32),
+        ("della", (300_000,), torch.float32),  # one row
+        ("della", (3000, 1), torch.float32),  # rows of one entry
+        ("della", (64, 8, 250), torch.float64),  # ranked along the flattened dims 1..
+    ],
+)
+def test_random_draws_match_across_paths(
+    method: str, shape: tuple[int, ...], dtype: torch.dtype, torch_path: Any
+) -> None:
+    delta = _coarse(7, n=500_000)[: torch.Size(shape).numel()].view(shape).to(dtype)
 
     def run() -> torch.Tensor:
         return tv.sparsify(

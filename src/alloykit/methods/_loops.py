@@ -221,3 +221,106 @@ def random_keep_(values, key, density):  # type: ignore[no-untyped-def]
         for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
             if not (_uniform(key, j) < limit):
                 values[j] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _della_row(row, draws, low_p, two_epsilon, density, buffers):  # type: ignore[no-untyped-def]
+    # DELLA's keep decision for one row, in place (a dropped entry becomes 0): the rule of
+    # task_vectors.della_mask (keep when draw < p(average rank)) from a histogram of the
+    # magnitudes' float32 bit patterns (they order like the values), counting exactly only
+    # the entries whose bucket leaves the decision open
+    counts, first, smallest, largest, magnitudes = buffers
+    n = row.size
+    if n == 1:
+        if not (np.float64(draws[0]) < density):
+            row[0] = 0.0
+        return
+    bits = magnitudes[:n].view(np.int32)
+    lowest = np.int64(2147483647)
+    highest = np.int64(0)
+    for j in range(n):
+        magnitudes[j] = np.float32(abs(row[j]))
+        pattern = np.int64(bits[j])
+        if pattern != 0 and pattern < lowest:
+            lowest = pattern
+        if pattern > highest:
+            highest = pattern
+    bins = counts.size - 1
+    span = max(highest - lowest, 0) + 1
+    counts[:] = 0
+    smallest[:] = np.inf
+    largest[:] = -1.0
+    for j in range(n):
+        b = _della_bucket(np.int64(bits[j]), lowest, span, bins)
+        counts[b] += 1
+        a = abs(row[j])
+        if a < smallest[b]:
+            smallest[b] = a
+        if a > largest[b]:
+            largest[b] = a
+    total = 0
+    for b in range(bins + 1):
+        first[b] = total
+        total += counts[b]
+    denominator = np.float64(n - 1)
+    for j in range(n):
+        a = abs(row[j])
+        b = _della_bucket(np.int64(bits[j]), lowest, span, bins)
+        draw = np.float64(draws[j])
+        lo = np.float64(first[b])
+        hi = np.float64(first[b] + counts[b] - 1)
+        if smallest[b] == largest[b]:
+            keep = draw < low_p + (two_epsilon * ((lo + hi) / 2)) / denominator
+        elif draw < low_p + (two_epsilon * lo) / denominator:
+            keep = True
+        elif not (draw < low_p + (two_epsilon * hi) / denominator):
+            keep = False
+        else:  # open in this bucket: count the row exactly
+            below = 0
+            equal = 0
+            for m in range(n):
+                other = abs(row[m])
+                if other < a:
+                    below += 1
+                elif other == a:
+                    equal += 1
+            rank = np.float64(below) + np.float64(equal - 1) / 2
+            keep = draw < low_p + (two_epsilon * rank) / denominator
+        if not keep:
+            row[j] = 0.0
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _della_bucket(pattern, lowest, span, bins):  # type: ignore[no-untyped-def]
+    # zeros: bucket 0; nonzero magnitudes: 1..bins, linear in their bit pattern
+    if pattern == 0:
+        return 0
+    return min(1 + (max(pattern - lowest, 0) * bins) // span, bins)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def della_keep_(rows, key, start, density, epsilon):  # type: ignore[no-untyped-def]
+    """DELLA's drop in place on ``(r, n)`` rows: entry ``j`` of a row is kept when its draw
+    (counter-based, number ``start`` + its flat index of ``key``) is below
+    ``p = (density − ε) + 2ε·rank/(n − 1)``, ``rank`` its magnitude's average 0-based rank in
+    its row (:func:`alloykit.methods.task_vectors.della_mask`)."""
+    r, n = rows.shape
+    key = np.uint64(key)
+    low_p = np.float64(density - epsilon)
+    two_epsilon = np.float64(2 * epsilon)
+    bins = max(64, 2 * n)
+    groups = min(r, 64)  # one set of buffers per group of rows
+    for g in prange(groups):
+        buffers = (
+            np.empty(bins + 1, np.int64),
+            np.empty(bins + 1, np.int64),
+            np.empty(bins + 1, rows.dtype),
+            np.empty(bins + 1, rows.dtype),
+            np.empty(n, np.float32),
+        )
+        draws = np.empty(n, np.float32)
+        for i in range(g, r, groups):
+            offset = start + i * n
+            for j in range(n):
+                draws[j] = _uniform(key, offset + j)
+            _della_row(rows[i], draws, low_p, two_epsilon, density, buffers)

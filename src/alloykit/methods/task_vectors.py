@@ -577,13 +577,17 @@ def sparsify_(
         if rescale == "inverse":
             raise ValueError(INVERSE_DELLA)
         rows = delta.view(1, -1) if delta.dim() < 2 else delta.view(delta.shape[0], -1)
-        # a quarter block of rows: della_mask's histograms take ~20 bytes per entry
-        step = max(1, _block_size(n) // (4 * max(1, rows.shape[1])))
         key = draw_key(generator, delta.device)
-        for first in range(0, rows.shape[0], step):
-            part = rows[first : first + step]
-            draws = counter_uniform(key, first * rows.shape[1], part.numel(), delta.device)
-            part.mul_(della_mask(part.abs(), density, epsilon, draws.view(part.shape)))
+        loops = fused_loops(delta)
+        if loops is not None:  # all rows in one call: its buffers are a row per thread
+            loops.della_keep_(rows.numpy(), key, 0, density, epsilon)
+        else:
+            # a quarter block of rows: della_mask's histograms take ~20 bytes per entry
+            step = max(1, _block_size(n) // (4 * max(1, rows.shape[1])))
+            for first in range(0, rows.shape[0], step):
+                part = rows[first : first + step]
+                draws = counter_uniform(key, first * rows.shape[1], part.numel(), delta.device)
+                part.mul_(della_mask(part.abs(), density, epsilon, draws.view(part.shape)))
     else:
         raise ValueError(f"unknown sparsify method {method!r}")
     if rescale == "inverse":  # the DARE paper's 1/(1−p), p the drop rate
