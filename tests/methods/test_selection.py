@@ -159,5 +159,6 @@ def test_dare_keeps_exactly_where_the_draw_is_below_the_density() -> None:
         out = task_vectors.sparsify(
             delta, "random", density=density, generator=torch.Generator().manual_seed(4)
         )
-        draws = torch.rand(5000, generator=torch.Generator().manual_seed(4))
+        key = task_vectors.draw_key(torch.Generator().manual_seed(4), torch.device("cpu"))
+        draws = task_vectors.counter_uniform(key, 0, 5000, torch.device("cpu"))
         assert torch.equal(out, delta * (draws < density))

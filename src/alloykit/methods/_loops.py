@@ -252,7 +252,7 @@ def _della_row(row, draws, low_p, two_epsilon, density, buffers):  # type: ignor
     # task_vectors.della_mask (keep when draw < p(average rank)) from a histogram of the
     # magnitudes' float32 bit patterns (they order like the values), counting exactly only
     # the entries whose bucket leaves the decision open
-    counts, first, smallest, largest, magnitudes = buffers
+    counts, first, smallest, largest, magnitudes, kept = buffers
     n = row.size
     if n == 1:
         if not (np.float64(draws[0]) < density):
@@ -309,8 +309,9 @@ def _della_row(row, draws, low_p, two_epsilon, density, buffers):  # type: ignor
                     equal += 1
             rank = np.float64(below) + np.float64(equal - 1) / 2
             keep = draw < low_p + (two_epsilon * rank) / denominator
-        if not keep:
-            row[j] = 0.0
+        kept[j] = keep
+    for j in range(n):  # after every decision: the exact counts read the row unchanged
+        row[j] = row[j] if kept[j] else 0.0
 
 
 @njit(inline="always", cache=True, nogil=True)
@@ -340,6 +341,7 @@ def della_keep_(rows, key, start, density, epsilon):  # type: ignore[no-untyped-
             np.empty(bins + 1, rows.dtype),
             np.empty(bins + 1, rows.dtype),
             np.empty(n, np.float32),
+            np.empty(n, np.bool_),
         )
         draws = np.empty(n, np.float32)
         for i in range(g, r, groups):
