@@ -822,8 +822,9 @@ def demo(
     packages; needs the 'demo' extra), caches the experts, merges their backbones with linear,
     task_arithmetic, ties and tsv (hyper-parameters chosen on validation), prints accuracy and
     normalised accuracy per task on test, and writes a bar chart. The first run fine-tunes four
-    experts (about 17 CPU-minutes, one thread each, as many at a time as --threads); later runs
-    reuse the experts and the validation scores, so each method is merged once.
+    experts (about 10 CPU-minutes, one thread each, as many at a time as --threads; 8 minutes
+    in all on 2 cores); later runs reuse the experts and the validation scores, so each method
+    is merged once (under a minute).
 
     Examples:
         alloykit demo

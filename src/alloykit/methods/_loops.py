@@ -207,17 +207,29 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _ONE = np.uint64(1)
 _UNIT = np.float32(1.0 / (1 << 24))
+_LOW24 = np.uint64((1 << 24) - 1)
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _mix(key, counter):  # type: ignore[no-untyped-def]
+    # SplitMix64's output function (Steele, Lea & Flood 2014) of key + (counter + 1)·golden
+    z = key + (np.uint64(counter) + _ONE) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _unit(bits):  # type: ignore[no-untyped-def]
+    # 24 bits to a float32 in [0, 1), through int64: a uint64 converts by a slow sequence
+    return np.float32(np.int64(bits)) * _UNIT
 
 
 @njit(inline="always", cache=True, nogil=True)
 def _uniform(key, index):  # type: ignore[no-untyped-def]
-    # SplitMix64 (Steele, Lea & Flood 2014) of key + (index + 1)·golden; its top 24 bits
-    z = key + (np.uint64(index) + _ONE) * _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z = z ^ (z >> np.uint64(31))
-    # through int64: converting a uint64 to a float takes a slow branchy sequence on x86
-    return np.float32(np.int64(z >> np.uint64(40))) * _UNIT
+    # draw `index`: one 64-bit mix serves two draws, bits 40-63 (even) and 16-39 (odd)
+    z = _mix(key, index >> 1)
+    return _unit(z >> np.uint64(40) if index % 2 == 0 else (z >> np.uint64(16)) & _LOW24)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -242,8 +254,13 @@ def random_keep_(values, key, density):  # type: ignore[no-untyped-def]
     limit = np.float32(density)
     chunks = (n + CHUNK - 1) // CHUNK
     for c in prange(chunks):
-        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-            values[j] = values[j] if _uniform(key, j) < limit else 0.0
+        end = min(n, (c + 1) * CHUNK)
+        for j in range(c * CHUNK, end, 2):  # chunks start at even draws: one mix a pair
+            z = _mix(key, j >> 1)
+            values[j] = values[j] if _unit(z >> np.uint64(40)) < limit else 0.0
+            if j + 1 < end:
+                low = (z >> np.uint64(16)) & _LOW24
+                values[j + 1] = values[j + 1] if _unit(low) < limit else 0.0
 
 
 @njit(cache=True, nogil=True)

@@ -636,18 +636,21 @@ def counter_uniform(key: int, start: int, count: int, device: torch.device) -> t
     grid, each a function of the key and its index alone.
 
     SplitMix64's output function (Steele, Lea & Flood 2014, "Fast splittable pseudorandom
-    number generators") applied to ``key + (index + 1)·0x9E3779B97F4A7C15``, top 24 bits.
+    number generators") applied to ``key + (⌊index/2⌋ + 1)·0x9E3779B97F4A7C15``: bits 40-63
+    of the 64-bit result for an even index, bits 16-39 for the odd one (one mix, two draws).
     Counter-based draws need no sequential stream: any block of a tensor, on any thread or
     device, draws exactly what a whole-tensor pass would, so DARE's and DELLA's masks are
     the same bits on every device and thread count. On CPU the fused loops
     (:mod:`alloykit.methods._loops`) compute the same function; this is the torch form.
     """
-    index = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
-    z = index.mul_(_GOLDEN).add_(_signed(key & _MASK64))
+    index = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    odd = (index & 1).bool()
+    z = (index >> 1).add_(1).mul_(_GOLDEN).add_(_signed(key & _MASK64))
     z = (z ^ _shift_right(z, 30)).mul_(_MIX1)
     z = (z ^ _shift_right(z, 27)).mul_(_MIX2)
     z = z ^ _shift_right(z, 31)
-    return _shift_right(z, 40).to(torch.float32).mul_(1.0 / (1 << 24))
+    bits = torch.where(odd, _shift_right(z, 16) & ((1 << 24) - 1), _shift_right(z, 40))
+    return bits.to(torch.float32).mul_(1.0 / (1 << 24))
 
 
 INVERSE_DELLA = (
