@@ -92,6 +92,9 @@ def test_skills_split_disjoint_and_fixed() -> None:
     assert build_skills(MODULES, sizes=(40, 10, 15), seed=3) == skills
     # every module has its own seed: two modules never share the generator's random stream
     assert build_skills(MODULES[:1], (40, 10, 15), 4)[0].train != skills[0].train
+    # a module's rows do not depend on the other modules asked for, nor on their order
+    assert build_skills(MODULES[::-1], (40, 10, 15), 3)[::-1] == skills
+    assert build_skills(MODULES[1:], (40, 10, 15), 3) == skills[1:]
 
 
 def test_split_rows_refuses_too_few_and_unknown_module() -> None:

@@ -19,6 +19,7 @@ import json
 import random
 import sys
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,16 +143,23 @@ def split_rows(module: str, rows: Sequence[QA], sizes: tuple[int, int, int], see
     )
 
 
+def module_seed(seed: int, module: str) -> int:
+    """The generator seed of ``module``'s rows: ``seed`` and a CRC-32 of the module's name
+    (stable across processes and Python versions, unlike ``hash``)."""
+    return (seed * 1_000_003 + zlib.crc32(module.encode())) % 2**32
+
+
 def build_skills(
     modules: Sequence[str] = DEFAULT_MODULES,
     sizes: tuple[int, int, int] = (2000, 100, 200),
     seed: int = 0,
 ) -> list[Skill]:
-    """One :class:`Skill` per module; the module at position ``i`` is generated with seed
-    ``1000 * seed + i``, so the rows depend on the seed and the module list (its order too)."""
+    """One :class:`Skill` per module, each generated with a seed made of ``seed`` and the
+    module's name (:func:`module_seed`): a module's rows do not depend on which other modules
+    are asked for, or in what order."""
     skills = []
-    for index, module in enumerate(modules):
-        rows = generate_rows(module, sum(sizes), seed * 1000 + index)
+    for module in modules:
+        rows = generate_rows(module, sum(sizes), module_seed(seed, module))
         skills.append(split_rows(module, rows, sizes, seed))
     return skills
 
