@@ -161,6 +161,8 @@ def test_random_draws_match_across_paths(
         )
 
     fused = run()
-    assert torch.equal(fused, torch_path(run))
+    reference = torch_path(run)
+    assert torch.equal(fused, reference)
+    assert torch.equal(torch.signbit(fused), torch.signbit(reference))  # zeros' signs too
     kept = int(torch.count_nonzero(fused)) / int(torch.count_nonzero(delta))
     assert abs(kept - 0.4) < 0.01

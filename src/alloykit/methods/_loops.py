@@ -257,10 +257,11 @@ def random_keep_(values, key, density):  # type: ignore[no-untyped-def]
         end = min(n, (c + 1) * CHUNK)
         for j in range(c * CHUNK, end, 2):  # chunks start at even draws: one mix a pair
             z = _mix(key, j >> 1)
-            values[j] = values[j] if _unit(z >> np.uint64(40)) < limit else 0.0
+            # times 0 or 1, as the torch form does: a dropped negative entry becomes -0.0
+            values[j] *= 1.0 if _unit(z >> np.uint64(40)) < limit else 0.0
             if j + 1 < end:
                 low = (z >> np.uint64(16)) & _LOW24
-                values[j + 1] = values[j + 1] if _unit(low) < limit else 0.0
+                values[j + 1] *= 1.0 if _unit(low) < limit else 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -272,8 +273,7 @@ def _della_row(row, draws, low_p, two_epsilon, density, buffers):  # type: ignor
     counts, first, smallest, largest, magnitudes, kept = buffers
     n = row.size
     if n == 1:
-        if not (np.float64(draws[0]) < density):
-            row[0] = 0.0
+        row[0] *= 1.0 if np.float64(draws[0]) < density else 0.0
         return
     bits = magnitudes[:n].view(np.int32)
     lowest = np.int64(2147483647)
@@ -328,7 +328,7 @@ def _della_row(row, draws, low_p, two_epsilon, density, buffers):  # type: ignor
             keep = draw < low_p + (two_epsilon * rank) / denominator
         kept[j] = keep
     for j in range(n):  # after every decision: the exact counts read the row unchanged
-        row[j] = row[j] if kept[j] else 0.0
+        row[j] *= 1.0 if kept[j] else 0.0  # as the torch form's multiply: -0.0 stays signed
 
 
 @njit(inline="always", cache=True, nogil=True)
