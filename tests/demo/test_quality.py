@@ -23,7 +23,13 @@ from alloykit.demo.core import (
     strip_backbone,
 )
 from alloykit.demo.data import MATH_FAMILIES, DemoDataError, Task, build_task, make_task, math_texts
-from alloykit.demo.experiment import format_table, grid_points, plot_table, run_table
+from alloykit.demo.experiment import (
+    RecipeSearch,
+    format_table,
+    grid_points,
+    plot_table,
+    run_table,
+)
 
 WORDS = [f"w{i}" for i in range(40)]
 KEYS = {"alpha": ["red", "blue", "green"], "beta": ["cat", "dog", "fish"]}
@@ -145,6 +151,38 @@ def test_table_end_to_end_reads_test_once_and_caches(base: Path, tmp_path: Path)
         for t in tasks
     }
     assert again.expert_acc == table.expert_acc
+
+
+def test_recipe_search_row_reads_test_once(base: Path, tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    tasks = [_task("alpha", 0), _task("beta", 1)]
+    train = TrainConfig(steps=6, batch_size=8, max_length=12, threads=1)
+    search = RecipeSearch("task_arithmetic", {"lambda": (0.2, 1.5)}, weights=(0.1, 1.0), trials=4)
+    logs: list[str] = []
+    table = run_table(
+        tmp_path,
+        {},
+        train=train,
+        tasks=tasks,
+        base=base,
+        probe=False,
+        cross=False,
+        log=logs.append,
+        searches={"ta weights": search},
+    )
+    row = next(r for r in table.rows if r.name == "search: ta weights")
+    assert 0.2 <= row.params["lambda"] <= 1.5 and len(row.params["weights"]) == 2
+    assert all(0.1 <= w <= 1.0 for w in row.params["weights"])
+    assert sum(line.startswith("  search task_arithmetic") for line in logs) == 4
+    assert table.test_reads == {  # the experts' own cells (for "norm") and the search row's
+        "expert: alpha / alpha": 1,
+        "expert: beta / beta": 1,
+        "search: ta weights / alpha": 1,
+        "search: ta weights / beta": 1,
+    }
+    # the best point's validation score is the best of the trials' (logged) scores
+    scores = [float(line.rsplit("val ", 1)[1]) for line in logs if line.startswith("  search")]
+    assert round(row.val_mean, 1) == max(scores)
 
 
 def test_merge_backbones_across_the_prefix(base: Path, tmp_path: Path) -> None:

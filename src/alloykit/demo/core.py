@@ -381,7 +381,8 @@ def merge_backbones(
 ) -> dict[str, torch.Tensor]:
     """The experts' backbones merged with ``method`` by alloykit (heads left out).
 
-    Per-model parameters (``weight``, ``density``) go on every model; the rest are global but
+    Per-model parameters (``weight``, ``density``) go on every model (``weights``, a list, gives
+    each expert its own weight); the rest are global but
     ``aim``, which is the strength of activation-informed merging on top of the method
     (``method`` may then be written ``ties+aim``). ``calibration`` is the recipe's
     ``calibration:`` section, for the data-aware methods and ``aim``.
@@ -393,13 +394,24 @@ def merge_backbones(
     spec = METHODS[method]
     params = dict(params)
     aim = params.pop("aim", None)
+    weights = params.pop("weights", None)  # one weight per expert (a recipe search's point)
     per_model = {p.name for p in spec.params if p.per_model}
     model_params = {k: v for k, v in params.items() if k in per_model}
     if "weight" in per_model and "weight" not in model_params:
         model_params["weight"] = 1.0
     global_params = {k: v for k, v in params.items() if k not in per_model}
+    if weights is not None and len(weights) != len(experts):
+        raise DemoError(f"{len(weights)} weights given for {len(experts)} experts")
     models: list[dict[str, Any]] = [
-        {"model": str(e), **({"parameters": model_params} if model_params else {})} for e in experts
+        {
+            "model": str(e),
+            **(
+                {"parameters": {**model_params, "weight": float(weights[i])}}
+                if weights is not None
+                else ({"parameters": model_params} if model_params else {})
+            ),
+        }
+        for i, e in enumerate(experts)
     ]
     config: dict[str, Any] = {"merge_method": method, "models": models, "dtype": "float32"}
     if spec.base != "input":  # methods taking the base as one input (linear, karcher) do not

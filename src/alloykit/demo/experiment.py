@@ -61,6 +61,21 @@ class Table:
     test_reads: dict[str, int]
 
 
+@dataclass(frozen=True)
+class RecipeSearch:
+    """A recipe search on the validation splits: ``method`` with ``ranges`` ``{param: (low,
+    high)}`` for its global parameters (and ``density``, given to every expert) and, with
+    ``weights``, one weight per expert in that range; ``trials`` points chosen by Optuna's TPE
+    sampler (the sampler of ``alloykit search --optimizer tpe``) seeded with ``seed``, the
+    objective the mean validation accuracy; the best point is scored on test once."""
+
+    method: str
+    ranges: Mapping[str, tuple[float, float]]
+    weights: tuple[float, float] | None = None
+    trials: int = 30
+    seed: int = 0
+
+
 def grid_points(grid: Grid) -> list[dict[str, Any]]:
     """Every combination of a grid ``{param: [values]}`` (one empty point for no grid)."""
     keys = list(grid)
@@ -130,13 +145,15 @@ def run_table(
     on_row: Callable[[Table], None] | None = None,
     tasks: Sequence[Task] | None = None,
     base: Path | None = None,
+    searches: Mapping[str, RecipeSearch] | None = None,
 ) -> Table:
     """Build or reuse the experts, then score the baseline, the experts and every method.
 
     ``tasks`` and ``base`` replace the PyPI tasks and all-MiniLM-L6-v2 (the tests use toys).
     ``methods`` merge all experts; ``pair_methods`` merge each pair of experts and report the
     pair with the best validation mean. ``cross`` adds each expert's row on every task.
-    ``workers`` experts are fine-tuned side by side when they are not cached. ``on_row`` gets
+    ``workers`` experts are fine-tuned side by side when they are not cached. ``searches``
+    adds one row per :class:`RecipeSearch` (its label ``search: NAME``). ``on_row`` gets
     the table so far after each method's row (a long run can be watched, or cut short).
 
     Validation scores are cached in ``cache/validation``, keyed by the method, its grid point,
@@ -204,21 +221,26 @@ def run_table(
         folders = [experts[m] for m in members]
         return merge_backbones(method, base, folders, point, seed, train.threads, calibration)
 
+    def validate(
+        method: str, point: Mapping[str, Any], members: Sequence[str]
+    ) -> tuple[float, Any]:
+        # mean validation accuracy of one merge (cached), and the merge when it was made
+        key = [method, dict(point), [experts[m].name for m in members], str(base), seed, train]
+        path = cache / "validation" / f"{_digest(key)}.json"
+        if path.exists():
+            return float(json.loads(path.read_text())["val_mean"]), None
+        merged = merge(method, point, members)
+        scores = scorer.score_all(f"val:{method}", merged, "validation")
+        val = mean(list(scores.values()))
+        _write_json(path, {"key": repr(key), "val_mean": val, "scores": scores})
+        return val, merged
+
     def search(
         method: str, grid: Grid, members: Sequence[str]
     ) -> tuple[float, dict[str, Any], Any]:
         best: tuple[float, dict[str, Any], Any] = (-1.0, {}, None)
         for point in grid_points(grid):
-            key = [method, point, [experts[m].name for m in members], str(base), seed, train]
-            path = cache / "validation" / f"{_digest(key)}.json"
-            merged = None
-            if path.exists():
-                val = float(json.loads(path.read_text())["val_mean"])
-            else:
-                merged = merge(method, point, members)
-                scores = scorer.score_all(f"val:{method}", merged, "validation")
-                val = mean(list(scores.values()))
-                _write_json(path, {"key": repr(key), "val_mean": val, "scores": scores})
+            val, merged = validate(method, point, members)
             log(f"  {method} {point} {members if len(members) < len(names) else ''}: val {val:.1f}")
             if val > best[0]:
                 best = (val, point, merged)
@@ -253,6 +275,21 @@ def run_table(
             note=" + ".join(best[3]),
         )
         seconds[method] = time.perf_counter() - t0
+    for label, spec in (searches or {}).items():
+        t0 = time.perf_counter()
+
+        def score(point: dict[str, Any], method: str = spec.method) -> float:
+            return validate(method, point, names)[0]
+
+        val, point = _recipe_search(spec, len(names), score, log)
+        test_row(
+            f"search: {label}",
+            merge(spec.method, point, names),
+            params=_rounded(point),
+            val_mean=val,
+            note=f"TPE, {spec.trials} trials on validation",
+        )
+        seconds[f"search: {label}"] = time.perf_counter() - t0
     # every reported cell's test split was read exactly once
     test_reads = {k: v for k, v in scorer.read_counts.items() if k[2] == "test"}
     for (label, _task, _split), count in test_reads.items():
@@ -268,6 +305,53 @@ def run_table(
         seconds,
         {" / ".join(k[:2]): v for k, v in test_reads.items()},
     )
+
+
+def _rounded(point: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: [round(x, 3) for x in v] if isinstance(v, list) else round(v, 3)
+        for k, v in point.items()
+    }
+
+
+def _recipe_search(
+    spec: RecipeSearch,
+    count: int,
+    score: Callable[[dict[str, Any]], float],
+    log: Callable[[str], None],
+) -> tuple[float, dict[str, Any]]:
+    """The best point of ``spec`` over ``count`` experts and its validation score (``score``
+    maps a point to it)."""
+    try:
+        import optuna
+    except ImportError:
+        raise DemoError(
+            "the recipe-search row needs optuna: pip install 'alloykit[search]'"
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=spec.seed)
+    )
+
+    def objective(trial: Any) -> float:
+        point: dict[str, Any] = {
+            name: trial.suggest_float(name, low, high) for name, (low, high) in spec.ranges.items()
+        }
+        if spec.weights is not None:
+            point["weights"] = [
+                trial.suggest_float(f"weight{i}", *spec.weights) for i in range(count)
+            ]
+        value = score(point)
+        log(f"  search {spec.method} {_rounded(point)}: val {value:.1f}")
+        return value
+
+    study.optimize(objective, n_trials=spec.trials)
+    best = study.best_trial
+    point = {name: best.params[name] for name in spec.ranges}
+    if spec.weights is not None:
+        point["weights"] = [best.params[f"weight{i}"] for i in range(count)]
+    assert best.value is not None
+    return float(best.value), point
 
 
 def format_table(table: Table) -> str:
@@ -332,6 +416,7 @@ def plot_table(table: Table, path: Path) -> Path:
 
 
 __all__ = [
+    "RecipeSearch",
     "Row",
     "Table",
     "format_table",
