@@ -139,6 +139,7 @@ def run_table(
     per_label: int = 100,
     seed: int = 0,
     probe: bool = True,
+    base_row: bool = True,
     cross: bool = True,
     workers: int = 1,
     log: Callable[[str], None] = print,
@@ -151,7 +152,8 @@ def run_table(
 
     ``tasks`` and ``base`` replace the PyPI tasks and all-MiniLM-L6-v2 (the tests use toys).
     ``methods`` merge all experts; ``pair_methods`` merge each pair of experts and report the
-    pair with the best validation mean. ``cross`` adds each expert's row on every task.
+    pair with the best validation mean. ``cross`` adds each expert's row on every task;
+    ``base_row`` the base's backbone under each task's expert head (with ``probe``).
     ``workers`` experts are fine-tuned side by side when they are not cached. ``searches``
     adds one row per :class:`RecipeSearch` (its label ``search: NAME``). ``on_row`` gets
     the table so far after each method's row (a long run can be watched, or cut short).
@@ -208,11 +210,12 @@ def run_table(
             probe_acc[task.name] = scorer.accuracy("linear probe", f"probe:{task.name}", "test")
         rows.insert(0, Row("linear probe (frozen base)", probe_acc))
         reported.append("linear probe")
-        base_row = Row(
-            "base + experts' heads (no merge)", scorer.score_all("base", base_state, "test")
-        )
-        rows.insert(1, base_row)
-        reported.append("base")
+        if base_row:
+            unmerged = Row(
+                "base + experts' heads (no merge)", scorer.score_all("base", base_state, "test")
+            )
+            rows.insert(1, unmerged)
+            reported.append("base")
     seconds["baselines"] = time.perf_counter() - t0
 
     calibration = calibration_section(cache, tasks)
