@@ -824,7 +824,7 @@ def demo(
     normalised accuracy per task on test, and writes a bar chart. The first run fine-tunes four
     experts (about 10 CPU-minutes, one thread each, as many at a time as --threads; 8 minutes
     in all on 2 cores); later runs reuse the experts and the validation scores, so each method
-    is merged once (under a minute).
+    is merged once (about a minute).
 
     Examples:
         alloykit demo
