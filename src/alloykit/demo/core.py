@@ -402,17 +402,12 @@ def merge_backbones(
     global_params = {k: v for k, v in params.items() if k not in per_model}
     if weights is not None and len(weights) != len(experts):
         raise DemoError(f"{len(weights)} weights given for {len(experts)} experts")
-    models: list[dict[str, Any]] = [
-        {
-            "model": str(e),
-            **(
-                {"parameters": {**model_params, "weight": float(weights[i])}}
-                if weights is not None
-                else ({"parameters": model_params} if model_params else {})
-            ),
-        }
-        for i, e in enumerate(experts)
-    ]
+    models: list[dict[str, Any]] = []
+    for i, expert in enumerate(experts):
+        parameters = dict(model_params)
+        if weights is not None:
+            parameters["weight"] = float(weights[i])
+        models.append({"model": str(expert), **({"parameters": parameters} if parameters else {})})
     config: dict[str, Any] = {"merge_method": method, "models": models, "dtype": "float32"}
     if spec.base != "input":  # methods taking the base as one input (linear, karcher) do not
         config["base_model"] = str(base)

@@ -26,6 +26,11 @@ from numba import njit, prange
 CHUNK = 1 << 16  # elements per chunk of parallel work
 
 
+@njit(inline="always", cache=True, nogil=True)
+def _chunk_count(n):  # type: ignore[no-untyped-def]
+    return (n + CHUNK - 1) // CHUNK
+
+
 def use_threads(count: int) -> None:
     """Run the loops on ``count`` threads (torch's count: ``--threads``), at most numba's."""
     numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
@@ -38,7 +43,7 @@ def band(values, low, high, absolute):  # type: ignore[no-untyped-def]
 
     Returns ``(below, above, band)``; ``low = -inf`` / ``high = inf`` for no bound."""
     n = values.size
-    chunks = (n + CHUNK - 1) // CHUNK
+    chunks = _chunk_count(n)
     below = np.zeros(chunks, np.int64)
     above = np.zeros(chunks, np.int64)
     for c in prange(chunks):
@@ -74,7 +79,7 @@ def _tie_offsets(values, threshold, ties):  # type: ignore[no-untyped-def]
     # per chunk, how many entries with |v| == threshold come before it in flat order, so each
     # chunk keeps the tied entries the serial rule keeps (the first `ties` of them)
     n = values.size
-    chunks = (n + CHUNK - 1) // CHUNK
+    chunks = _chunk_count(n)
     before = np.zeros(chunks, np.int64)
     if not _tied(threshold, ties):
         return before
@@ -102,17 +107,17 @@ def keep_(values, threshold, ties, inner_threshold, inner_ties, has_inner):  # t
     ``ties`` entries with ``|v| == threshold`` (flat order). With ``has_inner``, keep only
     what the outer cut keeps and the inner cut does not (breadcrumbs' band)."""
     n = values.size
-    chunks = (n + CHUNK - 1) // CHUNK
+    chunks = _chunk_count(n)
     outer_tied = _tied(threshold, ties)
     inner_tied = has_inner and _tied(inner_threshold, inner_ties)
-    outer_before = _tie_offsets(values, threshold, ties)
-    inner_before = _tie_offsets(values, inner_threshold, inner_ties if has_inner else 0)
     if not outer_tied and not has_inner:  # no tie to count: a select the compiler vectorises
         for c in prange(chunks):
             for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
                 v = values[j]
                 values[j] = v if abs(v) > threshold else 0.0
         return
+    outer_before = _tie_offsets(values, threshold, ties)
+    inner_before = _tie_offsets(values, inner_threshold, inner_ties if has_inner else 0)
     for c in prange(chunks):
         seen = outer_before[c]
         inner_seen = inner_before[c]
@@ -146,7 +151,7 @@ def elect_combine(deltas, weights, elect, mean, normalize, weight_sum, scale, ou
     ``weight_sum`` unless it is below 1e-8; then ``scale`` multiplies. Each chunk runs in
     tiles, model by model over a tile, so the inner loops are branch-free and vectorised."""
     k, n = deltas.shape
-    chunks = (n + CHUNK - 1) // CHUNK
+    chunks = _chunk_count(n)
     dtype = deltas.dtype.type
     zero = dtype(0.0)
     one = dtype(1.0)
@@ -239,7 +244,7 @@ def uniform_fill(out, key, start):  # type: ignore[no-untyped-def]
     computes with torch ops)."""
     n = out.size
     key = np.uint64(key)
-    chunks = (n + CHUNK - 1) // CHUNK
+    chunks = _chunk_count(n)
     for c in prange(chunks):
         for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
             out[j] = _uniform(key, start + j)
@@ -252,7 +257,7 @@ def random_keep_(values, key, density):  # type: ignore[no-untyped-def]
     n = values.size
     key = np.uint64(key)
     limit = np.float32(density)
-    chunks = (n + CHUNK - 1) // CHUNK
+    chunks = _chunk_count(n)
     for c in prange(chunks):
         end = min(n, (c + 1) * CHUNK)
         for j in range(c * CHUNK, end, 2):  # chunks start at even draws: one mix a pair
