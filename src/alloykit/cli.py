@@ -823,8 +823,8 @@ def demo(
     task_arithmetic, ties and tsv (hyper-parameters chosen on validation), prints accuracy and
     normalised accuracy per task on test, and writes a bar chart. The first run fine-tunes four
     experts (about 10 CPU-minutes, one thread each, as many at a time as --threads; 8 minutes
-    in all on 2 cores); later runs reuse the experts and the validation scores, so each method
-    is merged once (about a minute).
+    in all on 2 cores); later runs reuse the experts, the validation scores and the experts'
+    and probe's test scores, so each method is merged and scored once (under a minute).
 
     Examples:
         alloykit demo

@@ -151,6 +151,14 @@ def test_table_end_to_end_reads_test_once_and_caches(base: Path, tmp_path: Path)
         for t in tasks
     }
     assert again.expert_acc == table.expert_acc
+    # the rows that depend only on the cache (experts, probes, base) come from cache/test:
+    # the second run reads test only for its merge
+    assert again.test_reads == {"linear / alpha": 1, "linear / beta": 1}
+    fixed = ["linear probe (frozen base)", "base + experts' heads (no merge)", "expert: alpha"]
+    for name in fixed:
+        first = next(r for r in table.rows if r.name == name)
+        assert next(r for r in again.rows if r.name == name).acc == first.acc
+    assert len(again.cached_cells) == 2 * 4  # probe, base and two experts, on both tasks
 
 
 def test_recipe_search_row_reads_test_once(base: Path, tmp_path: Path) -> None:

@@ -38,9 +38,10 @@ def run_demo(
 ) -> tuple[Any, Path | None]:
     """Build or reuse the experts, merge them with :data:`DEMO_GRIDS`, return (table, chart)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from alloykit.demo.core import TrainConfig
+    from alloykit.demo.core import TrainConfig, quiet_transformers
     from alloykit.demo.experiment import plot_table, run_table
 
+    quiet_transformers()
     threads = threads or min(4, os.cpu_count() or 1)
     table = run_table(
         cache or default_cache(),

@@ -89,6 +89,15 @@ def _encode(tokenizer: Any, rows: Sequence[Row], max_length: int) -> dict[str, t
     }
 
 
+def quiet_transformers() -> None:
+    """Keep transformers to errors: no load report for the fresh head (expected: the experts
+    are fine-tuned with it) and no per-load progress bars among the demo's own lines."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def finetune_expert(
     task: Task,
     base: str | Path,
@@ -99,6 +108,7 @@ def finetune_expert(
     """Full fine-tune of ``base`` with a fresh head on ``task.train``; saved to ``out``."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
+    quiet_transformers()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base))

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -106,12 +107,19 @@ TRIVIA_LISTS = (
 )
 
 
+def _load_yaml(path: Path) -> Any:
+    # libyaml's parser when PyYAML has it: the same documents, ~10x faster than the pure-Python
+    # one (about a second of each demo run)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+
+
 def trivia_texts(lists: Sequence[str] = TRIVIA_LISTS) -> dict[str, list[str]]:
     """Red-Trivia questions by list name."""
     folder = _package_dir("redbot.ext.trivia", "Red-Trivia") / "lists"
     out: dict[str, list[str]] = {}
     for name in lists:
-        data = yaml.safe_load((folder / f"{name}.yaml").read_text(encoding="utf-8"))
+        data = _load_yaml(folder / f"{name}.yaml")
         out[name] = [str(q) for q in data if str(q) not in ("AUTHOR", "CONFIG")]
     return out
 
@@ -120,7 +128,7 @@ def _chatterbot_utterances(language: str) -> dict[str, list[str]]:
     folder = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / language
     out: dict[str, list[str]] = {}
     for path in sorted(folder.glob("*.yml")):
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _load_yaml(path) or {}
         texts = [
             str(u) for conv in data.get("conversations") or [] for u in conv if isinstance(u, str)
         ]

@@ -6,6 +6,7 @@ tasks); the test split is read once per reported cell, which :func:`run_table` a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -59,6 +60,7 @@ class Table:
     expert_acc: dict[str, float]
     seconds: dict[str, float]
     test_reads: dict[str, int]
+    cached_cells: list[str] = field(default_factory=list)  # "label / task" read by an earlier run
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,14 @@ def load_tasks(names: Sequence[str], seed: int, per_label: int) -> list[Task]:
     return [build_task(name, seed, per_label) for name in names]
 
 
+def _probe_path(cache: Path, task: Task, train: TrainConfig) -> Path:
+    return expert_dir(cache, task, train).with_suffix(".probe.safetensors")
+
+
 def _cached_probe(cache: Path, task: Task, base: Path, train: TrainConfig) -> dict[str, Any]:
     from safetensors.torch import load_file, save_file
 
-    path = expert_dir(cache, task, train).with_suffix(".probe.safetensors")
+    path = _probe_path(cache, task, train)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(linear_probe(task, base, train), str(path))
@@ -161,6 +167,9 @@ def run_table(
     Validation scores are cached in ``cache/validation``, keyed by the method, its grid point,
     the experts (whose folder names hash their data and settings), the base and the scoring
     settings: a second run merges each method once, at its chosen point, and reads test once.
+    The test cells of the rows that depend only on the cache (experts, probes, the base) are
+    kept in ``cache/test`` the same way: a second run scores only the merges on test
+    (``Table.cached_cells`` lists the cells an earlier run read).
     """
     train = train or TrainConfig()
     seconds: dict[str, float] = {}
@@ -182,40 +191,67 @@ def run_table(
     scorer = Scorer(base, tasks, heads, train.max_length, threads=train.threads)
     names = [t.name for t in tasks]
     rows: list[Row] = []
-    reported: list[str] = []
 
     def test_row(label: str, backbone: Mapping[str, Any], **kw: Any) -> Row:
         row = Row(label, scorer.score_all(label, backbone, "test"), **kw)
         rows.append(row)
-        reported.append(label)
         return row
 
+    cached_cells: list[str] = []
+
+    def fixed_row(
+        label: str, backbone: Callable[[], Mapping[str, Any]], heads: Mapping[str, str]
+    ) -> dict[str, float]:
+        # test accuracy of a backbone that depends only on the cache (an expert, the base)
+        # under heads[task]: read from cache/test when an earlier run scored that cell, so a
+        # cached run scores only the merges. The key names the backbone and head by their
+        # files (which hash the data and settings) and the scoring settings.
+        out: dict[str, float] = {}
+        loaded = False
+        for task, head in heads.items():
+            key = [label, head_files[head], task, str(base), train, scorer.batch_size]
+            path = cache / "test" / f"{_digest(key)}.json"
+            if path.exists():
+                out[task] = float(json.loads(path.read_text())["accuracy"])
+                cached_cells.append(f"{label} / {task}")
+                continue
+            if not loaded:
+                scorer.load(backbone())
+                loaded = True
+            out[task] = scorer.accuracy(label, head, "test")
+            _write_json(path, {"key": repr(key), "accuracy": out[task]})
+        return out
+
+    head_files = {name: experts[name].name for name in names}
     expert_acc: dict[str, float] = {}
     for name in names:
-        backbone = strip_backbone(states[name])
+        label = f"expert: {name}"
+        own = {task: task for task in (names if cross else [name])}
+        acc = fixed_row(label, functools.partial(strip_backbone, states[name]), own)
         if cross:
-            row = test_row(f"expert: {name}", backbone)
-            expert_acc[name] = row.acc[name]
-        else:
-            scorer.load(backbone)
-            expert_acc[name] = scorer.accuracy(f"expert: {name}", name, "test")
-            reported.append(f"expert: {name}")
+            rows.append(Row(label, acc))
+        expert_acc[name] = acc[name]
     if probe:
-        probe_acc = {}
-        base_state = strip_backbone(load_state(base))
-        scorer.load(base_state)
+        base_state: dict[str, Any] = {}
+
+        def base_backbone() -> dict[str, Any]:
+            if not base_state:
+                base_state.update(strip_backbone(load_state(base)))
+            return base_state
+
         for task in tasks:
-            scorer.heads[f"probe:{task.name}"] = _cached_probe(cache, task, base, train)
-            scorer.data[(f"probe:{task.name}", "test")] = scorer.data[(task.name, "test")]
-            probe_acc[task.name] = scorer.accuracy("linear probe", f"probe:{task.name}", "test")
+            probe_head = f"probe:{task.name}"
+            path = _probe_path(cache, task, train)
+            scorer.heads[probe_head] = _cached_probe(cache, task, base, train)
+            scorer.data[(probe_head, "test")] = scorer.data[(task.name, "test")]
+            head_files[probe_head] = path.name
+        probe_acc = fixed_row(
+            "linear probe", base_backbone, {t.name: f"probe:{t.name}" for t in tasks}
+        )
         rows.insert(0, Row("linear probe (frozen base)", probe_acc))
-        reported.append("linear probe")
         if base_row:
-            unmerged = Row(
-                "base + experts' heads (no merge)", scorer.score_all("base", base_state, "test")
-            )
-            rows.insert(1, unmerged)
-            reported.append("base")
+            unmerged = fixed_row("base", base_backbone, {name: name for name in names})
+            rows.insert(1, Row("base + experts' heads (no merge)", unmerged))
     seconds["baselines"] = time.perf_counter() - t0
 
     calibration = calibration_section(cache, tasks)
@@ -307,6 +343,7 @@ def run_table(
         expert_acc,
         seconds,
         {" / ".join(k[:2]): v for k, v in test_reads.items()},
+        cached_cells,
     )
 
 
