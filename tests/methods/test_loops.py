@@ -81,12 +81,15 @@ def test_breadcrumbs_band_matches(density: float, gamma: float, torch_path: Any)
 @pytest.mark.parametrize("elect", ["none", "mass", "count"])
 @pytest.mark.parametrize("combine", ["sum", "mean"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_elect_combine_matches(elect: str, combine: str, normalize: bool, torch_path: Any) -> None:
+@pytest.mark.parametrize("scale", [0.7, 1.0])
+def test_elect_combine_matches(
+    elect: str, combine: str, normalize: bool, scale: float, torch_path: Any
+) -> None:
     deltas = _coarse(4, n=200_003, k=3)
     deltas[:, :1000] = 0.0  # zero totals and entries with no sign
     deltas[1, 1000:2000] = -deltas[0, 1000:2000]  # exact cancellations: a zero mass elects +
     weights = torch.tensor([1.0, 0.8, 0.3])
-    steps = tv.Steps(elect=elect, combine=combine, normalize=normalize, scale=0.7)  # type: ignore[arg-type]
+    steps = tv.Steps(elect=elect, combine=combine, normalize=normalize, scale=scale)  # type: ignore[arg-type]
     fused = tv.merge_deltas(deltas.clone(), weights, steps)
     reference = torch_path(lambda: tv.merge_deltas(deltas.clone(), weights, steps))
     assert torch.equal(fused, reference)
@@ -166,3 +169,30 @@ def test_random_draws_match_across_paths(
     assert torch.equal(torch.signbit(fused), torch.signbit(reference))  # zeros' signs too
     kept = int(torch.count_nonzero(fused)) / int(torch.count_nonzero(delta))
     assert abs(kept - 0.4) < 0.01
+
+
+def test_merge_check_sums_match(torch_path: Any) -> None:
+    from alloykit.inspect.merge_checks import TaskVectorChecks
+    from alloykit.plan import TensorInput, TensorJob
+
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(700, 1001, generator=generator) * 0.02
+    tensors = base + torch.randn(3, 700, 1001, generator=generator) * 0.002
+    tensors[2] = base  # a zero task vector
+    inputs = tuple(TensorInput(m, "w") for m in "abc")
+    job = TensorJob("w", (700, 1001), "F32", "ties", inputs, TensorInput("base", "w"), {}, {}, 0)
+
+    def sums() -> TaskVectorChecks:
+        checks = TaskVectorChecks(list("abc"))
+        checks.observe(job, tensors, base)
+        checks.observe(job, tensors[:, 0], base[0])  # a 1-D tensor: no shared-base sums
+        return checks
+
+    fused, reference = sums(), torch_path(sums)
+    for name in ("_delta_sq", "_matrix_delta_sq", "_weight_sq", "_dot_base", "_base_sq"):
+        got, want = getattr(fused, name), getattr(reference, name)
+        assert got.keys() == want.keys()
+        for model in got:
+            assert got[model] == pytest.approx(want[model], rel=1e-5, abs=0.0)
+    assert fused._delta_sq["c"] == 0.0 and fused._seen == reference._seen
+    assert fused.warnings() == reference.warnings()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from alloykit.inspect.stats import NOT_SHARED_COSINE, NOT_SHARED_RELATIVE, shares_base
-from alloykit.methods.task_vectors import blocks
+from alloykit.methods.task_vectors import blocks, fused_loops
 from alloykit.plan import COPY, MergePlan, TensorJob
 
 # Σ w·λ outside this range, with normalize off, is "far from one": the merged change is more
@@ -91,6 +91,14 @@ class TaskVectorChecks:
             return
         self._delta_norm_setting.add(str(job.params.get("delta_norm", "none")))
         matrix = base.dim() >= 2
+        loops = fused_loops(tensors, base)
+        if loops is not None:  # one pass over the inputs on CPU
+            sums, base_total = loops.base_sums(
+                tensors.reshape(tensors.shape[0], -1).numpy(), base.reshape(-1).numpy()
+            )
+            for (delta_sq, dot, weight_sq), item in zip(sums.tolist(), job.inputs, strict=True):
+                self._add(item.model, matrix, delta_sq, dot, weight_sq, base_total)
+            return
         base_sq = _square_norm(base) if matrix else 0.0
         flat_base = base.reshape(-1)
         parts = blocks(flat_base.numel())
@@ -100,7 +108,6 @@ class TaskVectorChecks:
         for row, item in zip(tensors, job.inputs, strict=True):
             if item.model not in self._delta_sq:
                 continue
-            self._seen[item.model] = True
             flat = row.reshape(-1)
             # block by block: the sums' temporaries are blocks, not copies of the tensor
             delta_sq = dot = weight_sq = 0.0
@@ -111,12 +118,26 @@ class TaskVectorChecks:
                 if matrix:
                     dot += float(torch.dot(part, origin))
                     weight_sq += float(torch.dot(part, part))
-            self._delta_sq[item.model] += delta_sq
-            if matrix:
-                self._matrix_delta_sq[item.model] += delta_sq
-                self._weight_sq[item.model] += weight_sq
-                self._dot_base[item.model] += dot
-                self._base_sq[item.model] += base_sq
+            self._add(item.model, matrix, delta_sq, dot, weight_sq, base_sq)
+
+    def _add(
+        self,
+        model: str,
+        matrix: bool,
+        delta_sq: float,
+        dot: float,
+        weight_sq: float,
+        base_sq: float,
+    ) -> None:
+        if model not in self._delta_sq:
+            return
+        self._seen[model] = True
+        self._delta_sq[model] += delta_sq
+        if matrix:
+            self._matrix_delta_sq[model] += delta_sq
+            self._weight_sq[model] += weight_sq
+            self._dot_base[model] += dot
+            self._base_sq[model] += base_sq
 
     def add(self, other: TaskVectorChecks) -> None:
         """Add the sums ``other`` gathered over other jobs of the same merge (its parts)."""

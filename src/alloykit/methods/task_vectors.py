@@ -893,7 +893,9 @@ def merge_deltas(
     k = deltas.shape[0]
     loops = fused_loops(deltas)
     if loops is not None and steps.elect in _ELECT_CODE and steps.combine in ("sum", "mean"):
-        out = torch.empty(deltas.shape[1:], dtype=deltas.dtype)
+        # the result goes into the first task vector's row: each tile of it is written after
+        # every row of that tile was read, and a fresh tensor would be faulted in page by page
+        out = deltas[0]
         loops.elect_combine(
             deltas.view(k, -1).numpy(),
             weights.to(torch.float64).numpy(),
