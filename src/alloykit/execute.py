@@ -330,7 +330,25 @@ def execute(
     tune_malloc(max(_tensor_bytes(job, work_dtype) for job in jobs))
     budget = max(sizes)  # one job's inputs at the largest tensor: what the bound allows
     pool = _InputPool(budget // work_dtype.itemsize, work_dtype, device)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloykit-read") as reader:
+    writing: Future[TensorJob] | None = None
+
+    def write(job: TensorJob, result: torch.Tensor) -> TensorJob:
+        sink.write(job.output, result)
+        return job
+
+    def written() -> None:
+        # wait for the previous job's write (its errors surface here), then report it done
+        nonlocal writing
+        if writing is not None:
+            job = writing.result()
+            writing = None  # the future holds the result: drop it once written
+            if on_job_done is not None:
+                on_job_done(job)
+
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloykit-read") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloykit-write") as writer,
+    ):
         pending: Future[_Loaded] | None = reader.submit(load, jobs[0], 0)
         for index in range(len(jobs)):
             assert pending is not None
@@ -344,17 +362,18 @@ def execute(
                 pending = reader.submit(load, jobs[index + 1], (index + 1) % 2)
             if on_inputs is not None and not loaded.deltas:
                 on_inputs(loaded.job, loaded.tensors, loaded.base)
+            # the previous result was written while this job's inputs were read (and checked),
+            # and is freed before this job computes: the peak stays that of synchronous writes
+            written()
             strength = plan.aim.strength if plan.aim is not None else 0.0
             result = _compute(plan.kernel, loaded, seed, device, strength)
             if pool.holds(result):  # a method that returned an input row: the pool is reused
                 result = result.clone()
-            sink.write(loaded.job.output, result)
-            del result
-            if on_job_done is not None:
-                on_job_done(loaded.job)
-            del loaded
+            writing = writer.submit(write, loaded.job, result)
+            del result, loaded
             if following and not ahead:
                 pending = reader.submit(load, jobs[index + 1], (index + 1) % 2)
+        written()
 
 
 class _InputPool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,3 +197,25 @@ def test_merge_check_sums_match(torch_path: Any) -> None:
             assert got[model] == pytest.approx(want[model], rel=1e-5, abs=0.0)
     assert fused._delta_sq["c"] == 0.0 and fused._seen == reference._seen
     assert fused.warnings() == reference.warnings()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_radix_select_matches_partition(dtype: Any) -> None:
+    from alloykit.methods import _loops
+
+    unsigned = np.uint32 if dtype == np.float32 else np.uint64
+    rng = np.random.default_rng(3)
+    for trial in range(150):
+        n = int(rng.integers(1, 3000))
+        # coarse grids (heavy ties), signed zeros and infinities
+        x = (np.round(rng.standard_normal(n) * rng.choice([1, 8, 64])) / 8).astype(dtype)
+        if trial % 3 == 0:
+            x[rng.integers(0, n, size=n // 3)] = -0.0
+        if trial % 5 == 0:
+            x[: n // 4], x[n // 4 : n // 3] = np.inf, -np.inf
+        rank = int(rng.integers(1, n + 1))
+        bits, above = _loops.select(x.view(unsigned), rank, 8 * x.itemsize)
+        value = np.array([bits], dtype=np.uint64).astype(unsigned).view(dtype)[0]
+        expected = np.partition(x.copy(), rank - 1)[rank - 1]
+        assert value == expected
+        assert above == int(np.count_nonzero(x > expected))

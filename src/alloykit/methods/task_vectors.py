@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from alloykit.methods.reductions import PARTIAL_SUM as _PARTIAL
@@ -242,6 +243,12 @@ def _band_statistic(
     # the band holds the answer unless the sample's bracket missed it (or there are NaNs)
     wanted = rank - below
     if 1 <= wanted <= band.numel() and not bool(torch.isnan(band).any()):
+        loops = fused_loops(band)
+        if loops is not None:  # a radix select: linear however many values are tied
+            unsigned = np.uint32 if band.dtype == torch.float32 else np.uint64
+            bits, more = loops.select(band.numpy().view(unsigned), wanted, 8 * band.itemsize)
+            value = np.array([bits], dtype=np.uint64).astype(unsigned).view(band.numpy().dtype)
+            return float(value[0]), above + int(more)
         threshold = _select_(band, wanted)
         return threshold, above + int(torch.count_nonzero(band > threshold))
     return _whole_statistic(flat, rank, absolute)
