@@ -139,11 +139,13 @@ def test_counter_draws_are_uniform_and_the_same_on_both_paths() -> None:
     "method,shape,dtype",
     [
         ("random", (500, 1000), torch.float32),
+        ("random", (3, 100_001), torch.float32),  # an odd count: the last draw is unpaired
         ("della", (500, 1000), torch.float32),
         ("della", (300_000,), torch.float32),  # one row
         ("della", (3000, 1), torch.float32),  # rows of one entry
         ("della", (64, 8, 250), torch.float64),  # ranked along the flattened dims 1..
         ("della", (700, 1100), None),  # untied values: many entries need exact counting
+        ("della", (301, 777), torch.float32),  # odd rows: draws start at odd offsets
     ],
 )
 def test_random_draws_match_across_paths(
@@ -219,3 +221,12 @@ def test_radix_select_matches_partition(dtype: Any) -> None:
         expected = np.partition(x.copy(), rank - 1)[rank - 1]
         assert value == expected
         assert above == int(np.count_nonzero(x > expected))
+
+
+@pytest.mark.parametrize("n", [1, 8192, 8193, 70_000, N, 3 * (1 << 21) + 5])
+def test_stable_norm_sums_match(n: int, torch_path: Any) -> None:
+    flat = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.01
+    flat[: n // 3] = -flat[: n // 3]
+    assert tv.stable_abs_sum(flat) == torch_path(lambda: tv.stable_abs_sum(flat))
+    assert tv.stable_square_sum(flat) == torch_path(lambda: tv.stable_square_sum(flat))
+    assert tv.stable_abs_sum(flat) == tv.stable_sum_of(flat, torch.abs)

@@ -22,8 +22,8 @@ from alloykit.methods.task_vectors import (
     ZERO_WEIGHT_SUM,
     blocks,
     stable_block_sum,
+    stable_square_sum,
     stable_sum,
-    stable_sum_of,
 )
 
 # MergeKit's threshold: inputs closer to colinear than this are lerped (reference §1.5).
@@ -45,7 +45,7 @@ _ROUNDING = 1e-14
 def _norm(tensor: torch.Tensor) -> float:
     """The Euclidean norm of a whole tensor, summed in float64 in a fixed order (block by
     block: no float64 copy of the tensor)."""
-    return math.sqrt(stable_sum_of(tensor.reshape(-1), lambda x: x.double() ** 2))
+    return math.sqrt(stable_square_sum(tensor.reshape(-1)))
 
 
 def _dot(first: torch.Tensor, second: torch.Tensor) -> float:

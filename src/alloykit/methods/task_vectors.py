@@ -109,6 +109,35 @@ def stable_sum_of(flat: torch.Tensor, transform: Callable[[torch.Tensor], torch.
     return stable_block_sum(flat.numel(), lambda block: transform(flat[block]))
 
 
+def stable_abs_sum(flat: torch.Tensor) -> float:
+    """``stable_sum_of(flat, torch.abs)`` (an L1 norm), bit for bit."""
+    return _stable_sum_of_kind(flat, square=False)
+
+
+def stable_square_sum(flat: torch.Tensor) -> float:
+    """``stable_sum_of(flat, lambda x: x.double() ** 2)`` (a squared L2 norm), bit for bit."""
+    return _stable_sum_of_kind(flat, square=True)
+
+
+def _stable_sum_of_kind(flat: torch.Tensor, square: bool) -> float:
+    loops = fused_loops(flat)
+    n = flat.numel()
+    if loops is None or n <= _PARTIAL:
+        transform = (lambda x: x.double() ** 2) if square else torch.abs
+        return stable_sum_of(flat, transform)
+    # the same float64 blocks, zero-padded to whole partial sums, that stable_block_sum
+    # makes (so the same partial sums and tree), built in one pass into one reused buffer
+    # instead of a transform, a conversion and a padded copy of each block
+    buffer = torch.empty(_block_size(n), dtype=torch.float64)
+    partials = []
+    for block in blocks(n):
+        m = block.stop - block.start
+        part = buffer[: -(-m // _PARTIAL) * _PARTIAL]
+        loops.to_float64_(flat[block].numpy(), part.numpy(), square)
+        partials.append(part.view(-1, _PARTIAL).sum(dim=1))
+    return float(stable_row_sums(torch.cat(partials)))
+
+
 def stable_block_sum(n: int, values: Callable[[slice], torch.Tensor]) -> float:
     """``stable_sum`` of an ``n``-element 1-D tensor given block by block: ``values(block)``
     returns the elements in ``block`` (a slice from :func:`blocks`); bit for bit the whole
@@ -556,7 +585,7 @@ def sparsify_(
         )
     flat = delta.view(-1)
     n = flat.numel()
-    before = stable_sum_of(flat, torch.abs) if rescale == "l1" else 0.0
+    before = stable_abs_sum(flat) if rescale == "l1" else 0.0
     if method == "magnitude":
         if model_threshold is not None:
             cut: Cut | None = Cut(model_threshold[0], model_threshold[1])
@@ -606,7 +635,7 @@ def sparsify_(
     if rescale == "inverse":  # the DARE paper's 1/(1−p), p the drop rate
         delta.div_(density)
     elif rescale == "l1":  # MergeKit: match the L1 norm of the whole task vector
-        after = stable_sum_of(flat, torch.abs)
+        after = stable_abs_sum(flat)
         if before > RESCALE_EPSILON and after > RESCALE_EPSILON:
             delta.mul_(before / after)
     return delta
@@ -805,9 +834,7 @@ def normalize_deltas(deltas: torch.Tensor, norm: DeltaNorm) -> torch.Tensor:
     if norm not in ("l1", "l2"):
         raise ValueError(f"unknown delta_norm {norm!r}")
     norms = [
-        stable_sum_of(d.reshape(-1), torch.abs)
-        if norm == "l1"
-        else stable_sum_of(d.reshape(-1), lambda x: x.double() ** 2) ** 0.5
+        stable_abs_sum(d.reshape(-1)) if norm == "l1" else stable_square_sum(d.reshape(-1)) ** 0.5
         for d in deltas
     ]
     mean = sum(norms) / len(norms)
