@@ -230,3 +230,12 @@ def test_stable_norm_sums_match(n: int, torch_path: Any) -> None:
     assert tv.stable_abs_sum(flat) == torch_path(lambda: tv.stable_abs_sum(flat))
     assert tv.stable_square_sum(flat) == torch_path(lambda: tv.stable_square_sum(flat))
     assert tv.stable_abs_sum(flat) == tv.stable_sum_of(flat, torch.abs)
+
+
+@pytest.mark.parametrize("first,second", [(630_000, 7000), (700_001, 7000), (350_000, 0), (1, 2)])
+def test_paired_cuts_are_the_single_cuts(first: int, second: int) -> None:
+    flat = _coarse(11)
+    assert tv.magnitude_cuts(flat, first, second) == (
+        tv.magnitude_cut(flat, first),
+        tv.magnitude_cut(flat, second),
+    )

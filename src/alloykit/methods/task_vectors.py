@@ -224,19 +224,7 @@ def _order_statistic(flat: torch.Tensor, rank: int, absolute: bool) -> tuple[flo
     n = flat.numel()
     transform = torch.abs if absolute else torch.clone
     if n > 4 * _SAMPLE:
-        sample = transform(flat[:: n // _SAMPLE])  # fixed: no randomness
-        m = sample.numel()
-        expected = rank / n * m
-        spread = _BRACKET_SIGMAS * (m * (rank / n) * (1 - rank / n)) ** 0.5 + 8
-        low_index, high_index = int(expected - spread), int(expected + spread)
-        if sample.device.type == "cpu":  # only two order statistics: partition, no sort
-            wanted = [i for i in (low_index, high_index) if 0 <= i < m]
-            if wanted:
-                sample.numpy().partition(wanted)
-        else:
-            sample = sample.sort().values
-        low = float(sample[low_index]) if low_index >= 0 else None
-        high = float(sample[high_index]) if high_index < m else None
+        low, high = _bracket(transform(flat[:: n // _SAMPLE]), rank, n)  # fixed: no randomness
         loops = fused_loops(flat)
         if loops is not None:  # one pass: count below and above, gather the band
             below, above, array = loops.band(
@@ -264,6 +252,45 @@ def _order_statistic(flat: torch.Tensor, rank: int, absolute: bool) -> tuple[flo
             band.append(values[inside])  # NaNs compare false both ways: they land here
         return _band_statistic(torch.cat(band), rank, below, above, flat, absolute)
     return _whole_statistic(flat, rank, absolute)
+
+
+def _bracket(sample: torch.Tensor, rank: int, n: int) -> tuple[float | None, float | None]:
+    """Two order statistics of ``sample`` (strided from ``n`` values; reordered in place on
+    CPU) six binomial standard deviations either side of where the ``rank``-th of ``n``
+    falls; None where the bracket runs past the sample's ends."""
+    m = sample.numel()
+    expected = rank / n * m
+    spread = _BRACKET_SIGMAS * (m * (rank / n) * (1 - rank / n)) ** 0.5 + 8
+    low_index, high_index = int(expected - spread), int(expected + spread)
+    if sample.device.type == "cpu":  # only two order statistics: partition, no sort
+        wanted = [i for i in (low_index, high_index) if 0 <= i < m]
+        if wanted:
+            sample.numpy().partition(wanted)
+    else:
+        sample = sample.sort().values
+    low = float(sample[low_index]) if low_index >= 0 else None
+    high = float(sample[high_index]) if high_index < m else None
+    return low, high
+
+
+def _magnitude_statistics(flat: torch.Tensor, ranks: tuple[int, int]) -> list[tuple[float, int]]:
+    """``_order_statistic(flat, rank, absolute=True)`` for two ranks; on CPU with the fused
+    loops, one pass counts and gathers both bands (breadcrumbs' two cuts)."""
+    n = flat.numel()
+    loops = fused_loops(flat)
+    if loops is None or n <= 4 * _SAMPLE:
+        return [_order_statistic(flat, rank, absolute=True) for rank in ranks]
+    sample = flat[:: n // _SAMPLE].abs()
+    brackets = [_bracket(sample.clone(), rank, n) for rank in ranks]
+    (low1, high1), (low2, high2) = [
+        (-math.inf if low is None else low, math.inf if high is None else high)
+        for low, high in brackets
+    ]
+    first, second = loops.band_pair(flat.numpy(), low1, high1, low2, high2)
+    return [
+        _band_statistic(torch.from_numpy(array), rank, int(below), int(above), flat, True)
+        for rank, (below, above, array) in zip(ranks, (first, second), strict=True)
+    ]
 
 
 def _band_statistic(
@@ -322,6 +349,16 @@ def magnitude_cut(flat: torch.Tensor, k: int) -> Cut | None:
         return Cut(float("inf"), 0)
     threshold, above = _order_statistic(flat, n - k + 1, absolute=True)
     return Cut(threshold, k - above)
+
+
+def magnitude_cuts(flat: torch.Tensor, first: int, second: int) -> tuple[Cut | None, Cut | None]:
+    """``(magnitude_cut(flat, first), magnitude_cut(flat, second))``, the two selections'
+    passes over the data shared when both need one."""
+    n = flat.numel()
+    if not (0 < first < n and 0 < second < n):
+        return magnitude_cut(flat, first), magnitude_cut(flat, second)
+    (t1, above1), (t2, above2) = _magnitude_statistics(flat, (n - first + 1, n - second + 1))
+    return Cut(t1, first - above1), Cut(t2, second - above2)
 
 
 def _select_(values: torch.Tensor, rank: int) -> float:
@@ -598,7 +635,8 @@ def sparsify_(
         if n_bottom < 0:
             n_top, n_bottom = n_top + n_bottom, 0
         # the top n_top entries are a subset of the top n − n_bottom (same tie order)
-        keep_between_(flat, magnitude_cut(flat, n - n_bottom), magnitude_cut(flat, n_top))
+        outer, inner = magnitude_cuts(flat, n - n_bottom, n_top)
+        keep_between_(flat, outer, inner)
     elif method == "random":
         key = draw_key(generator, delta.device)
         loops = fused_loops(flat)
