@@ -611,14 +611,17 @@ def to_float64_(values, out, square):  # type: ignore[no-untyped-def]
     """``out[:n] = |values|`` (``square``: ``values²``, squared in float64) as float64, and
     zeros after ``n``: one block of a stable sum, padded to whole partial sums, in one pass."""
     n = values.size
-    chunks = _chunk_count(out.size)
+    chunks = _chunk_count(n)
     for c in prange(chunks):
         lo = c * CHUNK
-        hi = min(out.size, (c + 1) * CHUNK)
+        hi = min(n, (c + 1) * CHUNK)
+        source = values[lo:hi]
         target = out[lo:hi]
-        for j in range(hi - lo):
-            if lo + j < n:
-                v = np.float64(values[lo + j])
-                target[j] = v * v if square else abs(v)
-            else:
-                target[j] = 0.0
+        if square:
+            for j in range(hi - lo):
+                v = np.float64(source[j])
+                target[j] = v * v
+        else:
+            for j in range(hi - lo):
+                target[j] = abs(np.float64(source[j]))
+    out[n:] = 0.0
