@@ -224,8 +224,11 @@ def execute(
     """Run every job of ``plan``, in order, writing each result to ``sink``.
 
     ``on_inputs(job, tensors, base)`` sees each job's inputs (``(k, *shape)`` in working
-    precision, and the base or None) before the method runs; it must not modify them (nor is
-    it called for jobs whose inputs come from ``task_vectors``). ``task_vectors`` gives the
+    precision, and the base or None) before the method runs; it must not modify them nor keep
+    references to them (their memory is reused for later jobs' inputs while a result is being
+    written), and it is not called for jobs whose inputs come from ``task_vectors``. Results
+    are written by a writer thread, one at a time: job i's write ends before ``on_inputs``
+    sees job i + 1, and ``on_job_done(job)`` is called once the job's result is written. ``task_vectors`` gives the
     :func:`task_vector_jobs` their task vectors ready-made; the result is the same bits.
     """
     options = options or ExecutionOptions()
@@ -360,11 +363,12 @@ def execute(
             ahead = following and sizes[index] + sizes[index + 1] <= budget
             if ahead:
                 pending = reader.submit(load, jobs[index + 1], (index + 1) % 2)
+            # the previous result was written while this job's inputs were read, and is freed
+            # before this job computes (the peak stays that of synchronous writes); hooks and
+            # sinks still see job i written before job i + 1's inputs
+            written()
             if on_inputs is not None and not loaded.deltas:
                 on_inputs(loaded.job, loaded.tensors, loaded.base)
-            # the previous result was written while this job's inputs were read (and checked),
-            # and is freed before this job computes: the peak stays that of synchronous writes
-            written()
             strength = plan.aim.strength if plan.aim is not None else 0.0
             result = _compute(plan.kernel, loaded, seed, device, strength)
             if pool.holds(result):  # a method that returned an input row: the pool is reused

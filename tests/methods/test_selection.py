@@ -7,6 +7,8 @@ with the stride, heavy ties, NaNs), where the full ``kthvalue`` must take over.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -100,17 +102,25 @@ def test_default_sample_path_on_a_large_tensor() -> None:
 def test_shortcut_taken_only_when_the_bracket_holds(
     kind: str, shortcut: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sizes: list[int] = []
-    real = task_vectors._select_
+    # the shortcut selects from a band smaller than the tensor, without falling back to the
+    # whole tensor (the fused loops' radix select or NumPy's, whichever runs)
+    bands: list[int] = []
+    whole: list[int] = []
+    real_band, real_whole = task_vectors._band_statistic, task_vectors._whole_statistic
 
-    def recording(values: torch.Tensor, rank: int) -> float:
-        sizes.append(values.numel())
-        return real(values, rank)
+    def band(values: torch.Tensor, *args: Any) -> tuple[float, int]:
+        bands.append(values.numel())
+        return real_band(values, *args)
 
-    monkeypatch.setattr(task_vectors, "_select_", recording)
+    def everything(flat: torch.Tensor, *args: Any) -> tuple[float, int]:
+        whole.append(flat.numel())
+        return real_whole(flat, *args)
+
+    monkeypatch.setattr(task_vectors, "_band_statistic", band)
+    monkeypatch.setattr(task_vectors, "_whole_statistic", everything)
     flat = make(kind, 20_000, 5)
     kth_largest(flat, 5_000)
-    assert (sizes[-1] < flat.numel()) is shortcut, sizes
+    assert (bool(bands) and bands[-1] < flat.numel() and not whole) is shortcut, (bands, whole)
 
 
 @pytest.fixture

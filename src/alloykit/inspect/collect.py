@@ -184,7 +184,8 @@ class _RecipeObserver:
 
     def observe(self, job: TensorJob, tensors: torch.Tensor, base: torch.Tensor | None) -> None:
         assert base is not None  # only jobs with a base are run
-        base64 = base.reshape(-1).to(torch.float64)
+        # a copy: the executor reuses the inputs' memory while this job's result is written
+        base64 = base.reshape(-1).to(torch.float64, copy=True)
         deltas = tensors.reshape(tensors.shape[0], -1).to(torch.float64) - base64  # (k, n)
         sums = task_vector_sums(base64, deltas)
         survived = survived_mask(self.plan.kernel, job, tensors, base, self.seed, self.device)
