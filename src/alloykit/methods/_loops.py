@@ -390,84 +390,103 @@ def random_keep_(values, key, density):  # type: ignore[no-untyped-def]
             part[2 * pairs] *= 1.0 if _unit(z >> np.uint64(40)) < limit else 0.0
 
 
-@njit(cache=True, nogil=True)
-def _della_row(row, draws, low_p, two_epsilon, density, buffers):  # type: ignore[no-untyped-def]
-    # DELLA's keep decision for one row, in place (a dropped entry becomes 0): the rule of
-    # task_vectors.della_mask (keep when draw < p(average rank)) from a histogram of the
-    # magnitudes' float32 bit patterns (they order like the values), counting exactly only
-    # the entries whose bucket leaves the decision open
-    counts, first, smallest, largest, magnitudes, kept = buffers
-    n = row.size
-    if n == 1:
-        row[0] *= 1.0 if np.float64(draws[0]) < density else 0.0
-        return
-    bits = magnitudes[:n].view(np.int32)
-    lowest = np.int64(2147483647)
-    highest = np.int64(0)
-    for j in range(n):
-        magnitudes[j] = np.float32(abs(row[j]))
-        pattern = np.int64(bits[j])
-        if pattern != 0 and pattern < lowest:
-            lowest = pattern
-        if pattern > highest:
-            highest = pattern
-    bins = counts.size - 1
-    # buckets of 2^span bit patterns, span the least for which they fit in `bins`: a shift
-    # per entry instead of a 64-bit division (any monotone bucketing gives the same result)
-    width = max(highest - lowest, 0) + 1
-    span = 0
-    while (width >> span) >= bins:
-        span += 1
-    counts[:] = 0
-    smallest[:] = np.inf
-    largest[:] = -1.0
-    for j in range(n):
-        b = _della_bucket(np.int64(bits[j]), lowest, span, bins)
-        counts[b] += 1
-        a = abs(row[j])
-        if a < smallest[b]:
-            smallest[b] = a
-        if a > largest[b]:
-            largest[b] = a
-    total = 0
-    for b in range(bins + 1):
-        first[b] = total
-        total += counts[b]
-    denominator = np.float64(n - 1)
-    for j in range(n):
-        a = abs(row[j])
-        b = _della_bucket(np.int64(bits[j]), lowest, span, bins)
-        draw = np.float64(draws[j])
-        lo = np.float64(first[b])
-        hi = np.float64(first[b] + counts[b] - 1)
-        if smallest[b] == largest[b]:
-            keep = draw < low_p + (two_epsilon * ((lo + hi) / 2)) / denominator
-        elif draw < low_p + (two_epsilon * lo) / denominator:
-            keep = True
-        elif not (draw < low_p + (two_epsilon * hi) / denominator):
-            keep = False
-        else:  # open in this bucket: count the row exactly
-            below = 0
-            equal = 0
-            for m in range(n):
-                other = abs(row[m])
-                if other < a:
-                    below += 1
-                elif other == a:
-                    equal += 1
-            rank = np.float64(below) + np.float64(equal - 1) / 2
-            keep = draw < low_p + (two_epsilon * rank) / denominator
-        kept[j] = keep
-    for j in range(n):  # after every decision: the exact counts read the row unchanged
-        row[j] *= 1.0 if kept[j] else 0.0  # as the torch form's multiply: -0.0 stays signed
+_DRAW_SCALE = np.float64(1 << 24)
 
 
 @njit(inline="always", cache=True, nogil=True)
-def _della_bucket(pattern, lowest, span, bins):  # type: ignore[no-untyped-def]
-    # zeros: bucket 0; nonzero magnitudes: 1..bins, linear in their bit pattern
-    if pattern == 0:
-        return 0
-    return min(1 + (max(pattern - lowest, 0) >> span), bins)
+def _draw_bits(key, index):  # type: ignore[no-untyped-def]
+    # the 24-bit integer u of draw `index` (the draw is u·2^-24; see _uniform)
+    z = _mix(key, index >> 1)
+    return np.int64(z >> np.uint64(40) if index % 2 == 0 else (z >> np.uint64(16)) & _LOW24)
+
+
+@njit(cache=True, nogil=True)
+def _della_row(row, draws, low_p, two_epsilon, buffers):  # type: ignore[no-untyped-def]
+    # DELLA's keep decision for one row, in place (a dropped entry becomes 0): the rule of
+    # task_vectors.della_mask (keep when draw < p(average rank)) from a histogram of the
+    # magnitudes' float32 bit patterns (they order like the values), counting exactly only
+    # the entries whose bucket leaves the decision open. `draws` are the 24-bit integers u of
+    # the draws u·2^-24, so `draw < p` is `u < ceil(p·2^24)` (exact: the scaling is by a power
+    # of two and u is an integer), one integer limit per bucket instead of a float64 division
+    # per entry
+    counts, smallest, largest, limits, magnitudes, patterns, buckets = buffers
+    n = row.size
+    mags = magnitudes[:n]
+    bits = patterns[:n].view(np.int32)
+    floats = patterns[:n]
+    for j in range(n):
+        mags[j] = abs(row[j])
+    for j in range(n):
+        floats[j] = np.float32(mags[j])
+    lowest = np.int32(2147483647)
+    highest = np.int32(0)
+    for j in range(n):
+        pattern = bits[j]
+        lowest = min(lowest, pattern if pattern != 0 else np.int32(2147483647))
+        highest = max(highest, pattern)
+    bins = counts.size - 1
+    # buckets of 2^span bit patterns, span the least for which they fit in `bins`: a shift
+    # per entry instead of a 64-bit division (any monotone bucketing gives the same result);
+    # zeros get bucket 0, nonzero magnitudes 1..bins
+    width = max(np.int64(highest) - np.int64(lowest), 0) + 1
+    span = 0
+    while (width >> span) >= bins:
+        span += 1
+    bucket = buckets[:n]
+    for j in range(n):
+        pattern = bits[j]
+        bucket[j] = 0 if pattern == 0 else min(1 + (max(pattern - lowest, 0) >> span), bins)
+    used = min(bins + 1, ((width - 1) >> span) + 2)
+    counts[:used] = 0
+    smallest[:used] = np.inf
+    largest[:used] = -1.0
+    for j in range(n):
+        b = bucket[j]
+        counts[b] += 1
+        smallest[b] = min(smallest[b], mags[j])
+        largest[b] = max(largest[b], mags[j])
+    # per bucket: the limits of u below which the entry is kept whatever its rank in the
+    # bucket (low 32 bits) and kept for some rank (high 32 bits); a bucket of one value has
+    # its exact average rank, so both limits are the same
+    total = 0
+    denominator = np.float64(n - 1)
+    for b in range(used):
+        c = counts[b]
+        if c:
+            lo = np.float64(total)
+            hi = np.float64(total + c - 1)
+            if smallest[b] == largest[b]:
+                p = low_p + (two_epsilon * ((lo + hi) / 2)) / denominator
+                sure = np.int64(np.ceil(p * _DRAW_SCALE))
+                limits[b] = (sure << 32) | sure
+            else:
+                p = low_p + (two_epsilon * lo) / denominator
+                sure = np.int64(np.ceil(p * _DRAW_SCALE))
+                p = low_p + (two_epsilon * hi) / denominator
+                limits[b] = (np.int64(np.ceil(p * _DRAW_SCALE)) << 32) | sure
+        total += c
+    # keep for some rank; the open entries (kept for some ranks only) keep their value until
+    # the exact count below decides
+    opened = False
+    for j in range(n):
+        limit = limits[bucket[j]]
+        kept = draws[j] < (limit >> 32)
+        row[j] *= 1.0 if kept else 0.0  # as the torch form's multiply: -0.0 stays signed
+        opened |= kept & ~(draws[j] < (limit & 0xFFFFFFFF))
+    if not opened:
+        return
+    for j in range(n):
+        limit = limits[bucket[j]]
+        if draws[j] < (limit >> 32) and not draws[j] < (limit & 0xFFFFFFFF):
+            a = mags[j]  # the magnitudes as they were: the row has changed
+            below = 0
+            equal = 0
+            for m in range(n):
+                below += mags[m] < a
+                equal += mags[m] == a
+            rank = np.float64(below) + np.float64(equal - 1) / 2
+            p = low_p + (two_epsilon * rank) / denominator
+            row[j] *= 1.0 if draws[j] < np.int64(np.ceil(p * _DRAW_SCALE)) else 0.0
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -480,32 +499,37 @@ def della_keep_(rows, key, start, density, epsilon):  # type: ignore[no-untyped-
     key = np.uint64(key)
     low_p = np.float64(density - epsilon)
     two_epsilon = np.float64(2 * epsilon)
+    single = np.int64(np.ceil(np.float64(density) * _DRAW_SCALE))
     bins = max(64, 2 * n)
     groups = min(r, 64)  # one set of buffers per group of rows
     for g in prange(groups):
         buffers = (
             np.empty(bins + 1, np.int64),
+            np.empty(bins + 1, rows.dtype),
+            np.empty(bins + 1, rows.dtype),
             np.empty(bins + 1, np.int64),
-            np.empty(bins + 1, rows.dtype),
-            np.empty(bins + 1, rows.dtype),
+            np.empty(n, rows.dtype),
             np.empty(n, np.float32),
-            np.empty(n, np.bool_),
+            np.empty(n, np.int32),
         )
-        draws = np.empty(n, np.float32)
+        draws = np.empty(n, np.int64)
         for i in range(g, r, groups):
             offset = start + i * n
             if offset % 2 == 0:  # whole pairs: one mix each, no parity test per draw
                 first_pair = offset >> 1
                 for p in range(n // 2):
                     z = _mix(key, first_pair + p)
-                    draws[2 * p] = _unit(z >> np.uint64(40))
-                    draws[2 * p + 1] = _unit((z >> np.uint64(16)) & _LOW24)
+                    draws[2 * p] = np.int64(z >> np.uint64(40))
+                    draws[2 * p + 1] = np.int64((z >> np.uint64(16)) & _LOW24)
                 if n % 2:
-                    draws[n - 1] = _uniform(key, offset + n - 1)
+                    draws[n - 1] = _draw_bits(key, offset + n - 1)
             else:
                 for j in range(n):
-                    draws[j] = _uniform(key, offset + j)
-            _della_row(rows[i], draws, low_p, two_epsilon, density, buffers)
+                    draws[j] = _draw_bits(key, offset + j)
+            if n == 1:  # a row of one entry: kept with probability density
+                rows[i, 0] *= 1.0 if draws[0] < single else 0.0
+            else:
+                _della_row(rows[i], draws, low_p, two_epsilon, buffers)
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
