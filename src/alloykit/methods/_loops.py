@@ -500,7 +500,7 @@ def della_keep_(rows, key, start, density, epsilon):  # type: ignore[no-untyped-
     low_p = np.float64(density - epsilon)
     two_epsilon = np.float64(2 * epsilon)
     single = np.int64(np.ceil(np.float64(density) * _DRAW_SCALE))
-    bins = max(64, 2 * n)
+    bins = max(64, n)  # about one bucket per entry (2n: more buckets to clear and scan)
     groups = min(r, 64)  # one set of buffers per group of rows
     for g in prange(groups):
         buffers = (
