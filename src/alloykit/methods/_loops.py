@@ -401,14 +401,13 @@ def _draw_bits(key, index):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _della_row(row, draws, low_p, two_epsilon, buffers):  # type: ignore[no-untyped-def]
+def _della_row(row, draws, table, buffers):  # type: ignore[no-untyped-def]
     # DELLA's keep decision for one row, in place (a dropped entry becomes 0): the rule of
     # task_vectors.della_mask (keep when draw < p(average rank)) from a histogram of the
     # magnitudes' float32 bit patterns (they order like the values), counting exactly only
     # the entries whose bucket leaves the decision open. `draws` are the 24-bit integers u of
-    # the draws u·2^-24, so `draw < p` is `u < ceil(p·2^24)` (exact: the scaling is by a power
-    # of two and u is an integer), one integer limit per bucket instead of a float64 division
-    # per entry
+    # the draws u·2^-24, and table[k] is ceil(p(k/2)·2^24), so `draw < p(rank)` is
+    # `u < table[2·rank]` (exact: the scaling is by a power of two and u is an integer)
     counts, smallest, largest, limits, magnitudes, patterns, buckets = buffers
     n = row.size
     mags = magnitudes[:n]
@@ -447,23 +446,16 @@ def _della_row(row, draws, low_p, two_epsilon, buffers):  # type: ignore[no-unty
         largest[b] = max(largest[b], mags[j])
     # per bucket: the limits of u below which the entry is kept whatever its rank in the
     # bucket (low 32 bits) and kept for some rank (high 32 bits); a bucket of one value has
-    # its exact average rank, so both limits are the same
+    # its exact average rank (lo + hi)/2, so both limits are the same
     total = 0
-    denominator = np.float64(n - 1)
     for b in range(used):
         c = counts[b]
         if c:
-            lo = np.float64(total)
-            hi = np.float64(total + c - 1)
             if smallest[b] == largest[b]:
-                p = low_p + (two_epsilon * ((lo + hi) / 2)) / denominator
-                sure = np.int64(np.ceil(p * _DRAW_SCALE))
+                sure = table[2 * total + c - 1]
                 limits[b] = (sure << 32) | sure
             else:
-                p = low_p + (two_epsilon * lo) / denominator
-                sure = np.int64(np.ceil(p * _DRAW_SCALE))
-                p = low_p + (two_epsilon * hi) / denominator
-                limits[b] = (np.int64(np.ceil(p * _DRAW_SCALE)) << 32) | sure
+                limits[b] = (table[2 * (total + c - 1)] << 32) | table[2 * total]
         total += c
     # keep for some rank; the open entries (kept for some ranks only) keep their value until
     # the exact count below decides
@@ -484,9 +476,7 @@ def _della_row(row, draws, low_p, two_epsilon, buffers):  # type: ignore[no-unty
             for m in range(n):
                 below += mags[m] < a
                 equal += mags[m] == a
-            rank = np.float64(below) + np.float64(equal - 1) / 2
-            p = low_p + (two_epsilon * rank) / denominator
-            row[j] *= 1.0 if draws[j] < np.int64(np.ceil(p * _DRAW_SCALE)) else 0.0
+            row[j] *= 1.0 if draws[j] < table[2 * below + equal - 1] else 0.0
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -500,6 +490,13 @@ def della_keep_(rows, key, start, density, epsilon):  # type: ignore[no-untyped-
     low_p = np.float64(density - epsilon)
     two_epsilon = np.float64(2 * epsilon)
     single = np.int64(np.ceil(np.float64(density) * _DRAW_SCALE))
+    # the draw limit of every average rank k/2 of a row (the same for all rows): ceil(p·2^24)
+    # of p = low_p + (2ε·rank)/(n − 1), in float64 as della_probability computes it
+    table = np.empty(max(2 * n - 1, 1), np.int64)
+    denominator = np.float64(max(n - 1, 1))
+    for k in range(table.size):
+        p = low_p + (two_epsilon * (np.float64(k) / 2)) / denominator
+        table[k] = np.int64(np.ceil(p * _DRAW_SCALE))
     bins = max(64, n)  # about one bucket per entry (2n: more buckets to clear and scan)
     groups = min(r, 64)  # one set of buffers per group of rows
     for g in prange(groups):
@@ -529,7 +526,7 @@ def della_keep_(rows, key, start, density, epsilon):  # type: ignore[no-untyped-
             if n == 1:  # a row of one entry: kept with probability density
                 rows[i, 0] *= 1.0 if draws[0] < single else 0.0
             else:
-                _della_row(rows[i], draws, low_p, two_epsilon, buffers)
+                _della_row(rows[i], draws, table, buffers)
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
