@@ -239,3 +239,33 @@ def test_paired_cuts_are_the_single_cuts(first: int, second: int) -> None:
         tv.magnitude_cut(flat, first),
         tv.magnitude_cut(flat, second),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("similar", [False, True])  # True: nearly colinear, the lerp branch
+def test_slerp_combine_matches(dtype: Any, similar: bool, torch_path: Any) -> None:
+    from alloykit.methods.spherical import slerp
+
+    generator = torch.Generator().manual_seed(5)
+    v0 = torch.randn(N, generator=generator, dtype=dtype)
+    v1 = (
+        (v0 + 0.01 * torch.randn(N, generator=generator, dtype=dtype))
+        if similar
+        else (torch.randn(N, generator=generator, dtype=dtype))
+    )
+    fused = slerp(v0, v1, 0.3)
+    plain = torch_path(lambda: slerp(v0, v1, 0.3))
+    assert torch.equal(fused, plain)
+    assert fused.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 1e-9])  # 1e-9: norms below epsilon, no division
+def test_slerp_unit_dot_matches(dtype: Any, scale: float, torch_path: Any) -> None:
+    from alloykit.methods.spherical import _norm, _unit_dot
+
+    generator = torch.Generator().manual_seed(6)
+    v0 = torch.randn(N, generator=generator, dtype=dtype) * scale
+    v1 = torch.randn(N, generator=generator, dtype=dtype)
+    n0, n1 = _norm(v0), _norm(v1)
+    assert _unit_dot(v0, n0, v1, n1) == torch_path(lambda: _unit_dot(v0, n0, v1, n1))

@@ -646,3 +646,43 @@ def to_float64_(values, out, square):  # type: ignore[no-untyped-def]
             for j in range(hi - lo):
                 target[j] = abs(np.float64(source[j]))
     out[n:] = 0.0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def pair_combine(first, second, a, b, lerp, out):  # type: ignore[no-untyped-def]
+    """SLERP's elementwise step into ``out`` in one pass: ``a·first + b·second`` or, with
+    ``lerp``, ``first + a·(second − first)``; ``a`` and ``b`` come rounded to the tensors'
+    dtype, as torch's multiply by a Python number rounds it (no fused multiply-add: the same
+    roundings as the torch ops)."""
+    n = out.size
+    chunks = _chunk_count(n)
+    for c in prange(chunks):
+        lo = c * CHUNK
+        hi = min(n, (c + 1) * CHUNK)
+        u = first[lo:hi]
+        v = second[lo:hi]
+        target = out[lo:hi]
+        if lerp:
+            for j in range(hi - lo):
+                target[j] = u[j] + a * (v[j] - u[j])
+        else:
+            for j in range(hi - lo):
+                target[j] = a * u[j] + b * v[j]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def unit_products_(first, second, norm0, norm1, out):  # type: ignore[no-untyped-def]
+    """``out[:n] = float64(first/norm0)·float64(second/norm1)`` (the divisions in the tensors'
+    dtype, the norms rounded to it, as torch divides by a Python number), zeros after ``n``:
+    one block of SLERP's stable dot product of unit vectors."""
+    n = first.size
+    chunks = _chunk_count(n)
+    for c in prange(chunks):
+        lo = c * CHUNK
+        hi = min(n, (c + 1) * CHUNK)
+        u = first[lo:hi]
+        v = second[lo:hi]
+        target = out[lo:hi]
+        for j in range(hi - lo):
+            target[j] = np.float64(u[j] / norm0) * np.float64(v[j] / norm1)
+    out[n:] = 0.0

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 
 from alloykit.errors import MergeError
-from alloykit.methods.reductions import stable_row_sums
+from alloykit.methods.reductions import PARTIAL_SUM, stable_row_sums
 from alloykit.methods.registry import MethodInputs
 from alloykit.methods.task_vectors import (
     ZERO_WEIGHT_SUM,
     blocks,
+    fused_block_sum,
+    fused_loops,
     stable_block_sum,
     stable_square_sum,
     stable_sum,
@@ -57,6 +59,19 @@ def _unit_dot(v0: torch.Tensor, norm0: float, v1: torch.Tensor, norm1: float) ->
     """``_dot(v0 / norm0, v1 / norm1)`` bit for bit (a norm at or below epsilon divides by
     nothing), block by block: no unit vectors or float64 copies are materialised."""
     flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
+    loops = fused_loops(flat0, flat1) if v0.dtype == v1.dtype else None
+    if loops is not None and flat0.numel() > PARTIAL_SUM:  # the same products in one pass
+        scalar = flat0.numpy().dtype.type  # torch divides by the norm rounded to the dtype
+        divisors = (
+            scalar(norm0 if norm0 > _NORM_EPSILON else 1.0),
+            scalar(norm1 if norm1 > _NORM_EPSILON else 1.0),
+        )
+        return fused_block_sum(
+            flat0.numel(),
+            lambda block, out: loops.unit_products_(
+                flat0[block].numpy(), flat1[block].numpy(), *divisors, out.numpy()
+            ),
+        )
 
     def unit(flat: torch.Tensor, norm: float, block: slice) -> torch.Tensor:
         part = flat[block]
@@ -92,13 +107,24 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     dot = _unit_dot(v0, norm0, v1, norm1)
     out = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device)
     flat0, flat1, flat = v0.reshape(-1), v1.reshape(-1), out.view(-1)
+    loops = fused_loops(flat0, flat1, flat) if v0.dtype == v1.dtype else None
     if abs(dot) > COLINEAR:  # 1) nearly colinear: the sphere is flat here
+        if loops is not None:  # the same ops in one pass (tests/methods/test_loops.py)
+            scalar = flat.numpy().dtype.type  # torch rounds a Python factor to the dtype
+            loops.pair_combine(
+                flat0.numpy(), flat1.numpy(), scalar(t), scalar(0), True, flat.numpy()
+            )
+            return out
         for block in blocks(flat.numel()):
             flat[block] = flat0[block] + t * (flat1[block] - flat0[block])
         return out
     theta = math.acos(dot)  # 2) the angle between the two directions
     sin_theta = math.sin(theta)
     a, b = math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    if loops is not None:
+        scalar = flat.numpy().dtype.type
+        loops.pair_combine(flat0.numpy(), flat1.numpy(), scalar(a), scalar(b), False, flat.numpy())
+        return out
     for block in blocks(flat.numel()):  # elementwise: block by block, bounded temporaries
         flat[block] = a * flat0[block] + b * flat1[block]
     return out

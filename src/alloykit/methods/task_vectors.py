@@ -125,15 +125,24 @@ def _stable_sum_of_kind(flat: torch.Tensor, square: bool) -> float:
     if loops is None or n <= _PARTIAL:
         transform = (lambda x: x.double() ** 2) if square else torch.abs
         return stable_sum_of(flat, transform)
-    # the same float64 blocks, zero-padded to whole partial sums, that stable_block_sum
-    # makes (so the same partial sums and tree), built in one pass into one reused buffer
-    # instead of a transform, a conversion and a padded copy of each block
+    return fused_block_sum(
+        n, lambda block, out: loops.to_float64_(flat[block].numpy(), out.numpy(), square)
+    )
+
+
+def fused_block_sum(n: int, fill: Callable[[slice, torch.Tensor], None]) -> float:
+    """``stable_block_sum`` of ``n`` float64 values that ``fill(block, out)`` writes into
+    ``out`` (a fused loop), followed by zeros up to ``out``'s end.
+
+    The same float64 blocks, zero-padded to whole partial sums, that :func:`stable_block_sum`
+    makes (so the same partial sums and tree, bit for bit), built in one pass into one reused
+    buffer instead of a transform, a conversion and a padded copy of each block."""
     buffer = torch.empty(_block_size(n), dtype=torch.float64)
     partials = []
     for block in blocks(n):
         m = block.stop - block.start
         part = buffer[: -(-m // _PARTIAL) * _PARTIAL]
-        loops.to_float64_(flat[block].numpy(), part.numpy(), square)
+        fill(block, part)
         partials.append(part.view(-1, _PARTIAL).sum(dim=1))
     return float(stable_row_sums(torch.cat(partials)))
 
