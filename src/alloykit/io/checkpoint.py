@@ -14,8 +14,10 @@ holds (with mmap, every input byte read so far counts as resident until the file
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +115,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-_READ_BUFFER = 1 << 24  # bytes read at once when a tensor is converted while read
+_GRANULE = mmap.ALLOCATIONGRANULARITY  # a mapping starts at a multiple of this
 
 
 class Checkpoint:
@@ -184,9 +186,9 @@ class Checkpoint:
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Tensor ``name`` converted into ``out`` (a contiguous CPU tensor of its shape).
 
-        Safetensors data goes straight into ``out`` when the dtypes match, else through a
-        buffer of at most 16 MB converted piece by piece: no whole-tensor copy of the raw
-        bytes is ever held.
+        Safetensors data is copied (and converted) straight from the file's pages, mapped for
+        the one tensor and unmapped after: no copy of the raw bytes is made, and the mapping
+        never holds more than the tensor.
         """
         if type(self).read is not Checkpoint.read:  # a subclass transforms what it reads
             out.copy_(self.read(name))
@@ -202,29 +204,42 @@ class Checkpoint:
         ):
             out.copy_(self.read(name))
             return
-        stored = SAFETENSORS_DTYPES[info.dtype]
-        flat = out.view(-1)
-        if stored == out.dtype:
-            self._read_bytes(info.file, info.offset, info.nbytes, name, into=flat.view(torch.uint8))
+        if info.nbytes == 0:
             return
-        width = torch.empty((), dtype=stored).element_size()
-        step = max(1, _READ_BUFFER // width)
-        for start in range(0, flat.numel(), step):
-            stop = min(start + step, flat.numel())
-            raw = self._read_bytes(
-                info.file, info.offset + start * width, (stop - start) * width, name
-            )
-            flat[start:stop].copy_(raw.view(stored))
+        stored = SAFETENSORS_DTYPES[info.dtype]
+        region = self._map(info.file, info.offset, info.nbytes, name)
+        try:
+            with warnings.catch_warnings():  # read-only pages: torch warns, nothing writes them
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(
+                    region, dtype=torch.uint8, count=info.nbytes, offset=info.offset % _GRANULE
+                )
+            out.view(-1).copy_(raw.view(stored))
+            del raw  # the mapping closes only once nothing views it
+        finally:
+            region.close()
 
-    def _read_bytes(
-        self, file: Path, offset: int, count: int, name: str, into: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _map(self, file: Path, offset: int, count: int, name: str) -> mmap.mmap:
+        """A read-only mapping of ``count`` bytes of ``file`` from ``offset``, starting at the
+        allocation granule at or before it."""
+        start = offset - offset % _GRANULE
+        try:
+            descriptor = self._descriptors.get(file)
+            if descriptor is None:
+                descriptor = self._descriptors[file] = os.open(file, os.O_RDONLY)
+            if os.fstat(descriptor).st_size < offset + count:
+                raise OSError("unexpected end of file")
+            return mmap.mmap(descriptor, offset + count - start, prot=mmap.PROT_READ, offset=start)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"'{file}': cannot read tensor '{name}' ({e})") from e
+
+    def _read_bytes(self, file: Path, offset: int, count: int, name: str) -> torch.Tensor:
         """``count`` bytes of ``file`` from ``offset`` (tensor ``name``'s), as a uint8 tensor."""
         try:
             descriptor = self._descriptors.get(file)
             if descriptor is None:
                 descriptor = self._descriptors[file] = os.open(file, os.O_RDONLY)
-            buffer = torch.empty(count, dtype=torch.uint8) if into is None else into
+            buffer = torch.empty(count, dtype=torch.uint8)
             view = buffer.numpy().data
             done = 0
             while done < count:  # pread may return less than asked
