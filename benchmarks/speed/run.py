@@ -88,7 +88,9 @@ def _anon_kb(pid: int) -> int:
 
 def measure(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float, int]:
     """Wall seconds, peak RSS MB, peak anonymous RSS MB and the exit code of ``command``
-    (its output goes to ``log``)."""
+    (its output goes to ``log``). Dirty pages of earlier runs (the floor's file, the previous
+    tool's output) are written back first, so no run pays for another's writes."""
+    os.sync()
     start = time.perf_counter()
     with log.open("w") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)

@@ -138,6 +138,28 @@ def test_task_files_score_exact_match_with_the_evaluator(tmp_path: Path) -> None
     assert task.spec.generation.stop == ["\n"]
 
 
+def test_fewshot_task_files_put_training_questions_before_the_prompt(tmp_path: Path) -> None:
+    """The few-shot files keep the task's name and rows, and prefix solved questions drawn from
+    the training split only (never the scored row)."""
+    from alloykit.evaluation.tasks import context_text, load_task
+
+    rows = [QA(f"What is {i} + 1?", str(i + 1)) for i in range(12)]
+    skill = split_rows("toy__skill", rows, (8, 2, 2), seed=0)
+    plain = write_tasks([skill], tmp_path)
+    shots = write_tasks([skill], tmp_path, fewshot=3)
+    assert shots["toy__skill"]["test"] != plain["toy__skill"]["test"]
+    assert plain["toy__skill"]["test"].is_file()  # both sets live side by side
+    task = load_task(shots["toy__skill"]["test"])
+    assert task.name == "toy__skill"
+    train = {training_text(r)[0] + " " + r.answer for r in skill.train}
+    for example, row in zip(task.examples, skill.test, strict=True):
+        assert len(example.shots) == 3
+        assert {q + a for q, a in example.shots} <= train
+        context = context_text(task, example)
+        assert context.endswith(training_text(row)[0])
+        assert context.count("Question:") == 4
+
+
 # --------------------------------------------------------------------------- fine-tuning pieces
 
 
@@ -291,6 +313,42 @@ def test_run_table_chooses_on_validation_and_reads_test_once(tmp_path: Path) -> 
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
+def test_run_table_adds_fewshot_and_search_rows(tmp_path: Path) -> None:
+    """A search row tunes lambda and one weight per expert on validation only, and its best
+    point is scored on test once; the few-shot base row comes from its own scorer."""
+    pytest.importorskip("optuna")
+    from alloykit.demo.experiment import RecipeSearch
+
+    scorer, shots = _FakeScorer(), _FakeScorer()
+    experts = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    search = RecipeSearch("task_arithmetic", {"lambda": (0.0, 1.0)}, weights=(0.5, 1.5), trials=8)
+    rows, _ = run_table(
+        scorer,
+        tmp_path / "base",
+        experts,
+        {},
+        fewshot=("base (3-shot)", shots),
+        searches={"ta": search},
+        log=lambda _: None,
+    )
+    assert [row.name for row in rows] == [
+        "base",
+        "base (3-shot)",
+        "expert: a",
+        "expert: b",
+        "search: ta",
+    ]
+    row = rows[-1]
+    assert shots.calls == [("base (3-shot)", "test")]
+    searched = [c for c in scorer.calls if c[0] == "val:search: ta"]
+    assert len(searched) == 8 and all(split == "validation" for _, split in searched)
+    assert [c for c in scorer.calls if c == ("search: ta", "test")] == [("search: ta", "test")]
+    assert set(row.params) == {"lambda", "weights"} and len(row.params["weights"]) == 2
+    # the fake peaks at lambda 0.5: the best of 8 TPE trials scores near its 80 + 5 on test
+    assert row.em["a"] == pytest.approx(85.0 - 100 * abs(row.params["lambda"] - 0.5), abs=0.1)
+    assert "TPE 8 trials" in row.note
+
+
 def test_run_table_refuses_a_second_test_read(tmp_path: Path) -> None:
     scorer = _FakeScorer()
     scorer.test_reads[("task_arithmetic", "a")] = 1  # as if a previous table had read it
@@ -332,6 +390,18 @@ def test_merge_config_is_what_alloykit_accepts(tmp_path: Path) -> None:
     assert config["parameters"] == {"lambda": 0.5}
     assert config["models"][0]["parameters"] == {"weight": 1.0}
     MergeConfig.model_validate(config)
+    # a search's per-expert weights; methods without weights get none
+    two = [tmp_path / "x", tmp_path / "y"]
+    config = merge_config("ties", tmp_path / "base", two, {"density": 0.3, "weights": [0.5, 2]})
+    assert [m["parameters"] for m in config["models"]] == [
+        {"weight": 0.5, "density": 0.3},
+        {"weight": 2.0, "density": 0.3},
+    ]
+    config = merge_config("model_stock", tmp_path / "base", two, {})
+    assert [m["parameters"] for m in config["models"]] == [{}, {}]
+    MergeConfig.model_validate(config)
+    with pytest.raises(LMProtocolError, match="3 weights for 2 experts"):
+        merge_config("ties", tmp_path / "base", two, {"weights": [1, 1, 1]})
 
 
 def test_table_on_toy_models_runs_every_route_through_alloykit(

@@ -31,7 +31,17 @@ METHODS: dict[str, dict[str, list]] = {
     "task_arithmetic": {"lambda": LAMBDA},
     "ties": {"density": [0.2, 0.5], "lambda": [1.0]},
     "dare_ties": {"density": [0.5], "lambda": [1.0]},
+    "dare_linear": {"density": [0.5], "lambda": [0.5, 1.0]},
+    "breadcrumbs": {"density": [0.5], "gamma": [0.01], "lambda": [0.5, 1.0]},
+    "della": {"density": [0.5], "epsilon": [0.15], "lambda": [1.0]},
+    "model_stock": {},
     "tsv": {"alpha": [1.0]},
+}
+# Recipe search rows: TPE over a method's parameters and one weight per expert, on the
+# validation splits only (the best point is scored on test once).
+SEARCH_RANGES: dict[str, dict] = {
+    "ties": {"ranges": {"density": (0.1, 1.0), "lambda": (0.5, 2.0)}, "weights": (0.2, 1.5)},
+    "task_arithmetic": {"ranges": {"lambda": (0.3, 1.5)}, "weights": (0.2, 1.5)},
 }
 # Training and data sizes: "small" is the configuration meant to finish on a 2-core CPU
 # (benchmarks/RESULTS.md has its measured time per step); "full" is the larger one.
@@ -44,6 +54,7 @@ PRESETS: dict[str, dict] = {
 def main() -> None:
     """Train or reuse the experts, build the tables, write them."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "src"))
+    from alloykit.demo.experiment import RecipeSearch
     from alloykit.demo.lm.base import base_model
     from alloykit.demo.lm.data import DEFAULT_MODULES, build_skills, write_tasks
     from alloykit.demo.lm.experiment import Scorer, format_table, run_table
@@ -65,6 +76,11 @@ def main() -> None:
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-lora", type=float, default=3e-4)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the experts")
+    parser.add_argument(
+        "--searches", default="ties", help="comma-separated SEARCH_RANGES rows ('' for none)"
+    )
+    parser.add_argument("--trials", type=int, default=12, help="TPE trials per search")
+    parser.add_argument("--fewshot", type=int, default=3, help="shots of the few-shot base row")
     args = parser.parse_args()
     preset = PRESETS[args.config]
     args.steps = args.steps or preset["steps"]
@@ -74,6 +90,7 @@ def main() -> None:
     modules = [m for m in args.modules.split(",") if m]
     skills = build_skills(modules, preset["sizes"])
     tasks = write_tasks(skills, args.cache / f"tasks-{args.config}")
+    shot_tasks = write_tasks(skills, args.cache / f"tasks-{args.config}", fewshot=args.fewshot)
     base = base_model(args.cache)
     kinds = [k for k in args.kinds.split(",") if k]
     configs = {
@@ -104,12 +121,25 @@ def main() -> None:
         return
     wanted = [m for m in args.methods.split(",") if m] or list(METHODS)
     methods = {m: METHODS[m] for m in wanted}
+    searches = {
+        name: RecipeSearch(
+            name,
+            SEARCH_RANGES[name]["ranges"],
+            weights=SEARCH_RANGES[name]["weights"],
+            trials=args.trials,
+        )
+        for name in args.searches.split(",")
+        if name
+    }
     sections = []
     raw = {}
     for kind in kinds:
         # one scorer (test reads counted per table) and score file per kind, so a full and a
         # LoRA table can also run side by side in two processes
         scorer = Scorer(tasks, args.cache / f"scores-{args.config}-{kind}.json", args.threads)
+        shots = Scorer(
+            shot_tasks, args.cache / f"scores-{args.config}-{kind}-shots.json", args.threads
+        )
         rows, own = run_table(
             scorer,
             base,
@@ -120,6 +150,8 @@ def main() -> None:
             else None,
             cache=args.cache,
             rank=args.rank * len(modules),
+            fewshot=(f"base ({args.fewshot}-shot)", shots) if args.fewshot else None,
+            searches=searches,
             log=log,
         )
         title = "Full fine-tunes" if kind == "full" else "LoRA fine-tunes"

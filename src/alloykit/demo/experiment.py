@@ -320,11 +320,11 @@ def run_table(
         def score(point: dict[str, Any], method: str = spec.method) -> float:
             return validate(method, point, names)[0]
 
-        val, point = _recipe_search(spec, len(names), score, log)
+        val, point = recipe_search(spec, len(names), score, log)
         test_row(
             f"search: {label}",
             merge(spec.method, point, names),
-            params=_rounded(point),
+            params=rounded(point),
             val_mean=val,
             note=f"TPE, {spec.trials} trials on validation",
         )
@@ -347,14 +347,14 @@ def run_table(
     )
 
 
-def _rounded(point: Mapping[str, Any]) -> dict[str, Any]:
+def rounded(point: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: [round(x, 3) for x in v] if isinstance(v, list) else round(v, 3)
         for k, v in point.items()
     }
 
 
-def _recipe_search(
+def recipe_search(
     spec: RecipeSearch,
     count: int,
     score: Callable[[dict[str, Any]], float],
@@ -382,7 +382,7 @@ def _recipe_search(
                 trial.suggest_float(f"weight{i}", *spec.weights) for i in range(count)
             ]
         value = score(point)
-        log(f"  search {spec.method} {_rounded(point)}: val {value:.1f}")
+        log(f"  search {spec.method} {rounded(point)}: val {value:.1f}")
         return value
 
     study.optimize(objective, n_trials=spec.trials)

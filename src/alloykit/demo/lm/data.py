@@ -164,11 +164,15 @@ def build_skills(
     return skills
 
 
-def write_tasks(skills: Sequence[Skill], folder: Path, max_new_tokens: int = 16) -> dict:
+def write_tasks(
+    skills: Sequence[Skill], folder: Path, max_new_tokens: int = 16, fewshot: int = 0
+) -> dict:
     """Write each skill's splits as JSONL and one exact-match task file per (module, split).
 
     Returns ``{module: {split: task file path}}``. Task names are ``module`` for the test split
-    and ``module@split`` otherwise.
+    and ``module@split`` otherwise. With ``fewshot`` > 0 the task files
+    (``module.split.Nshot.yml``) put that many solved training questions before each prompt
+    (the same names: score one set at a time).
     """
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict[str, Path]] = {}
@@ -180,9 +184,13 @@ def write_tasks(skills: Sequence[Skill], folder: Path, max_new_tokens: int = 16)
                 json.dumps({"question": r.question, "answer": r.answer}) for r in skill.split(split)
             ]
             data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            spec = {
+        for split in SPLIT_NAMES:
+            sources = {split: f"{skill.module}.{split}.jsonl"}
+            if fewshot:  # shots come from the training questions, never the scored split
+                sources["train"] = f"{skill.module}.train.jsonl"
+            spec: dict = {
                 "name": skill.module if split == "test" else f"{skill.module}@{split}",
-                "data": {split: data.name},
+                "data": sources,
                 "split": split,
                 "prompt": PROMPT.replace("{question}", "{{ question }}"),
                 "target": "answer",
@@ -190,7 +198,10 @@ def write_tasks(skills: Sequence[Skill], folder: Path, max_new_tokens: int = 16)
                 "metric": {"kind": "exact_match"},
                 "generation": {"max_new_tokens": max_new_tokens, "stop": [STOP]},
             }
-            task = folder / f"{skill.module}.{split}.yml"
+            if fewshot:
+                spec["fewshot"] = fewshot
+            suffix = f".{fewshot}shot" if fewshot else ""
+            task = folder / f"{skill.module}.{split}{suffix}.yml"
             task.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
             out[skill.module][split] = task
     return out

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alloykit.demo.experiment import Grid, grid_points
+from alloykit.demo.experiment import Grid, RecipeSearch, grid_points, recipe_search, rounded
 from alloykit.demo.lm.base import LMProtocolError
 
 SPLITS_SCORED = ("validation", "test")
@@ -73,12 +73,17 @@ class Scorer:
         identity = json.dumps(model if isinstance(model, dict) else str(model), sort_keys=True)
         keys = {}
         for skill, files in self.tasks.items():
-            data = Path(files[split]).with_suffix(".jsonl").read_bytes()
-            digest = hashlib.sha256(data).hexdigest()[:10]
+            task = Path(files[split])
+            data = (task.parent / f"{skill}.{split}.jsonl").read_bytes()
+            # the data and the task file (prompt, shots, generation settings) key the score
+            digest = hashlib.sha256(data + task.read_bytes()).hexdigest()[:10]
             keys[skill] = hashlib.sha256(f"{identity}|{digest}".encode()).hexdigest()[:16]
         missing = [skill for skill, key in keys.items() if key not in self.scores]
         if missing:  # one call: a merge config is merged once for all its tasks
-            options = alloykit.EvalOptions(threads=self.threads, batch_size=32)
+            # merges that sample (DARE, DELLA) draw with seed 0: the same merge every run
+            options = alloykit.EvalOptions(
+                threads=self.threads, batch_size=32, merge=alloykit.MergeOptions(seed=0)
+            )
             results = alloykit.evaluate(model, [self.tasks[s][split] for s in missing], options)
             for skill in missing:
                 name = skill if split == "test" else f"{skill}@{split}"  # data.write_tasks
@@ -92,15 +97,28 @@ def merge_config(
     method: str, base: Path, experts: Sequence[Path], params: Mapping[str, Any]
 ) -> dict[str, Any]:
     """A MergeKit-style config merging ``experts`` over ``base``: ``params`` that the method
-    declares per model go to every model (beside ``weight: 1``), the others to the top level."""
+    declares per model go to every model (beside ``weight``: 1, or the i-th of a ``weights``
+    list), the others to the top level."""
     from alloykit import get_method
 
+    params = dict(params)
+    weights = params.pop("weights", None)
     declared = {p.name: p.per_model for p in get_method(method).params}
+    if weights is not None and (len(weights) != len(experts) or "weight" not in declared):
+        raise LMProtocolError(f"{method}: {len(weights)} weights for {len(experts)} experts")
+    if "weight" in declared:  # methods without weights (model_stock, tsv) get none
+        weights = weights or [1.0] * len(experts)
     per_model = {k: v for k, v in params.items() if declared.get(k, True)}
     config: dict[str, Any] = {
         "merge_method": method,
         "base_model": str(base),
-        "models": [{"model": str(e), "parameters": {"weight": 1.0, **per_model}} for e in experts],
+        "models": [
+            {
+                "model": str(e),
+                "parameters": {**({"weight": float(weights[i])} if weights else {}), **per_model},
+            }
+            for i, e in enumerate(experts)
+        ],
         "dtype": "float32",
     }
     if len(per_model) < len(params):
@@ -125,7 +143,7 @@ def adapter_merge(
     name = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     out = cache / "adapter-merges" / f"{method}-{name}"
     if not (out / "adapter_config.json").is_file():
-        merge_adapters(recipe, out, LoraMergeOptions(overwrite=True))
+        merge_adapters(recipe, out, LoraMergeOptions(overwrite=True, seed=0))
     return {
         "merge_method": "linear",
         "models": [{"model": f"{base}+{out}", "parameters": {"weight": 1.0}}],
@@ -142,14 +160,22 @@ def run_table(
     adapters: Mapping[str, Path] | None = None,
     cache: Path | None = None,
     rank: int = 64,
+    fewshot: tuple[str, Scorer] | None = None,
+    searches: Mapping[str, RecipeSearch] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[list[LMRow], dict[str, float]]:
     """Score base, every expert and every method; returns (rows, each expert's own-skill
     exact match). With ``adapters`` (LoRA experts) each method is run twice: on the dense
     experts (``experts``: base with the update folded in) and on the adapters (merged with
-    ``lora merge`` to ``rank``)."""
+    ``lora merge`` to ``rank``). ``fewshot`` (a label and a scorer of few-shot task files)
+    adds the base prompted with solved examples; ``searches`` add one row each (``search:
+    NAME``): Optuna's TPE over the method's ranges and per-expert weights on validation (the
+    dense experts), the best point scored on test once."""
     skills = list(scorer.tasks)
     rows = [LMRow("base", scorer.score("base", base, "test"))]
+    if fewshot is not None:
+        label, shots = fewshot
+        rows.append(LMRow(label, shots.score(label, base, "test")))
     own: dict[str, float] = {}
     for skill, folder in experts.items():
         row = LMRow(f"expert: {skill}", scorer.score(f"expert: {skill}", folder, "test"))
@@ -191,9 +217,27 @@ def run_table(
             em = scorer.score(label, best[2], "test")
             rows.append(LMRow(label, em, best[1], best[0]))
             log(f"{label}: {em} ({time.perf_counter() - started:.0f} s)")
-    for (label, skill), count in scorer.test_reads.items():
-        if count != 1 or label.startswith("val:"):
-            raise LMProtocolError(f"test split of {skill} read {count} times for {label}")
+    val_own = {  # what a search normalises validation by (the methods' grids do the same)
+        s: scorer.score(f"val:expert:{s}", experts[s], "validation")[s]
+        for s in (skills if searches else [])
+    }
+    for name, spec in (searches or {}).items():
+        started = time.perf_counter()
+        label = f"search: {name}"
+
+        def objective(point: dict[str, Any], method: str = spec.method, key: str = label) -> float:
+            model = merge_config(method, base, members, point)
+            return selection_value(scorer.score(f"val:{key}", model, "validation"), val_own)
+
+        value, point = recipe_search(spec, len(members), objective, log)
+        em = scorer.score(label, merge_config(spec.method, base, members, point), "test")
+        note = f"{spec.method}, TPE {spec.trials} trials on validation"
+        rows.append(LMRow(label, em, rounded(point), value, note))
+        log(f"{label}: {em} ({time.perf_counter() - started:.0f} s)")
+    for counts in (scorer.test_reads, fewshot[1].test_reads if fewshot else {}):
+        for (label, skill), count in counts.items():
+            if count != 1 or label.startswith("val:"):
+                raise LMProtocolError(f"test split of {skill} read {count} times for {label}")
     return rows, own
 
 
