@@ -397,6 +397,9 @@ def test_merge_config_is_what_alloykit_accepts(tmp_path: Path) -> None:
         {"weight": 0.5, "density": 0.3},
         {"weight": 2.0, "density": 0.3},
     ]
+    config = merge_config("linear", tmp_path / "base", two, {})
+    assert "base_model" not in config  # linear averages the experts alone
+    MergeConfig.model_validate(config)
     config = merge_config("model_stock", tmp_path / "base", two, {})
     assert [m["parameters"] for m in config["models"]] == [{}, {}]
     MergeConfig.model_validate(config)

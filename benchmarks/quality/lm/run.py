@@ -32,7 +32,7 @@ METHODS: dict[str, dict[str, list]] = {
     "ties": {"density": [0.2, 0.5], "lambda": [1.0]},
     "dare_ties": {"density": [0.5], "lambda": [1.0]},
     "dare_linear": {"density": [0.5], "lambda": [0.5, 1.0]},
-    "breadcrumbs": {"density": [0.5], "gamma": [0.01], "lambda": [0.5, 1.0]},
+    "breadcrumbs": {"density": [0.5], "gamma": [0.01], "lambda": [1.0]},
     "della": {"density": [0.5], "epsilon": [0.15], "lambda": [1.0]},
     "model_stock": {},
     "tsv": {"alpha": [1.0]},

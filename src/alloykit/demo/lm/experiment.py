@@ -100,6 +100,7 @@ def merge_config(
     declares per model go to every model (beside ``weight``: 1, or the i-th of a ``weights``
     list), the others to the top level."""
     from alloykit import get_method
+    from alloykit.methods import resolve_method
 
     params = dict(params)
     weights = params.pop("weights", None)
@@ -111,7 +112,6 @@ def merge_config(
     per_model = {k: v for k, v in params.items() if declared.get(k, True)}
     config: dict[str, Any] = {
         "merge_method": method,
-        "base_model": str(base),
         "models": [
             {
                 "model": str(e),
@@ -121,6 +121,8 @@ def merge_config(
         ],
         "dtype": "float32",
     }
+    if resolve_method(method).base != "input":  # linear averages the experts alone
+        config["base_model"] = str(base)
     if len(per_model) < len(params):
         config["parameters"] = {k: v for k, v in params.items() if k not in per_model}
     return config
