@@ -227,8 +227,10 @@ def execute(
     precision, and the base or None) before the method runs; it must not modify them nor keep
     references to them (their memory is reused for later jobs' inputs while a result is being
     written), and it is not called for jobs whose inputs come from ``task_vectors``. Results
-    are written by a writer thread, one at a time: job i's write ends before ``on_inputs``
-    sees job i + 1, and ``on_job_done(job)`` is called once the job's result is written. ``task_vectors`` gives the
+    are written by a writer thread, in job order, one at a time; job i's result may still be
+    being written when ``on_inputs`` sees job i + 1 (a sink that is also the hook keys what
+    it keeps by output name), and ``on_job_done(job)`` is called once the job's result is
+    written. ``task_vectors`` gives the
     :func:`task_vector_jobs` their task vectors ready-made; the result is the same bits.
     """
     options = options or ExecutionOptions()
@@ -332,6 +334,8 @@ def execute(
     # whole tensors are mapped and returned to the OS when freed; blocks reuse the heap
     tune_malloc(max(_tensor_bytes(job, work_dtype) for job in jobs))
     budget = max(sizes)  # one job's inputs at the largest tensor: what the bound allows
+    results = [_tensor_bytes(job, work_dtype) for job in jobs]
+    largest_result = max(results)
     pool = _InputPool(budget // work_dtype.itemsize, work_dtype, device)
     writing: Future[TensorJob] | None = None
 
@@ -363,16 +367,19 @@ def execute(
             ahead = following and sizes[index] + sizes[index + 1] <= budget
             if ahead:
                 pending = reader.submit(load, jobs[index + 1], (index + 1) % 2)
-            # the previous result was written while this job's inputs were read, and is freed
-            # before this job computes (the peak stays that of synchronous writes); hooks and
-            # sinks still see job i written before job i + 1's inputs
-            written()
+            # the previous result is written while this job computes when the two results
+            # fit in the largest tensor's room (the peak stays that of the largest job, whose
+            # result is never beside another); otherwise it is freed before this job computes
+            overlap = index > 0 and results[index - 1] + results[index] <= largest_result
+            if not overlap:
+                written()
             if on_inputs is not None and not loaded.deltas:
                 on_inputs(loaded.job, loaded.tensors, loaded.base)
             strength = plan.aim.strength if plan.aim is not None else 0.0
             result = _compute(plan.kernel, loaded, seed, device, strength)
             if pool.holds(result):  # a method that returned an input row: the pool is reused
                 result = result.clone()
+            written()  # one result in flight at a time, written in job order
             writing = writer.submit(write, loaded.job, result)
             del result, loaded
             if following and not ahead:

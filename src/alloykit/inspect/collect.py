@@ -180,7 +180,8 @@ class _RecipeObserver:
         self.device = device
         self.inspection = Inspection(base, models, {}, Sums(len(models)), method=plan.method)
         self.prefix = layer_stack_prefix(job.output for job in plan.jobs)
-        self._pending: tuple[TensorJob, Sums, list[int], torch.Tensor, torch.Tensor] | None = None
+        # by output name: job i + 1's inputs may come before job i's result is written
+        self._pending: dict[str, tuple[TensorJob, Sums, list[int], torch.Tensor, torch.Tensor]] = {}
 
     def observe(self, job: TensorJob, tensors: torch.Tensor, base: torch.Tensor | None) -> None:
         assert base is not None  # only jobs with a base are run
@@ -193,12 +194,10 @@ class _RecipeObserver:
         sums.retained_sq = retained_sums(deltas, survived)
         sums.recipe = True
         models = [self.inspection.models.index(item.model) for item in job.inputs]
-        self._pending = (job, sums, models, base64, reference)
+        self._pending[job.output] = (job, sums, models, base64, reference)
 
     def write(self, name: str, merged: torch.Tensor) -> None:
-        assert self._pending is not None and self._pending[0].output == name
-        job, sums, models, base64, reference = self._pending
-        self._pending = None
+        job, sums, models, base64, reference = self._pending.pop(name)
         difference = merged.reshape(-1).to(torch.float64) - base64 - reference
         sums.interference_sq = float(difference.reshape(-1) @ difference.reshape(-1))
         sums.reference_sq = float(reference.reshape(-1) @ reference.reshape(-1))
