@@ -184,7 +184,9 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="alloykit-speed-"))
     work.mkdir(parents=True, exist_ok=True)
     models = (args.models / args.size).resolve()
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    # the caller's environment, as users run the tools (OMP_WAIT_POLICY=PASSIVE, set here
+    # before, made every short parallel region wake its threads: 12% slower SLERP merges)
+    env = dict(os.environ)
     runs: list[Run] = []
     floors: dict[str, float] = {}
     for recipe in args.recipes.split(","):
