@@ -346,10 +346,17 @@ def _unit(bits):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", cache=True, nogil=True)
-def _uniform(key, index):  # type: ignore[no-untyped-def]
-    # draw `index`: one 64-bit mix serves two draws, bits 40-63 (even) and 16-39 (odd)
+def _draw_bits(key, index):  # type: ignore[no-untyped-def]
+    # the 24-bit integer u of draw `index` (the draw is u·2^-24): one 64-bit mix serves two
+    # draws, bits 40-63 (even) and 16-39 (odd)
     z = _mix(key, index >> 1)
-    return _unit(z >> np.uint64(40) if index % 2 == 0 else (z >> np.uint64(16)) & _LOW24)
+    return np.int64(z >> np.uint64(40) if index % 2 == 0 else (z >> np.uint64(16)) & _LOW24)
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _uniform(key, index):  # type: ignore[no-untyped-def]
+    # draw `index` as a float32 in [0, 1)
+    return _unit(_draw_bits(key, index))
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -391,13 +398,6 @@ def random_keep_(values, key, density):  # type: ignore[no-untyped-def]
 
 
 _DRAW_SCALE = np.float64(1 << 24)
-
-
-@njit(inline="always", cache=True, nogil=True)
-def _draw_bits(key, index):  # type: ignore[no-untyped-def]
-    # the 24-bit integer u of draw `index` (the draw is u·2^-24; see _uniform)
-    z = _mix(key, index >> 1)
-    return np.int64(z >> np.uint64(40) if index % 2 == 0 else (z >> np.uint64(16)) & _LOW24)
 
 
 @njit(cache=True, nogil=True)
