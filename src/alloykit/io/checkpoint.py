@@ -221,14 +221,19 @@ class Checkpoint:
         finally:
             region.close()
 
+    def _descriptor(self, file: Path) -> int:
+        """``file`` opened for reading, once per checkpoint (closed by :meth:`close`)."""
+        descriptor = self._descriptors.get(file)
+        if descriptor is None:
+            descriptor = self._descriptors[file] = os.open(file, os.O_RDONLY)
+        return descriptor
+
     def _map(self, file: Path, offset: int, count: int, name: str) -> mmap.mmap:
         """A read-only mapping of ``count`` bytes of ``file`` from ``offset``, starting at the
         allocation granule at or before it."""
         start = offset - offset % _GRANULE
         try:
-            descriptor = self._descriptors.get(file)
-            if descriptor is None:
-                descriptor = self._descriptors[file] = os.open(file, os.O_RDONLY)
+            descriptor = self._descriptor(file)
             if os.fstat(descriptor).st_size < offset + count:
                 raise OSError("unexpected end of file")
             return mmap.mmap(descriptor, offset + count - start, prot=mmap.PROT_READ, offset=start)
@@ -238,9 +243,7 @@ class Checkpoint:
     def _read_bytes(self, file: Path, offset: int, count: int, name: str) -> torch.Tensor:
         """``count`` bytes of ``file`` from ``offset`` (tensor ``name``'s), as a uint8 tensor."""
         try:
-            descriptor = self._descriptors.get(file)
-            if descriptor is None:
-                descriptor = self._descriptors[file] = os.open(file, os.O_RDONLY)
+            descriptor = self._descriptor(file)
             buffer = torch.empty(count, dtype=torch.uint8)
             view = buffer.numpy().data
             done = 0
