@@ -108,9 +108,10 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     out = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device)
     flat0, flat1, flat = v0.reshape(-1), v1.reshape(-1), out.view(-1)
     loops = fused_loops(flat0, flat1, flat) if v0.dtype == v1.dtype else None
+    # torch rounds a Python factor to the tensors' dtype: the fused loops get it rounded alike
+    scalar = flat.numpy().dtype.type if loops is not None else float
     if abs(dot) > COLINEAR:  # 1) nearly colinear: the sphere is flat here
         if loops is not None:  # the same ops in one pass (tests/methods/test_loops.py)
-            scalar = flat.numpy().dtype.type  # torch rounds a Python factor to the dtype
             loops.pair_combine(
                 flat0.numpy(), flat1.numpy(), scalar(t), scalar(0), True, flat.numpy()
             )
@@ -122,7 +123,6 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     sin_theta = math.sin(theta)
     a, b = math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
     if loops is not None:
-        scalar = flat.numpy().dtype.type
         loops.pair_combine(flat0.numpy(), flat1.numpy(), scalar(a), scalar(b), False, flat.numpy())
         return out
     for block in blocks(flat.numel()):  # elementwise: block by block, bounded temporaries
