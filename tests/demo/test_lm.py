@@ -405,6 +405,8 @@ def test_merge_config_is_what_alloykit_accepts(tmp_path: Path) -> None:
     MergeConfig.model_validate(config)
     with pytest.raises(LMProtocolError, match="3 weights for 2 experts"):
         merge_config("ties", tmp_path / "base", two, {"weights": [1, 1, 1]})
+    with pytest.raises(LMProtocolError, match="model_stock takes no per-model weights"):
+        merge_config("model_stock", tmp_path / "base", two, {"weights": [1, 1]})
 
 
 def test_table_on_toy_models_runs_every_route_through_alloykit(

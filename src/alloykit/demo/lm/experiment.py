@@ -105,7 +105,9 @@ def merge_config(
     params = dict(params)
     weights = params.pop("weights", None)
     declared = {p.name: p.per_model for p in get_method(method).params}
-    if weights is not None and (len(weights) != len(experts) or "weight" not in declared):
+    if weights is not None and "weight" not in declared:
+        raise LMProtocolError(f"{method} takes no per-model weights")
+    if weights is not None and len(weights) != len(experts):
         raise LMProtocolError(f"{method}: {len(weights)} weights for {len(experts)} experts")
     if "weight" in declared:  # methods without weights (model_stock, tsv) get none
         weights = weights or [1.0] * len(experts)
@@ -194,6 +196,12 @@ def run_table(
         routes.append(
             (" (lora merge)", lambda m, p: adapter_merge(cache, m, base, pieces, p, rank))
         )
+    # validation (of the methods' grids and the searches) is normalised by the experts' own
+    # validation scores
+    val_own = {
+        s: scorer.score(f"val:expert:{s}", experts[s], "validation")[s]
+        for s in (skills if methods or searches else [])
+    }
     for method, grid in methods.items():
         for suffix, build in routes:
             label = method + suffix
@@ -203,11 +211,6 @@ def run_table(
                 for point in grid_points(grid):
                     model = build(method, point)
                     val = scorer.score(f"val:{label}", model, "validation")
-                    # validation is normalised by the experts' validation scores
-                    val_own = {
-                        s: scorer.score(f"val:expert:{s}", experts[s], "validation")[s]
-                        for s in skills
-                    }
                     value = selection_value(val, val_own)
                     log(f"  {label} {point}: validation {value:.1f}")
                     if value > best[0]:
@@ -219,10 +222,6 @@ def run_table(
             em = scorer.score(label, best[2], "test")
             rows.append(LMRow(label, em, best[1], best[0]))
             log(f"{label}: {em} ({time.perf_counter() - started:.0f} s)")
-    val_own = {  # what a search normalises validation by (the methods' grids do the same)
-        s: scorer.score(f"val:expert:{s}", experts[s], "validation")[s]
-        for s in (skills if searches else [])
-    }
     for name, spec in (searches or {}).items():
         started = time.perf_counter()
         label = f"search: {name}"
