@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from alloykit.errors import AlloyError
+from alloykit.io import writer as writer_module
 from alloykit.io.writer import (
     OutputFolder,
     ShardWriter,
@@ -86,6 +89,71 @@ def test_round_trip_in_any_write_order(tmp_path: Path) -> None:
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 24 + 4 + 8
+
+
+def _odd_tensors() -> dict[str, torch.Tensor]:
+    """Tensors whose sizes and offsets are not multiples of a block (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [3, 1, 5000, 4093, 12289, 7, 2048]
+    return {f"t{i}": torch.randn(n, generator=generator) for i, n in enumerate(sizes)}
+
+
+def _write(folder: Path, tensors: dict[str, torch.Tensor], order: list[str], shard: int) -> dict:
+    folder.mkdir()
+    shards = layout_shards([(k, tuple(v.shape), "F32") for k, v in tensors.items()], shard)
+    with ShardWriter(folder, shards) as writer:
+        for name in order:
+            writer.write(name, tensors[name])
+        writer.finish()
+    return {f.name: f.read_bytes() for f in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("shard", [10**9, 40_000])
+@pytest.mark.parametrize("forward", [True, False])
+def test_direct_writes_give_the_buffered_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shard: int, forward: bool
+) -> None:
+    """Front to back (direct I/O through a small buffer) or in any other order, the files are
+    the ones buffered writes give; every direct write is whole aligned blocks."""
+    tensors = _odd_tensors()
+    order = list(tensors) if forward else list(reversed(tensors))
+    monkeypatch.setenv("ALLOYKIT_DIRECT_IO", "0")
+    expected = _write(tmp_path / "buffered", tensors, order, shard)
+    monkeypatch.delenv("ALLOYKIT_DIRECT_IO")
+    if writer_module._open_direct(tmp_path / "buffered" / next(iter(expected))) is None:
+        pytest.skip("no direct I/O on this file system")
+    monkeypatch.setattr(writer_module, "_STAGE", 3 * 4096)  # many buffer refills
+    calls: list[tuple[int, int]] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        calls.append((offset, len(data)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
+    assert _write(tmp_path / "direct", tensors, order, shard) == expected
+    assert all(offset % 4096 == 0 and count % 4096 == 0 for offset, count in calls)
+    total = sum(len(b) for b in expected.values())
+    if forward:  # every byte but the padding went directly
+        assert sum(count for _, count in calls) >= total
+    elif shard == 10**9:  # one shard, its first write not at the front: none went directly
+        assert calls == []
+
+
+def test_a_file_system_refusing_direct_io_gets_buffered_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors = _odd_tensors()
+    monkeypatch.setenv("ALLOYKIT_DIRECT_IO", "0")
+    expected = _write(tmp_path / "buffered", tensors, list(tensors), 10**9)
+    monkeypatch.delenv("ALLOYKIT_DIRECT_IO")
+    monkeypatch.setattr(writer_module, "_STAGE", 4096)
+
+    def refuse(fd: int, data: memoryview, offset: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(writer_module.os, "pwrite", refuse)
+    assert _write(tmp_path / "direct", tensors, list(tensors), 10**9) == expected
 
 
 def test_unwritten_tensor_is_an_error(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 The plan knows every output tensor's name, shape and dtype before anything is computed, so
 the shard layout (which tensor goes in which file, at which offset) is fixed up front and each
 shard's header is written first. Tensors are then written straight to their offsets as they
-are produced: memory holds one tensor, never a whole shard.
+are produced: memory holds one tensor, never a whole shard. Written front to back (the plan's
+order), a shard bypasses the page cache (see :class:`_ShardFile`).
 
 Everything goes into a temporary folder beside the output; it is renamed into place only when
 the last file is written, so an interrupted or failed merge never leaves a folder that looks
@@ -12,8 +13,10 @@ complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -138,6 +141,143 @@ def safetensors_header(slots: list[TensorSlot]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
+_ALIGN = 4096  # direct I/O: file offsets, lengths and memory on 4 KiB (any logical block size)
+_STAGE = 4 << 20  # bytes gathered before one direct write
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second, ``O_DIRECT`` descriptor of ``path`` for writing, or None where there is none
+    (not Linux, a file system without direct I/O, ``ALLOYKIT_DIRECT_IO=0``)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag or os.environ.get("ALLOYKIT_DIRECT_IO") == "0":
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
+
+
+class _ShardFile:
+    """One shard file, written with direct I/O while its bytes arrive front to back.
+
+    Buffered writes copy every byte into the page cache and the final ``fsync`` then writes it
+    out: on the project's 2-core VM 2.2 GB took 3.7 s of system time to copy and 0.6 s to sync,
+    against 0.8 s written with ``O_DIRECT`` from a reused buffer. So while the writes continue
+    where the last one ended (the plan's order, which the executor keeps), the bytes, header
+    first, are gathered in an aligned buffer and written in whole 4 KiB blocks; the last block
+    is padded and the file truncated back to its size. A write anywhere else, or a file system
+    that refuses the first direct write, turns the shard into ordinary buffered writes for good
+    (the gathered bytes written first), so any order still gives the same file.
+    """
+
+    def __init__(self, path: Path, header: bytes, size: int) -> None:
+        self.size = size
+        self.handle = path.open("wb")
+        self.handle.truncate(size)
+        self._direct = _open_direct(path)
+        self._stage: mmap.mmap | None = None
+        self._staged_from = 0  # file offset of the buffer's first byte (a multiple of _ALIGN)
+        self._fill = 0  # bytes in the buffer
+        self._wrote_direct = False
+        if self._direct is None:
+            self.handle.write(header)
+        else:
+            self._stage = mmap.mmap(-1, min(_STAGE, -(-size // _ALIGN) * _ALIGN))
+            self._append(memoryview(header))
+
+    @property
+    def direct(self) -> bool:
+        """Whether the shard is still being written with direct I/O."""
+        return self._direct is not None
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """``data`` at byte ``offset`` of the file."""
+        if self._direct is not None and offset == self._staged_from + self._fill:
+            self._append(data)
+            if self._direct is not None and offset + len(data) == self.size:
+                self._finish_direct()
+            return
+        self._leave_direct()
+        self.handle.seek(offset)
+        self.handle.write(data)
+
+    def _append(self, data: memoryview) -> None:
+        assert self._stage is not None
+        done = 0
+        while done < len(data):
+            take = min(len(data) - done, len(self._stage) - self._fill)
+            self._stage[self._fill : self._fill + take] = data[done : done + take]
+            self._fill += take
+            done += take
+            if self._fill == len(self._stage):
+                self._write_blocks(self._fill - self._fill % _ALIGN)
+                if self._direct is None:  # direct I/O refused: the rest goes buffered
+                    self.handle.seek(self._staged_from + self._fill)
+                    self.handle.write(data[done:])
+                    return
+
+    def _write_blocks(self, count: int) -> None:
+        """Write the buffer's first ``count`` bytes (whole blocks) directly; keep the rest."""
+        assert self._stage is not None and self._direct is not None
+        try:
+            with memoryview(self._stage) as view, view[:count] as blocks:
+                written = os.pwrite(self._direct, blocks, self._staged_from)
+        except OSError as e:
+            if e.errno != errno.EINVAL or self._wrote_direct:
+                raise
+            self._leave_direct()  # refused from the start: not a file system for direct I/O
+            return
+        if written != count:
+            raise OSError(errno.EIO, f"short direct write ({written} of {count} bytes)")
+        self._wrote_direct = True
+        rest = self._fill - count
+        self._stage.move(0, count, rest)
+        self._staged_from += count
+        self._fill = rest
+
+    def _finish_direct(self) -> None:
+        """Write the last bytes as padded whole blocks, cut the padding, drop the buffer."""
+        assert self._stage is not None
+        padded = -(-self._fill // _ALIGN) * _ALIGN
+        self._stage[self._fill : padded] = bytes(padded - self._fill)
+        self._fill = padded
+        self._write_blocks(padded)
+        if self._direct is not None:
+            os.ftruncate(self._direct, self.size)
+            self._close_direct()
+
+    def _leave_direct(self) -> None:
+        """From now on, buffered writes: the gathered bytes first."""
+        if self._direct is None:
+            return
+        assert self._stage is not None
+        self.handle.seek(self._staged_from)  # (not the padding of a last block)
+        end = min(self._fill, self.size - self._staged_from)
+        with memoryview(self._stage) as view, view[:end] as gathered:
+            self.handle.write(gathered)
+        self._close_direct()
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            os.close(self._direct)
+            self._direct = None
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
+
+    def close(self, *, sync: bool) -> None:
+        """Close the file (unfinished direct bytes written buffered), after an ``fsync`` when
+        ``sync``."""
+        try:
+            if sync:
+                self._leave_direct()
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+        finally:
+            self._close_direct()
+            self.handle.close()
+
+
 class ShardWriter:
     """Writes tensors into the shards of a fixed layout, each straight to its offset.
 
@@ -156,24 +296,27 @@ class ShardWriter:
         self.shards = shards
         self._slots = {slot.name: slot for shard in shards for slot in shard}
         self._data_start: dict[str, int] = {}
-        self._files: dict[str, Any] = {}
+        self._files: dict[str, _ShardFile] = {}
         self._written: set[str] = set()
-        for shard in shards:
-            if not shard:
-                continue
-            header = safetensors_header(shard)
-            handle = (folder / shard[0].file).open("wb")
-            handle.write(header)
-            handle.truncate(len(header) + shard[-1].end)
-            self._files[shard[0].file] = handle
-            self._data_start[shard[0].file] = len(header)
+        try:
+            for shard in shards:
+                if not shard:
+                    continue
+                header = safetensors_header(shard)
+                file = _ShardFile(folder / shard[0].file, header, len(header) + shard[-1].end)
+                self._files[shard[0].file] = file
+                self._data_start[shard[0].file] = len(header)
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._files.values():
-            handle.close()
+        for file in self._files.values():
+            file.close(sync=False)
+        self._files.clear()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write tensor ``name``; its shape and dtype must be the planned ones."""
@@ -184,9 +327,7 @@ class ShardWriter:
                 f"planned {slot.shape} {slot.dtype}"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        handle = self._files[slot.file]
-        handle.seek(self._data_start[slot.file] + slot.begin)
-        handle.write(data.data)
+        self._files[slot.file].write(self._data_start[slot.file] + slot.begin, data.data)
         self._written.add(name)
 
     def finish(self, *, index: bool = True) -> None:
@@ -198,10 +339,9 @@ class ShardWriter:
         missing = set(self._slots) - self._written
         if missing:
             raise MergeError(f"output is incomplete: {len(missing)} tensors were never written")
-        for handle in self._files.values():
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
+        for file in self._files.values():
+            file.close(sync=True)
+        self._files.clear()
         if index:
             write_index(self.folder, self.shards)
 
