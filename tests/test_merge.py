@@ -205,6 +205,69 @@ def test_out_dtype_and_dtype(family: dict[str, Path], tmp_path: Path) -> None:
         assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_dtype_the_inputs_widen_to_reads_them_mapped(
+    sharded_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    """bfloat16 inputs with ``dtype: bfloat16`` or ``float32`` (rounding them changes nothing)
+    are converted straight from the mapped file, never copied through a read buffer, and merge
+    to the same bits as rounding them first."""
+    from alloykit import execute
+    from alloykit.io.checkpoint import Checkpoint
+
+    config = {
+        "merge_method": "ties",
+        "base_model": str(sharded_family["base"]),
+        "models": [
+            {"model": str(sharded_family[k]), "parameters": {"weight": 1.0, "density": 0.5}}
+            for k in ("ft1", "ft2")
+        ],
+        "dtype": dtype,
+    }
+    monkeypatch.setattr(execute, "rounds_exactly", lambda stored, load: False)
+    rounded = merge_to_state_dict(config)
+    monkeypatch.undo()
+    buffered: list[str] = []
+    real = Checkpoint._read_bytes
+
+    def counted(self: Checkpoint, file: Path, offset: int, count: int, name: str) -> torch.Tensor:
+        buffered.append(name)
+        return real(self, file, offset, count, name)
+
+    monkeypatch.setattr(Checkpoint, "_read_bytes", counted)
+    mapped = merge_to_state_dict(config)
+    merged = [n for n in mapped if "layers" in n and n.endswith("proj.weight")]
+    assert merged and not set(merged) & set(buffered)
+    assert all(torch.equal(mapped[n], rounded[n]) for n in rounded)
+
+
+@pytest.mark.parametrize(
+    ("stored", "load", "exact"),
+    [
+        (torch.bfloat16, None, True),
+        (torch.bfloat16, torch.bfloat16, True),
+        (torch.bfloat16, torch.float32, True),
+        (torch.float16, torch.float32, True),
+        (torch.float32, torch.float64, True),
+        (torch.float32, torch.bfloat16, False),
+        (torch.float16, torch.bfloat16, False),
+        (torch.bfloat16, torch.float16, False),
+        (torch.int64, torch.float32, False),
+    ],
+)
+def test_rounds_exactly(stored: torch.dtype, load: torch.dtype | None, exact: bool) -> None:
+    from alloykit.execute import rounds_exactly
+
+    assert rounds_exactly(stored, load) is exact
+    if exact and load is not None:  # every bit pattern of the stored dtype survives the trip
+        bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+        values = bits.view(stored) if stored.itemsize == 2 else torch.randn(1000).to(stored)
+        back = values.to(load).to(stored)
+        assert torch.equal(back.isnan(), values.isnan())
+        keep = ~values.isnan()
+        assert torch.equal(back[keep].view(torch.uint8), values[keep].view(torch.uint8))
+
+
 def test_dry_run_plan_reads_no_tensor(
     family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

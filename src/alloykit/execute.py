@@ -30,6 +30,35 @@ from alloykit.plan import COPY, MergePlan, TensorJob
 from alloykit.prepass import needs_model_scope, with_model_thresholds
 from alloykit.tokenizer import align_into, default_rows, merge_holders_only
 
+# (exponent bits, mantissa bits) of the float dtypes a config's ``dtype`` can name
+_FLOAT_BITS = {
+    torch.float16: (5, 10),
+    torch.bfloat16: (8, 7),
+    torch.float32: (8, 23),
+    torch.float64: (11, 52),
+}
+
+
+def rounds_exactly(stored: torch.dtype | None, load: torch.dtype | None) -> bool:
+    """Whether rounding every value of dtype ``stored`` to ``load`` (the config's ``dtype``;
+    None: no rounding) leaves it unchanged, so inputs can be converted straight from the file
+    to the working precision. True for the same dtype and for widening float conversions
+    (bfloat16 or float16 to float32, any of them to float64).
+
+    Example:
+        >>> rounds_exactly(torch.bfloat16, torch.float32)
+        True
+        >>> rounds_exactly(torch.float16, torch.bfloat16)
+        False
+    """
+    if load is None or stored == load:
+        return True
+    if stored not in _FLOAT_BITS or load not in _FLOAT_BITS:
+        return False
+    stored_exponent, stored_mantissa = _FLOAT_BITS[stored]
+    exponent, mantissa = _FLOAT_BITS[load]
+    return stored_exponent <= exponent and stored_mantissa <= mantissa
+
 
 class TensorSink(Protocol):
     """Where finished tensors go."""
@@ -252,7 +281,9 @@ def execute(
 
         def read_into(model: str, tensor: str, out: torch.Tensor) -> None:
             checkpoint = checkpoints[model]
-            if load_dtype is None and isinstance(checkpoint, Checkpoint):
+            if isinstance(checkpoint, Checkpoint) and rounds_exactly(
+                checkpoint.stored_dtype(tensor), load_dtype
+            ):
                 checkpoint.read_into(tensor, out)  # no whole-tensor copy of the raw data
             else:
                 out.copy_(read(model, tensor))

@@ -185,6 +185,11 @@ class Checkpoint:
         buffer = self._read_bytes(info.file, info.offset, info.nbytes, name)
         return buffer.view(SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
 
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype tensor ``name`` is stored in (None: no such tensor)."""
+        info = self.tensors.get(name)
+        return SAFETENSORS_DTYPES[info.dtype] if info is not None else None
+
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Tensor ``name`` converted into ``out`` (a contiguous CPU tensor of its shape).
 
