@@ -33,6 +33,7 @@ from alloykit.demo.lm.experiment import (
     normalised,
     run_table,
     selection_value,
+    table_differences,
 )
 from alloykit.demo.lm.train import TrainConfig, answer_loss, batches, collate, encode_examples
 from tests.helpers import load_tensors
@@ -457,3 +458,34 @@ def test_table_on_toy_models_runs_every_route_through_alloykit(
         rank=8,
     )
     assert [row.em for row in again] == [row.em for row in table]
+
+
+def test_table_differences_separate_noise_from_a_changed_choice() -> None:
+    def table(rows: list[tuple[str, dict[str, float], dict[str, float]]]) -> dict[str, Any]:
+        entries = [{"name": n, "em": em, "params": params} for n, em, params in rows]
+        return {"raw": {"full": {"own": {}, "rows": entries}}}
+
+    old = table(
+        [
+            ("base", {"a": 1.0, "b": 2.0}, {}),
+            ("ties", {"a": 10.0, "b": 20.0}, {"density": 0.5}),
+            ("della", {"a": 5.0, "b": 5.0}, {"density": 0.5}),
+            ("gone", {"a": 0.0, "b": 0.0}, {}),
+        ]
+    )
+    new = table(
+        [
+            ("base", {"a": 1.0, "b": 2.0}, {}),
+            ("ties", {"a": 11.0, "b": 20.0}, {"density": 0.5}),
+            ("della", {"a": 9.0, "b": 5.0}, {"density": 0.2}),
+        ]
+    )
+    result = table_differences(old, new)
+    assert len(result["cells"]) == 6
+    assert [(c.row, c.skill, c.points) for c in result["changed"]] == [
+        ("ties", "a", 1.0),
+        ("della", "a", 4.0),
+    ]
+    assert result["chosen"] == [("full", "della", {"density": 0.5}, {"density": 0.2})]
+    assert result["missing"] == ["full: gone"]
+    assert table_differences(old, old)["changed"] == []

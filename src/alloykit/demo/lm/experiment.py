@@ -281,3 +281,43 @@ def format_table(rows: Sequence[LMRow], own: Mapping[str, float]) -> str:
             + f" | {_mean(norm):.1f} | {kept} | {'; '.join(x for x in (params, row.note) if x)} |"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One cell that differs between two runs of the table (exact match, in points)."""
+
+    kind: str
+    row: str
+    skill: str
+    old: float
+    new: float
+
+    @property
+    def points(self) -> float:
+        return abs(self.new - self.old)
+
+
+def table_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Compare two runs' raw tables (the ``.json`` the driver writes beside the Markdown).
+
+    Returns ``cells`` (every test exact-match cell of rows present in both, as
+    :class:`Difference`), ``changed`` (those that differ), ``chosen`` (``(kind, row, old
+    parameters, new parameters)`` of rows whose parameters chosen on validation differ: a
+    changed grid or search, not noise) and ``missing`` (``kind: row`` of rows in one run only).
+    """
+    cells: list[Difference] = []
+    chosen: list[tuple[str, str, Any, Any]] = []
+    missing: list[str] = []
+    for kind in sorted(set(old["raw"]) | set(new["raw"])):
+        before = {r["name"]: r for r in old["raw"].get(kind, {}).get("rows", [])}
+        after = {r["name"]: r for r in new["raw"].get(kind, {}).get("rows", [])}
+        missing += [f"{kind}: {name}" for name in sorted(set(before) ^ set(after))]
+        for name in [n for n in before if n in after]:  # the table's order
+            a, b = before[name], after[name]
+            if a.get("params") != b.get("params"):
+                chosen.append((kind, name, a.get("params"), b.get("params")))
+            for skill in sorted(a["em"].keys() & b["em"].keys()):
+                cells.append(Difference(kind, name, skill, a["em"][skill], b["em"][skill]))
+    changed = [c for c in cells if c.points > 1e-9]
+    return {"cells": cells, "changed": changed, "chosen": sorted(chosen), "missing": missing}
