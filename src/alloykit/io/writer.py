@@ -197,11 +197,6 @@ class _ShardFile:
             self._stage = mmap.mmap(-1, min(stage, -(-size // _ALIGN) * _ALIGN))
             self._append(memoryview(header))
 
-    @property
-    def direct(self) -> bool:
-        """Whether the shard is still being written with direct I/O."""
-        return self._direct is not None
-
     def write(self, offset: int, data: memoryview) -> None:
         """``data`` at byte ``offset`` of the file."""
         if self._direct is not None and offset == self._staged_from + self._fill:
