@@ -30,20 +30,13 @@ from alloykit.plan import COPY, MergePlan, TensorJob
 from alloykit.prepass import needs_model_scope, with_model_thresholds
 from alloykit.tokenizer import align_into, default_rows, merge_holders_only
 
-# (exponent bits, mantissa bits) of the float dtypes a config's ``dtype`` can name
-_FLOAT_BITS = {
-    torch.float16: (5, 10),
-    torch.bfloat16: (8, 7),
-    torch.float32: (8, 23),
-    torch.float64: (11, 52),
-}
-
 
 def rounds_exactly(stored: torch.dtype | None, load: torch.dtype | None) -> bool:
     """Whether rounding every value of dtype ``stored`` to ``load`` (the config's ``dtype``;
     None: no rounding) leaves it unchanged, so inputs can be converted straight from the file
     to the working precision. True for the same dtype and for widening float conversions
-    (bfloat16 or float16 to float32, any of them to float64).
+    (bfloat16 or float16 to float32, any of them to float64): ``load`` is at least as precise
+    (``eps``) and reaches at least as far both ways (largest and smallest normal value).
 
     Example:
         >>> rounds_exactly(torch.bfloat16, torch.float32)
@@ -53,11 +46,14 @@ def rounds_exactly(stored: torch.dtype | None, load: torch.dtype | None) -> bool
     """
     if load is None or stored == load:
         return True
-    if stored not in _FLOAT_BITS or load not in _FLOAT_BITS:
+    if stored is None or not (stored.is_floating_point and load.is_floating_point):
         return False
-    stored_exponent, stored_mantissa = _FLOAT_BITS[stored]
-    exponent, mantissa = _FLOAT_BITS[load]
-    return stored_exponent <= exponent and stored_mantissa <= mantissa
+    have, want = torch.finfo(stored), torch.finfo(load)
+    return (
+        want.eps <= have.eps
+        and want.max >= have.max
+        and want.smallest_normal <= have.smallest_normal
+    )
 
 
 class TensorSink(Protocol):
