@@ -184,6 +184,7 @@ class _ShardFile:
 
     def __init__(self, path: Path, header: bytes, size: int, stage: int) -> None:
         self.size = size
+        self.data_start = len(header)  # where the tensors' bytes begin
         self.handle = path.open("wb")
         self.handle.truncate(size)
         self._direct = _open_direct(path)
@@ -302,7 +303,6 @@ class ShardWriter:
         self.folder = folder
         self.shards = shards
         self._slots = {slot.name: slot for shard in shards for slot in shard}
-        self._data_start: dict[str, int] = {}
         self._files: dict[str, _ShardFile] = {}
         self._written: set[str] = set()
         stage = stage_size(max((s.end - s.begin for s in self._slots.values()), default=0))
@@ -314,7 +314,6 @@ class ShardWriter:
                 size = len(header) + shard[-1].end
                 file = _ShardFile(folder / shard[0].file, header, size, stage)
                 self._files[shard[0].file] = file
-                self._data_start[shard[0].file] = len(header)
         except BaseException:
             self.__exit__()
             raise
@@ -336,7 +335,8 @@ class ShardWriter:
                 f"planned {slot.shape} {slot.dtype}"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._files[slot.file].write(self._data_start[slot.file] + slot.begin, data.data)
+        file = self._files[slot.file]
+        file.write(file.data_start + slot.begin, data.data)
         self._written.add(name)
 
     def finish(self, *, index: bool = True) -> None:
